@@ -1,0 +1,166 @@
+"""Start K segment server processes on loopback for one model, wait until each is ready, stop them by PID.
+
+Used by ``mecsplit generate|verify|bench overhead|gateway`` and by the tests. Each server binds port 0 and
+names its port on its ready line, so parallel launches never collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from segments.auth import create_secret
+from segments.client import Chain, Hop
+from segments.spec import SegmentSpec, split_evenly
+
+
+class LaunchError(Exception):
+    """A segment server did not start; the message carries its own error line."""
+
+
+def boundaries_to_specs(model: str, num_layers: int, boundaries: list[int]) -> tuple[SegmentSpec, ...]:
+    """``[0, b1, ..., num_layers]`` or just the inner cut points ``[b1, ...]``."""
+    cuts = [b for b in boundaries if 0 < b < num_layers]
+    if sorted(set(cuts)) != cuts:
+        raise ValueError(f"boundaries must be strictly increasing inside (0, {num_layers}): {boundaries}")
+    edges = [0, *cuts, num_layers]
+    return tuple(SegmentSpec(model, a, b) for a, b in zip(edges, edges[1:], strict=False))
+
+
+@dataclass
+class LocalChain:
+    """K segment server processes on loopback. Use as a context manager so they always stop."""
+
+    store_dir: Path
+    specs: tuple[SegmentSpec, ...]
+    secret_file: Path | None = None
+    threads: int = 1
+    max_sessions: int | None = None
+    max_kv_bytes: int | None = None
+    max_frame_bytes: int | None = None
+    ready_timeout_s: float = 120.0
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    _tmp: Path | None = None
+
+    @classmethod
+    def even(
+        cls, store_dir: Path, model: str, num_layers: int, segments: int, **kwargs: object
+    ) -> LocalChain:
+        return cls(store_dir, split_evenly(model, num_layers, segments), **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def model(self) -> str:
+        return self.specs[0].model
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    @property
+    def chain(self) -> Chain:
+        hops = tuple(
+            Hop("127.0.0.1", port, s.first, s.end) for s, port in zip(self.specs, self.ports, strict=True)
+        )
+        return Chain(self.model, hops)
+
+    def secret(self) -> bytes:
+        from segments.auth import load_secret
+
+        assert self.secret_file is not None
+        return load_secret(self.secret_file)
+
+    def _command(self, spec: SegmentSpec) -> list[str]:
+        assert self.secret_file is not None
+        cmd = [
+            sys.executable, "-m", "segments.server",
+            "--store", str(self.store_dir), "--model", spec.model,
+            "--first", str(spec.first), "--end", str(spec.end),
+            "--host", "127.0.0.1", "--port", "0",
+            "--secret-file", str(self.secret_file), "--threads", str(self.threads),
+        ]  # fmt: skip
+        for flag, value in (
+            ("--max-sessions", self.max_sessions),
+            ("--max-kv-bytes", self.max_kv_bytes),
+            ("--max-frame-bytes", self.max_frame_bytes),
+        ):
+            if value is not None:
+                cmd += [flag, str(value)]
+        return cmd
+
+    def start(self) -> LocalChain:
+        if self.secret_file is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="mecsplit-chain-"))
+            self.secret_file = create_secret(self._tmp / "secret")
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
+        try:
+            # Start all, then wait for all: model loading overlaps across processes.
+            for spec in self.specs:
+                self.processes.append(
+                    subprocess.Popen(
+                        self._command(spec), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
+                    )
+                )
+            self.ports = [self._wait_ready(p, s) for p, s in zip(self.processes, self.specs, strict=True)]
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes], spec: SegmentSpec) -> int:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+            if not ready:
+                if proc.poll() is not None:
+                    raise LaunchError(
+                        f"segment server {spec} exited with code {proc.returncode} before ready"
+                    )
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                raise LaunchError(f"segment server {spec} closed stdout before ready (code {proc.wait()})")
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if message.get("ready"):
+                return int(message["port"])
+            raise LaunchError(f"segment server {spec} failed: {message.get('error')}")
+        raise LaunchError(f"segment server {spec} not ready within {self.ready_timeout_s} s")
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM each server we started (it drains and exits), SIGKILL what outlives ``timeout_s``."""
+        for proc in self.processes:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self.processes = []
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+            self.secret_file = None
+
+    def __enter__(self) -> LocalChain:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

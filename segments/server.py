@@ -1,0 +1,787 @@
+"""The segment server: one process serving the half-open layer range ``[first, end)`` of one model.
+
+``python -m segments.server --store DIR --model M --first F --end E --host H --port P --secret-file FILE``
+prints ``{"ready": true, "port": P}`` once it accepts connections and exits cleanly on SIGTERM (after
+draining). ``--port 0`` picks a free port (the ready line names it).
+
+Design (see docs/segments-wire.md):
+
+* I/O runs on one asyncio loop; all model compute runs on ONE worker thread (torch threads = ``--threads``),
+  so a long prefill never blocks reading, forwarding or answering health checks. The worker is FIFO, so
+  the steps of a session run in the order they arrived.
+* Chained forwarding: a FORWARD frame carries the remaining route (``host:port`` of the next hops). The
+  server keeps one persistent, authenticated connection per next hop and sends its output on; the last hop
+  samples the token (or returns logits / hidden states on request) and pushes a RESULT frame on the
+  client's *channel*: a connection the client opened to the last hop and subscribed with a channel id.
+  Results thus take one hop back to the client, not the whole chain.
+* Errors travel back: a hop that fails a request sends an ERROR frame (with the request id) on the
+  connection the request arrived on; upstream hops relay it, so the client hears it on its connection to
+  the first hop. A malformed frame gets an ERROR reply and the connection is closed; a well-formed request
+  that fails (position mismatch, session or KV limit) gets an ERROR and the connection stays open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from segments.auth import AuthError, client_handshake, load_secret, server_handshake
+from segments.protocol import (
+    FLOAT_WIRE_DTYPES,
+    ConnectionClosedError,
+    Frame,
+    FrameType,
+    ProtocolError,
+    error_header,
+    optional,
+    read_frame,
+    require,
+    str_list,
+    torch_dtype,
+    write_frame,
+)
+from segments.sampling import SamplingError, SamplingParams, sample_tokens
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("segments.server")
+
+MAX_ID_CHARS = 128
+# Requests whose error must find its way back upstream; bounded so a flood cannot grow it without end.
+MAX_TRACKED_REQUESTS = 65_536
+LOGITS_MODES = ("none", "last", "all")
+
+
+class BadRequestError(ProtocolError):
+    """A well-framed request that makes no sense for this segment (wrong shape, broken route)."""
+
+    code = "bad_request"
+
+
+class DrainingError(Exception):
+    code = "draining"
+
+
+class UnreachableError(Exception):
+    code = "unreachable"
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_frame_bytes: int
+    max_sessions: int
+    max_kv_bytes: int
+    threads: int
+    handshake_timeout_s: float = 5.0
+    frame_timeout_s: float = 10.0
+    peer_timeout_s: float = 10.0
+
+
+@dataclass
+class Stats:
+    started_s: float = field(default_factory=time.monotonic)
+    bytes_in: int = 0
+    bytes_out: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+    forwards: int = 0
+    errors: int = 0
+    busy_s: float = 0.0
+    queue_len: int = 0
+    connections: int = 0
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _check_id(header: dict[str, Any], key: str) -> str:
+    value = require(header, key, str)
+    if not value or len(value) > MAX_ID_CHARS:
+        raise ProtocolError(f"{key} must have 1..{MAX_ID_CHARS} characters")
+    return value
+
+
+def parse_hop(hop: str) -> tuple[str, int]:
+    host, sep, port_text = hop.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise BadRequestError(f"route hop {hop!r} is not host:port")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    session: str
+    request_id: str
+    position: int
+    layer: int
+    route: tuple[str, ...]
+    channel: str
+    wire_dtype: str
+    logits: str
+    sampling: SamplingParams | None
+    x: torch.Tensor
+    mask: torch.Tensor | None
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> ForwardRequest:
+        h = frame.header
+        route = tuple(str_list(h, "route"))
+        for hop in route:
+            parse_hop(hop)
+        wire = optional(h, "wire_dtype", str, "f32")
+        if wire not in FLOAT_WIRE_DTYPES:
+            raise BadRequestError(f"wire_dtype must be one of {FLOAT_WIRE_DTYPES}, got {wire!r}")
+        logits = optional(h, "logits", str, "none")
+        if logits not in LOGITS_MODES:
+            raise BadRequestError(f"logits must be one of {LOGITS_MODES}, got {logits!r}")
+        raw_sampling = optional(h, "sampling", dict, None)
+        try:
+            sampling = None if raw_sampling is None else SamplingParams.from_dict(raw_sampling)
+        except (SamplingError, TypeError) as exc:
+            raise BadRequestError(str(exc)) from None
+        position = require(h, "position", int)
+        layer = require(h, "layer", int)
+        if position < 0 or layer < 0:
+            raise BadRequestError("position and layer must be >= 0")
+        if set(frame.tensors) - {"x", "mask"} or "x" not in frame.tensors:
+            raise BadRequestError("a FORWARD frame carries tensor 'x' and optionally 'mask', nothing else")
+        return cls(
+            session=_check_id(h, "session"),
+            request_id=_check_id(h, "request_id"),
+            position=position,
+            layer=layer,
+            route=route,
+            channel=_check_id(h, "channel"),
+            wire_dtype=wire,
+            logits=logits,
+            sampling=sampling,
+            x=frame.tensors["x"],
+            mask=frame.tensors.get("mask"),
+        )
+
+    def next_header(self, end: int) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "request_id": self.request_id,
+            "position": self.position,
+            "layer": end,
+            "route": list(self.route[1:]),
+            "channel": self.channel,
+            "wire_dtype": self.wire_dtype,
+            "logits": self.logits,
+            "sampling": None if self.sampling is None else self.sampling.to_dict(),
+        }
+
+
+@dataclass
+class Connection:
+    """One accepted (upstream) connection."""
+
+    writer: asyncio.StreamWriter
+    peer: str
+    channels: set[str] = field(default_factory=set)
+    closed: bool = False
+
+
+class PeerLink:
+    """A persistent, authenticated connection to a next hop. Its reader relays ERROR frames upstream and
+    resolves control replies (server-to-server KV transfer)."""
+
+    def __init__(self, server: SegmentServer, hop: str) -> None:
+        self.server = server
+        self.hop = hop
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[str, asyncio.Future[Frame]] = {}
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.writer is not None and not self.writer.is_closing()
+
+    async def ensure(self) -> asyncio.StreamWriter:
+        async with self._lock:
+            if self.alive:
+                assert self.writer is not None
+                return self.writer
+            host, port = parse_hop(self.hop)
+            timeout_s = self.server.limits.peer_timeout_s
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+            except (OSError, TimeoutError) as exc:
+                raise UnreachableError(f"next hop {self.hop} is unreachable: {exc}") from None
+            try:
+                await client_handshake(reader, writer, self.server.secret, timeout_s)
+            except (AuthError, ProtocolError, ConnectionClosedError, OSError) as exc:
+                writer.close()
+                raise UnreachableError(f"next hop {self.hop} refused the connection: {exc}") from None
+            self.reader, self.writer = reader, writer
+            self._task = asyncio.create_task(self._read_loop(reader))
+            return writer
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                frame = await read_frame(reader, self.server.limits.max_frame_bytes, 3600.0)
+                self.server.stats.bytes_in += frame.wire_bytes
+                rid = frame.header.get("request_id")
+                future = self.pending.pop(rid, None) if isinstance(rid, str) else None
+                if future is not None and not future.done():
+                    future.set_result(frame)
+                elif frame.type == FrameType.ERROR:
+                    self.server.relay_error_upstream(frame.header)
+        except (ConnectionClosedError, ProtocolError, OSError) as exc:
+            log.info("link to %s closed: %s", self.hop, exc)
+        finally:
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(UnreachableError(f"link to {self.hop} closed"))
+            self.pending.clear()
+            if self.writer is not None:
+                self.writer.close()
+
+    async def request(self, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Frame:
+        writer = await self.ensure()
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self.pending[header["request_id"]] = future
+        self.server.stats.bytes_out += write_frame(writer, FrameType.CONTROL, header, tensors)
+        await writer.drain()
+        return await asyncio.wait_for(future, self.server.limits.peer_timeout_s * 6)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+class SegmentServer:
+    def __init__(
+        self,
+        store_dir: Path,
+        model: str,
+        first: int,
+        end: int,
+        secret: bytes,
+        limits: ServerLimits,
+    ) -> None:
+        self.store_dir = store_dir
+        self.model = model
+        self.first = first
+        self.end = end
+        self.secret = secret
+        self.limits = limits
+        self.stats = Stats()
+        self.runner: Any = None
+        self.kv_bytes = 0
+        self.session_count = 0
+        self.draining = False
+        self.channels: dict[str, Connection] = {}
+        self.links: dict[str, PeerLink] = {}
+        self.upstream: OrderedDict[str, Connection] = OrderedDict()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-compute")
+        self._server: asyncio.AbstractServer | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def _load_runner(self, first: int, end: int) -> Any:
+        import torch
+
+        from segments.runner import SegmentRunner
+        from segments.spec import SegmentSpec
+
+        torch.set_num_threads(self.limits.threads)
+        return SegmentRunner(
+            self.store_dir,
+            SegmentSpec(self.model, first, end),
+            max_sessions=self.limits.max_sessions,
+            max_kv_bytes=self.limits.max_kv_bytes,
+        )
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self.runner = await loop.run_in_executor(self.executor, self._load_runner, self.first, self.end)
+        self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Refuse new sessions and wait for queued compute to finish."""
+        self.draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for link in list(self.links.values()):
+            await link.close()
+        self.executor.shutdown(wait=True)
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.model, "first": self.first, "end": self.end}
+
+    # ----------------------------------------------------------------------------------- compute
+
+    def _submit(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Queue ``fn`` on the compute thread now (FIFO order = arrival order)."""
+        self.stats.queue_len += 1
+        self._idle.clear()
+
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                self.stats.busy_s += time.perf_counter() - t0
+                if self.runner is not None:
+                    self.kv_bytes = self.runner.kv_bytes()
+                    self.session_count = len(self.runner.sessions())
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, timed)
+
+        def done(_: asyncio.Future[Any]) -> None:
+            self.stats.queue_len -= 1
+            if self.stats.queue_len == 0:
+                self._idle.set()
+
+        future.add_done_callback(done)
+        return future
+
+    def _validate_forward(self, req: ForwardRequest) -> None:
+        info = self.runner.info
+        if req.layer != self.first:
+            raise BadRequestError(
+                f"activations for layer {req.layer} reached a segment serving [{self.first}, {self.end}); "
+                "the route does not match the chain"
+            )
+        if self.runner.is_last and req.route:
+            raise BadRequestError("this is the last segment, but the route names further hops")
+        if not self.runner.is_last and not req.route:
+            raise BadRequestError(f"the route ends at layer {self.end}; the model has {info.num_layers}")
+        x = req.x
+        if self.runner.is_first:
+            if x.dtype != torch_dtype("i64") or x.dim() != 2 or 0 in x.shape:
+                raise BadRequestError(
+                    f"the first segment takes int64 token ids [B, T], got {x.dtype} {tuple(x.shape)}"
+                )
+            if int(x.min()) < 0 or int(x.max()) >= info.vocab_size:
+                raise BadRequestError(f"token ids must lie in [0, {info.vocab_size})")
+        elif x.dim() != 3 or x.shape[-1] != info.hidden_size or 0 in x.shape or not x.is_floating_point():
+            raise BadRequestError(
+                f"this segment takes float hidden states [B, T, {info.hidden_size}], got {x.dtype} "
+                f"{tuple(x.shape)}"
+            )
+        if req.mask is not None:
+            b, t = x.shape[0], x.shape[1]
+            if req.mask.dtype != torch_dtype("i64") or tuple(req.mask.shape) != (b, req.position + t):
+                raise BadRequestError(f"mask must be int64 [B, position + T] = [{b}, {req.position + t}]")
+
+    def _compute_forward(self, req: ForwardRequest) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        import torch
+
+        x = req.x if self.runner.is_first else req.x.to(torch.float32)
+        out = self.runner.forward(req.session, x, req.position, req.mask)
+        if not self.runner.is_last:
+            return {}, {"x": out.to(torch_dtype(req.wire_dtype))}
+        result: dict[str, Any] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        if self.runner.info.kind != "causal_lm":
+            tensors["hidden"] = out
+            return result, tensors
+        if req.sampling is not None:
+            result["tokens"] = sample_tokens(out[:, -1, :], req.sampling, req.position)
+        if req.logits == "last":
+            tensors["logits"] = out[:, -1:, :]
+        elif req.logits == "all":
+            tensors["logits"] = out
+        return result, tensors
+
+    # ----------------------------------------------------------------------------------- connections
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = str(writer.get_extra_info("peername"))
+        conn = Connection(writer, peer)
+        self.stats.connections += 1
+        try:
+            try:
+                await server_handshake(
+                    reader, writer, self.secret, self.identity(), self.limits.handshake_timeout_s
+                )
+            except (AuthError, ProtocolError) as exc:
+                self._send_error(conn, getattr(exc, "code", "auth"), str(exc))
+                return
+            await self._serve(conn, reader)
+        except (ConnectionClosedError, ConnectionError):
+            pass
+        finally:
+            await self._close_conn(conn)
+
+    async def _serve(self, conn: Connection, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                frame = await read_frame(reader, self.limits.max_frame_bytes, self.limits.frame_timeout_s)
+            except ProtocolError as exc:
+                self._send_error(conn, exc.code, str(exc))
+                return
+            self.stats.frames_in += 1
+            self.stats.bytes_in += frame.wire_bytes
+            try:
+                if frame.type == FrameType.FORWARD:
+                    self._on_forward(conn, frame)
+                elif frame.type == FrameType.CONTROL:
+                    self._on_control(conn, frame)
+                else:
+                    raise ProtocolError(f"a server accepts FORWARD and CONTROL frames, not {frame.type.name}")
+            except ProtocolError as exc:
+                rid = frame.header.get("request_id")
+                self._send_error(conn, exc.code, str(exc), rid if isinstance(rid, str) else None)
+                return
+            await conn.writer.drain()
+
+    async def _close_conn(self, conn: Connection) -> None:
+        conn.closed = True
+        for channel in conn.channels:
+            if self.channels.get(channel) is conn:
+                del self.channels[channel]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.writer.drain(), 1.0)
+        conn.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.writer.wait_closed(), 1.0)
+
+    def _write(
+        self,
+        conn: Connection,
+        ftype: FrameType,
+        header: dict[str, Any],
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        if conn.closed or conn.writer.is_closing():
+            return
+        self.stats.bytes_out += write_frame(conn.writer, ftype, header, tensors)
+        self.stats.frames_out += 1
+
+    def _send_error(self, conn: Connection, code: str, message: str, request_id: str | None = None) -> None:
+        self.stats.errors += 1
+        self._write(conn, FrameType.ERROR, error_header(code, message, request_id))
+
+    def relay_error_upstream(self, header: dict[str, Any]) -> None:
+        rid = header.get("request_id")
+        conn = self.upstream.pop(rid, None) if isinstance(rid, str) else None
+        if conn is not None:
+            self._write(conn, FrameType.ERROR, header)
+
+    def _track(self, request_id: str, conn: Connection) -> None:
+        self.upstream[request_id] = conn
+        self.upstream.move_to_end(request_id)
+        while len(self.upstream) > MAX_TRACKED_REQUESTS:
+            self.upstream.popitem(last=False)
+
+    # ----------------------------------------------------------------------------------- forward
+
+    def _on_forward(self, conn: Connection, frame: Frame) -> None:
+        req = ForwardRequest.from_frame(frame)
+        self._validate_forward(req)
+        self.stats.forwards += 1
+        if self.draining and req.position == 0:
+            self._send_error(
+                conn,
+                DrainingError.code,
+                "this segment is draining and takes no new sessions; use another chain",
+                req.request_id,
+            )
+            return
+        self._track(req.request_id, conn)
+        future = self._submit(lambda: self._compute_forward(req))
+        asyncio.get_running_loop().create_task(self._finish_forward(conn, req, future))
+
+    async def _finish_forward(
+        self, conn: Connection, req: ForwardRequest, future: asyncio.Future[Any]
+    ) -> None:
+        try:
+            result, tensors = await future
+            if req.route:
+                await self._send_on(req, tensors)
+            else:
+                self._deliver(req, result, tensors)
+        except Exception as exc:  # the request fails, the server and other sessions go on
+            code = getattr(exc, "code", "internal")
+            if code == "internal":
+                log.exception("forward failed")
+            self.upstream.pop(req.request_id, None)
+            self._send_error(conn, code, f"{type(exc).__name__}: {exc}", req.request_id)
+
+    async def _send_on(self, req: ForwardRequest, tensors: dict[str, torch.Tensor]) -> None:
+        hop = req.route[0]
+        link = self.links.get(hop)
+        if link is None:
+            link = self.links[hop] = PeerLink(self, hop)
+        writer = await link.ensure()
+        if req.mask is not None:
+            tensors = {**tensors, "mask": req.mask}
+        self.stats.bytes_out += write_frame(writer, FrameType.FORWARD, req.next_header(self.end), tensors)
+        self.stats.frames_out += 1
+        await writer.drain()
+
+    def _deliver(self, req: ForwardRequest, result: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        target = self.channels.get(req.channel)
+        if target is None:
+            raise UnreachableError(f"no client is subscribed to channel {req.channel!r} on the last hop")
+        self.upstream.pop(req.request_id, None)
+        header = {"request_id": req.request_id, "session": req.session, "position": req.position, **result}
+        self._write(target, FrameType.RESULT, header, tensors)
+
+    # ----------------------------------------------------------------------------------- control
+
+    def _on_control(self, conn: Connection, frame: Frame) -> None:
+        op = require(frame.header, "op", str)
+        rid = _check_id(frame.header, "request_id")
+        handler = _CONTROL_OPS.get(op)
+        if handler is None:
+            raise BadRequestError(f"unknown control op {op!r}; known: {', '.join(sorted(_CONTROL_OPS))}")
+        asyncio.get_running_loop().create_task(self._run_control(conn, handler, frame, rid))
+
+    async def _run_control(self, conn: Connection, handler: Any, frame: Frame, rid: str) -> None:
+        try:
+            result, tensors = await handler(self, conn, frame)
+            self._write(conn, FrameType.REPLY, {"request_id": rid, "ok": True, "result": result}, tensors)
+        except Exception as exc:
+            code = getattr(exc, "code", "internal")
+            if code == "internal":
+                log.exception("control op failed")
+            self._send_error(conn, code, f"{type(exc).__name__}: {exc}", rid)
+        with contextlib.suppress(Exception):
+            await conn.writer.drain()
+
+    def stats_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "model": self.model,
+            "first": self.first,
+            "end": self.end,
+            "draining": self.draining,
+            "uptime_s": round(time.monotonic() - s.started_s, 3),
+            "queue_len": s.queue_len,
+            "busy_s": round(s.busy_s, 6),
+            "bytes_in": s.bytes_in,
+            "bytes_out": s.bytes_out,
+            "frames_in": s.frames_in,
+            "frames_out": s.frames_out,
+            "forwards": s.forwards,
+            "errors": s.errors,
+            "connections": s.connections,
+            "sessions": self.session_count,
+            "kv_bytes": self.kv_bytes,
+            "rss_bytes": rss_bytes(),
+            "pid": os.getpid(),
+        }
+
+
+Result = tuple[dict[str, Any], dict[str, "torch.Tensor"]]
+
+
+async def _op_health(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    return {"healthy": server.runner is not None, **server.stats_dict()}, {}
+
+
+async def _op_stats(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    return server.stats_dict(), {}
+
+
+async def _op_subscribe(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    channel = _check_id(frame.header, "channel")
+    server.channels[channel] = conn
+    conn.channels.add(channel)
+    return {"channel": channel}, {}
+
+
+async def _op_sessions(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    sessions = await server._submit(lambda: server.runner.sessions())
+    return {"sessions": sessions}, {}
+
+
+async def _op_load_range(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    first = require(frame.header, "first", int)
+    end = require(frame.header, "end", int)
+
+    def load() -> Any:
+        # Build the new runner before dropping the old one: a bad range leaves the server as it was.
+        runner = server._load_runner(first, end)
+        server.runner = runner
+        server.first, server.end = first, end
+        return None
+
+    await server._submit(load)
+    return server.identity(), {}
+
+
+async def _op_drain(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    timeout_s = optional(frame.header, "timeout_s", (int, float), 30.0)
+    await server.drain(float(timeout_s))
+    return {"draining": True, "queue_len": server.stats.queue_len}, {}
+
+
+async def _op_resume(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    server.draining = False
+    return {"draining": False}, {}
+
+
+def _layer_range(server: SegmentServer, frame: Frame) -> tuple[int, int]:
+    first = optional(frame.header, "first", int, server.first)
+    end = optional(frame.header, "end", int, server.end)
+    return first, end
+
+
+async def _op_export_kv(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    session = _check_id(frame.header, "session")
+    first, end = _layer_range(server, frame)
+
+    def export() -> tuple[int, dict[str, torch.Tensor]]:
+        return server.runner.kv_length(session), server.runner.export_kv(session, first, end)
+
+    length, tensors = await server._submit(export)
+    return {"session": session, "length": length, "first": first, "end": end}, tensors
+
+
+async def _op_import_kv(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    session = _check_id(frame.header, "session")
+    length = require(frame.header, "length", int)
+    tensors = {k: v.clone() for k, v in frame.tensors.items()}
+    await server._submit(lambda: server.runner.import_kv(session, tensors, length))
+    return {"session": session, "length": length, "tensors": len(tensors)}, {}
+
+
+async def _op_push_kv(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    """Server-to-server KV move: export [first, end) of a session and import it at ``target``."""
+    session = _check_id(frame.header, "session")
+    target = require(frame.header, "target", str)
+    parse_hop(target)
+    first, end = _layer_range(server, frame)
+    rid = _check_id(frame.header, "request_id")
+
+    def export() -> tuple[int, dict[str, torch.Tensor]]:
+        return server.runner.kv_length(session), server.runner.export_kv(session, first, end)
+
+    length, tensors = await server._submit(export)
+    link = server.links.get(target)
+    if link is None:
+        link = server.links[target] = PeerLink(server, target)
+    header = {"op": "import_kv", "request_id": f"{rid}.push", "session": session, "length": length}
+    reply = await link.request(header, tensors)
+    if reply.type == FrameType.ERROR:
+        raise UnreachableError(f"{target} refused the KV import: {reply.header.get('message')}")
+    return {"session": session, "length": length, "first": first, "end": end, "target": target}, {}
+
+
+async def _op_truncate(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    session = _check_id(frame.header, "session")
+    length = require(frame.header, "length", int)
+    await server._submit(lambda: server.runner.truncate(session, length))
+    return {"session": session, "length": length}, {}
+
+
+async def _op_drop(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    session = _check_id(frame.header, "session")
+    await server._submit(lambda: server.runner.drop_session(session))
+    return {"session": session, "dropped": True}, {}
+
+
+_CONTROL_OPS: dict[str, Any] = {
+    "health": _op_health,
+    "stats": _op_stats,
+    "subscribe": _op_subscribe,
+    "sessions": _op_sessions,
+    "load_range": _op_load_range,
+    "drain": _op_drain,
+    "resume": _op_resume,
+    "export_kv": _op_export_kv,
+    "import_kv": _op_import_kv,
+    "push_kv": _op_push_kv,
+    "truncate": _op_truncate,
+    "drop": _op_drop,
+}
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from mecsplit.settings import get_settings
+
+    seg = get_settings().segments
+    p = argparse.ArgumentParser(prog="python -m segments.server", description="Serve one layer range.")
+    p.add_argument("--store", type=Path, default=get_settings().store_dir)
+    p.add_argument("--model", required=True)
+    p.add_argument("--first", type=int, required=True)
+    p.add_argument("--end", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--secret-file", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=seg.threads)
+    p.add_argument("--max-sessions", type=int, default=seg.max_sessions)
+    p.add_argument("--max-kv-bytes", type=int, default=seg.max_kv_bytes)
+    p.add_argument("--max-frame-bytes", type=int, default=seg.max_frame_bytes)
+    return p.parse_args(argv)
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    secret = load_secret(args.secret_file)
+    limits = ServerLimits(
+        max_frame_bytes=args.max_frame_bytes,
+        max_sessions=args.max_sessions,
+        max_kv_bytes=args.max_kv_bytes,
+        threads=args.threads,
+    )
+    server = SegmentServer(args.store, args.model, args.first, args.end, secret, limits)
+    port = await server.start(args.host, args.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(json.dumps({"ready": True, "port": port, "pid": os.getpid(), **server.identity()}), flush=True)
+    await stop.wait()
+    await server.drain(timeout_s=10.0)
+    await server.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    args = _parse_args(argv)
+    try:
+        return asyncio.run(_amain(args))
+    except Exception as exc:
+        # One JSON line on stdout so a launcher waiting for "ready" learns why instead of timing out.
+        print(json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
