@@ -1,0 +1,136 @@
+"""Tiny TCP measurement tools for shaped links (iperf is not required, and Mininet's iperf test hangs).
+
+Run as processes inside node namespaces; each prints one JSON object on stdout:
+
+    python -m testbed.probe sink  --port P --duration-s D [--bin-s 0.05]   # receive, report bytes per bin
+    python -m testbed.probe blast --host H --port P --duration-s D         # send as fast as TCP allows
+    python -m testbed.probe echo  --port P                                  # echo server (until SIGTERM)
+    python -m testbed.probe ping  --host H --port P --count N               # TCP round trips
+
+``sink`` reports ``bins``: [t_monotonic_s, bytes] per bin. CLOCK_MONOTONIC is shared by all network
+namespaces, so a caller can line those times up with when it changed a link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import time
+
+CHUNK_BYTES = 64 * 1024
+
+
+def sink(port: int, duration_s: float, bin_s: float) -> dict[str, object]:
+    """Receive on one TCP connection for ``duration_s`` after it opens; bytes per ``bin_s`` bin."""
+    with socket.create_server(("0.0.0.0", port)) as server:
+        print(json.dumps({"listening": port}), file=sys.stderr, flush=True)
+        conn, _ = server.accept()
+    arrivals: list[tuple[float, int]] = []
+    with conn:
+        conn.settimeout(bin_s)
+        start = time.monotonic()
+        while time.monotonic() < start + duration_s:
+            try:
+                data = conn.recv(CHUNK_BYTES)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            arrivals.append((time.monotonic(), len(data)))
+    n_bins = max(1, int(duration_s / bin_s))
+    counts = [0] * n_bins
+    for t, n in arrivals:
+        counts[min(n_bins - 1, int((t - start) / bin_s))] += n
+    bins = [[start + (i + 1) * bin_s, c] for i, c in enumerate(counts)]
+    return {"start_s": start, "bin_s": bin_s, "bytes": sum(counts), "bins": bins}
+
+
+def blast(host: str, port: int, duration_s: float) -> dict[str, object]:
+    payload = b"\x00" * CHUNK_BYTES
+    sent = 0
+    deadline = time.monotonic() + duration_s
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.settimeout(1.0)
+        while time.monotonic() < deadline:
+            try:
+                sent += conn.send(payload)
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                break
+    return {"sent_bytes": sent}
+
+
+def echo(port: int) -> None:
+    with socket.create_server(("0.0.0.0", port)) as server:
+        print(json.dumps({"listening": port}), flush=True)
+        while True:
+            conn, _ = server.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+
+
+def ping(host: str, port: int, count: int, interval_s: float) -> dict[str, object]:
+    rtts_ms: list[float] = []
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(count):
+            msg = i.to_bytes(8, "big")
+            t0 = time.perf_counter()
+            conn.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                chunk = conn.recv(len(msg) - len(got))
+                if not chunk:
+                    raise ConnectionError("echo server closed the connection")
+                got += chunk
+            rtts_ms.append((time.perf_counter() - t0) * 1000)
+            time.sleep(interval_s)
+    return {
+        "count": count,
+        "rtt_ms": rtts_ms,
+        "median_ms": statistics.median(rtts_ms),
+        "min_ms": min(rtts_ms),
+        "max_ms": max(rtts_ms),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testbed.probe")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("sink")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--duration-s", type=float, required=True)
+    p.add_argument("--bin-s", type=float, default=0.05)
+    p = sub.add_parser("blast")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--duration-s", type=float, required=True)
+    p = sub.add_parser("echo")
+    p.add_argument("--port", type=int, required=True)
+    p = sub.add_parser("ping")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--interval-s", type=float, default=0.01)
+    args = parser.parse_args(argv)
+    if args.cmd == "sink":
+        result: dict[str, object] = sink(args.port, args.duration_s, args.bin_s)
+    elif args.cmd == "blast":
+        result = blast(args.host, args.port, args.duration_s)
+    elif args.cmd == "echo":
+        echo(args.port)
+        return 0
+    else:
+        result = ping(args.host, args.port, args.count, args.interval_s)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
