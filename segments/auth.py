@@ -3,7 +3,8 @@
 Handshake (before any other frame is accepted):
 
 1. server -> peer  ``HELLO   {nonce: hex(32 random bytes), version, model, first, end}``
-2. peer -> server  ``AUTH    {nonce: hex(32 random bytes), mac: HMAC(secret, "mecsplit-peer" | s_nonce | p_nonce)}``
+2. peer -> server  ``AUTH    {nonce: hex(32 random bytes), mac}`` with
+   ``mac = HMAC(secret, "mecsplit-peer" | s_nonce | p_nonce)``
 3. server -> peer  ``AUTH_OK {mac: HMAC(secret, "mecsplit-server" | p_nonce | s_nonce)}``
    or ``ERROR {code: "auth"}`` and the connection is closed.
 

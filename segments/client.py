@@ -220,10 +220,18 @@ class AsyncChainClient:
         self._pending: dict[str, asyncio.Future[Frame]] = {}
         self._ids = itertools.count()
         self._prefix = secrets.token_hex(4)
+        # Steps in flight, and a gate a switch closes so that it runs between two tokens of every session.
+        self._inflight = 0
+        self._idle: asyncio.Event | None = None
+        self._open_gate: asyncio.Event | None = None
 
     # ------------------------------------------------------------------------------- connections
 
     async def connect(self) -> AsyncChainClient:
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open_gate = asyncio.Event()
+        self._open_gate.set()
         self.links = await self._open(self.chain)
         return self
 
@@ -310,6 +318,27 @@ class AsyncChainClient:
         logits: str = "none",
     ) -> StepResult:
         """One forward through the whole chain; the last hop answers with tokens / logits / hidden."""
+        assert self._open_gate is not None and self._idle is not None, "connect() first"
+        while not self._open_gate.is_set():
+            await self._open_gate.wait()
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self._step(session_id, inputs, position, attention_mask, sampling, logits)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _step(
+        self,
+        session_id: str,
+        inputs: torch.Tensor,
+        position: int,
+        attention_mask: torch.Tensor | None,
+        sampling: SamplingParams | None,
+        logits: str,
+    ) -> StepResult:
         t0 = time.perf_counter()
         rid, future = self._new_request()
         route = [link.hop.address for link in self.links[1:]]
@@ -365,10 +394,20 @@ class AsyncChainClient:
 
     # ------------------------------------------------------------------------------------ moving
 
+    async def drop(self, session: Session) -> None:
+        """Free the session's KV on every hop (errors ignored: a hop may never have seen it)."""
+        for link in self.links:
+            with contextlib.suppress(SegmentError, RemoteError):
+                await self._control_link(link, "drop", session=session.id)
+
     async def switch(
-        self, session: Session, new_chain: Chain, mode: SwitchMode = "kv", drop_old: bool = True
+        self,
+        sessions: Session | Sequence[Session],
+        new_chain: Chain,
+        mode: SwitchMode = "kv",
+        drop_old: bool = True,
     ) -> None:
-        """Move ``session`` to ``new_chain`` between two tokens; later steps go to the new chain.
+        """Move ``sessions`` to ``new_chain`` between two tokens; later steps go to the new chain.
 
         ``kv``: export each old hop's KV and import the layers each new hop serves, through this client;
         ``push``: the old hops send their KV straight to the new hops (server to server);
@@ -378,28 +417,39 @@ class AsyncChainClient:
             raise LayerRangeError(
                 f"the new chain covers {new_chain.num_layers} layers, the old {self.chain.num_layers}"
             )
-        new_links = await self._open(new_chain)
-        old_links = self.links
+        if mode not in ("kv", "push", "replay"):
+            raise ValueError(f"unknown switch mode {mode!r}; use kv, push or replay")
+        assert self._open_gate is not None and self._idle is not None, "connect() first"
+        moving = [sessions] if isinstance(sessions, Session) else list(sessions)
+        # Close the gate, let the steps in flight finish: every session now sits between two tokens.
+        self._open_gate.clear()
         try:
-            if mode == "kv":
-                await self._move_kv_via_client(session, old_links, new_links)
-            elif mode == "push":
-                await self._move_kv_push(session, old_links, new_links)
-            elif mode == "replay":
-                await self._replay(session, new_links)
-            else:
-                raise ValueError(f"unknown switch mode {mode!r}; use kv, push or replay")
-        except BaseException:
-            for link in new_links:
-                await link.close()
-            raise
-        if drop_old:
+            await self._idle.wait()
+            new_links = await self._open(new_chain)
+            old_links = self.links
+            try:
+                for session in moving:
+                    await self._move(session, mode, old_links, new_links)
+            except BaseException:
+                for link in new_links:
+                    await link.close()
+                raise
+            if drop_old:
+                for session in moving:
+                    await self.drop(session)
+            self.links, self.chain = new_links, new_chain
             for link in old_links:
-                with contextlib.suppress(SegmentError, RemoteError):
-                    await self._control_link(link, "drop", session=session.id)
-        self.links, self.chain = new_links, new_chain
-        for link in old_links:
-            await link.close()
+                await link.close()
+        finally:
+            self._open_gate.set()
+
+    async def _move(self, session: Session, mode: SwitchMode, old: list[Link], new: list[Link]) -> None:
+        if mode == "kv":
+            await self._move_kv_via_client(session, old, new)
+        elif mode == "push":
+            await self._move_kv_push(session, old, new)
+        else:
+            await self._replay(session, new)
 
     async def _move_kv_via_client(self, session: Session, old: list[Link], new: list[Link]) -> None:
         for target in new:
@@ -441,7 +491,7 @@ class AsyncChainClient:
         self.links = new
         try:
             history = torch.tensor([session.tokens[: session.kv_length]], dtype=torch.int64)
-            await self.step(session.id, history, 0)
+            await self._step(session.id, history, 0, None, None, "none")
         finally:
             self.links = saved
 
@@ -484,9 +534,16 @@ class ChainClient:
                 return
 
     def switch(
-        self, session: Session, new_chain: Chain, mode: SwitchMode = "kv", drop_old: bool = True
+        self,
+        sessions: Session | Sequence[Session],
+        new_chain: Chain,
+        mode: SwitchMode = "kv",
+        drop_old: bool = True,
     ) -> None:
-        self._loop.run_until_complete(self.inner.switch(session, new_chain, mode, drop_old))
+        self._loop.run_until_complete(self.inner.switch(sessions, new_chain, mode, drop_old))
+
+    def drop(self, session: Session) -> None:
+        self._loop.run_until_complete(self.inner.drop(session))
 
     def close(self) -> None:
         if not self._loop.is_closed():

@@ -6,6 +6,7 @@ names its port on its ready line, so parallel launches never collide.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
@@ -33,7 +34,7 @@ def boundaries_to_specs(model: str, num_layers: int, boundaries: list[int]) -> t
     if sorted(set(cuts)) != cuts:
         raise ValueError(f"boundaries must be strictly increasing inside (0, {num_layers}): {boundaries}")
     edges = [0, *cuts, num_layers]
-    return tuple(SegmentSpec(model, a, b) for a, b in zip(edges, edges[1:], strict=False))
+    return tuple(SegmentSpec(model, a, b) for a, b in itertools.pairwise(edges))
 
 
 @dataclass

@@ -304,6 +304,7 @@ class SegmentServer:
         self.upstream: OrderedDict[str, Connection] = OrderedDict()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-compute")
         self._server: asyncio.AbstractServer | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -340,6 +341,11 @@ class SegmentServer:
             self._server.close()
         for link in list(self.links.values()):
             await link.close()
+        # End the connection handlers ourselves, so none is cancelled half-way by the loop's shutdown.
+        for task in list(self._handlers):
+            task.cancel()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=2.0)
         self.executor.shutdown(wait=True)
 
     def identity(self) -> dict[str, Any]:
@@ -427,6 +433,9 @@ class SegmentServer:
         peer = str(writer.get_extra_info("peername"))
         conn = Connection(writer, peer)
         self.stats.connections += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             try:
                 await server_handshake(
@@ -436,10 +445,12 @@ class SegmentServer:
                 self._send_error(conn, getattr(exc, "code", "auth"), str(exc))
                 return
             await self._serve(conn, reader)
-        except (ConnectionClosedError, ConnectionError):
-            pass
+        except (ConnectionClosedError, ConnectionError, asyncio.CancelledError):
+            pass  # the peer left, or the server is shutting down: nothing to answer
         finally:
-            await self._close_conn(conn)
+            self._close_conn(conn)
+            if task is not None:
+                self._handlers.discard(task)
 
     async def _serve(self, conn: Connection, reader: asyncio.StreamReader) -> None:
         while True:
@@ -463,16 +474,13 @@ class SegmentServer:
                 return
             await conn.writer.drain()
 
-    async def _close_conn(self, conn: Connection) -> None:
+    def _close_conn(self, conn: Connection) -> None:
         conn.closed = True
         for channel in conn.channels:
             if self.channels.get(channel) is conn:
                 del self.channels[channel]
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.writer.drain(), 1.0)
+        # close() flushes what is buffered (the error frame) before the FIN.
         conn.writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.writer.wait_closed(), 1.0)
 
     def _write(
         self,
