@@ -36,6 +36,26 @@ class TestbedSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     prefix: str = Field(default="mecsplit", description="name prefix of everything the testbed creates")
+    # --- network (testbed.net) ---
+    data_net: str = Field(default="10.213.0.0/16", description="one /24 per scenario link is cut from it")
+    mgmt_net: str = Field(default="10.214.0.0/24", description="unshaped host<->node management bridge")
+    # --- daemon (testbed.daemon) ---
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port")
+    start_timeout_s: float = Field(default=120.0, gt=0)
+    monitor_interval_s: float = Field(default=1.0, gt=0, description="how often links and nodes are measured")
+    # --- events (testbed.events): thresholds with hysteresis ---
+    link_degraded_ratio: float = Field(
+        default=0.7, gt=0, lt=1, description="mec.link.degraded when bw < ratio x the scenario's nominal bw"
+    )
+    link_recovered_ratio: float = Field(
+        default=0.9, gt=0, le=1, description="mec.link.recovered when bw >= ratio x nominal again"
+    )
+    node_overloaded_pct: float = Field(default=85.0, gt=0, le=100, description="CPU use of the node's share")
+    node_recovered_pct: float = Field(default=60.0, ge=0, le=100, description="overload ends below this")
+    event_samples: int = Field(
+        default=3, ge=1, description="consecutive samples past a threshold before an event fires"
+    )
 
 
 class FlowSettings(BaseModel):

@@ -116,6 +116,32 @@ def find_cgroups(prefix: str) -> list[Path]:
     return found
 
 
+def _netns_inode(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+def find_netns_processes(prefix: str) -> list[int]:
+    """Processes inside our node containers' network namespaces (shapers, probes, shells, segments)."""
+    inodes = set()
+    for name in find_containers(prefix):
+        pid = _out(["docker", "inspect", "-f", "{{.State.Pid}}", name]).strip()
+        if pid.isdigit() and int(pid) > 0:
+            ino = _netns_inode(int(pid))
+            if ino is not None:
+                inodes.add(ino)
+    inodes.discard(_netns_inode(1))  # never the host's namespace, whatever docker reports
+    if not inodes:
+        return []
+    return sorted(
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _netns_inode(int(p.name)) in inodes
+    )
+
+
 def pid_file(run_dir: Path) -> Path:
     return run_dir / "daemon.pid"
 
@@ -187,7 +213,7 @@ def teardown(prefix: str, run_dir: Path | None = None) -> Leftovers:
     if run_dir is not None:
         for pid in find_daemon(run_dir):
             _kill_daemon(pid)
-    for pid in find_shells(prefix):
+    for pid in find_shells(prefix) + find_netns_processes(prefix):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     containers = find_containers(prefix)
