@@ -6,6 +6,8 @@ Run as processes inside node namespaces; each prints one JSON object on stdout:
     python -m testbed.probe blast --host H --port P --duration-s D         # send as fast as TCP allows
     python -m testbed.probe echo  --port P                                  # echo server (until SIGTERM)
     python -m testbed.probe ping  --host H --port P --count N               # TCP round trips
+    python -m testbed.probe udp-sink --port P --idle-s 1                    # count datagrams until idle
+    python -m testbed.probe udp-send --host H --port P --count N            # numbered datagrams
 
 ``sink`` reports ``bins``: [t_monotonic_s, bytes] per bin. CLOCK_MONOTONIC is shared by all network
 namespaces, so a caller can line those times up with when it changed a link.
@@ -100,6 +102,33 @@ def ping(host: str, port: int, count: int, interval_s: float) -> dict[str, objec
     }
 
 
+def udp_sink(port: int, idle_s: float) -> dict[str, object]:
+    """Count distinct datagrams until none arrived for ``idle_s`` (after the first one)."""
+    seen: set[int] = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        sock.bind(("0.0.0.0", port))
+        print(json.dumps({"listening": port}), file=sys.stderr, flush=True)
+        sock.settimeout(30.0)  # waiting for the first datagram
+        while True:
+            try:
+                data = sock.recv(2048)
+            except TimeoutError:
+                break
+            seen.add(int.from_bytes(data[:8], "big"))
+            sock.settimeout(idle_s)
+    return {"received": len(seen)}
+
+
+def udp_send(host: str, port: int, count: int, interval_s: float) -> dict[str, object]:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for i in range(count):
+            sock.sendto(i.to_bytes(8, "big") + b"\x00" * 56, (host, port))
+            if interval_s > 0:
+                time.sleep(interval_s)
+    return {"sent": count}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed.probe")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -118,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--count", type=int, default=20)
     p.add_argument("--interval-s", type=float, default=0.01)
+    p = sub.add_parser("udp-sink")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--idle-s", type=float, default=1.0)
+    p = sub.add_parser("udp-send")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--interval-s", type=float, default=0.0005)
     args = parser.parse_args(argv)
     if args.cmd == "sink":
         result: dict[str, object] = sink(args.port, args.duration_s, args.bin_s)
@@ -126,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "echo":
         echo(args.port)
         return 0
-    else:
+    elif args.cmd == "ping":
         result = ping(args.host, args.port, args.count, args.interval_s)
+    elif args.cmd == "udp-sink":
+        result = udp_sink(args.port, args.idle_s)
+    else:
+        result = udp_send(args.host, args.port, args.count, args.interval_s)
     print(json.dumps(result), flush=True)
     return 0
 
