@@ -22,7 +22,7 @@ bench = typer.Typer(help="Benchmarks that print JSON (several runs, medians, rat
 app.add_typer(bench, name="bench")
 
 # Modules under mecsplit.commands, each with register(app, bench).
-_COMMAND_MODULES: tuple[str, ...] = ("testbed",)
+_COMMAND_MODULES: tuple[str, ...] = ("testbed", "models")
 
 
 def _register_all() -> None:
