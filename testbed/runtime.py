@@ -341,7 +341,7 @@ class Testbed:
             for t in threads:
                 t.start()
             self._replay_threads = threads
-            return {"replaying": True, "events": len(threads)}
+            return {"replaying": True, "events": len(threads), "started_monotonic_s": self.replay_started_s}
 
     def replay_stop(self) -> dict[str, Any]:
         self._replay_stop.set()
