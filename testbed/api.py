@@ -34,8 +34,16 @@ def _run_dir(run_dir: Path | None) -> Path:
     return Path(Settings().run_dir)
 
 
+def _prefix() -> str:
+    from mecsplit.settings import Settings
+
+    return Settings().testbed.prefix
+
+
 class TestbedClient:
     """Typed calls to the daemon's HTTP API; every method returns the daemon's JSON answer."""
+
+    __test__ = False  # not a pytest class despite its name
 
     def __init__(self, run_dir: Path | None = None, timeout_s: float = 120.0) -> None:
         import httpx
@@ -202,6 +210,13 @@ def start_daemon(
     if cleanup.find_daemon(run_dir):
         raise TestbedAlreadyRunningError(
             f"a testbed daemon is already up ({run_dir / PID_FILE}): `mecsplit testbed down` first"
+        )
+    prefix = _prefix()
+    left = cleanup.survey(prefix)
+    if not left.empty():
+        raise TestbedAlreadyRunningError(
+            f"things with prefix {prefix!r} exist already ({left.as_dict()}): another testbed with this "
+            "prefix is up, or one crashed; `mecsplit testbed down --force` removes them"
         )
     (run_dir / STATE_FILE).unlink(missing_ok=True)
     log_path = run_dir / LOG_FILE

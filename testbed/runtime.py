@@ -64,10 +64,11 @@ class Testbed:
         self._replay_stop = threading.Event()
         self._replay_threads: list[threading.Thread] = []
         self.replay_started_s: float | None = None
+        tb = self.tb
         self.detector = Detector(Thresholds(
-            link_degraded_ratio=self.tb.link_degraded_ratio, link_recovered_ratio=self.tb.link_recovered_ratio,
-            node_overloaded_pct=self.tb.node_overloaded_pct, node_recovered_pct=self.tb.node_recovered_pct,
-            samples=self.tb.event_samples,
+            link_degraded_ratio=tb.link_degraded_ratio, link_recovered_ratio=tb.link_recovered_ratio,
+            node_overloaded_pct=tb.node_overloaded_pct, node_recovered_pct=tb.node_recovered_pct,
+            samples=tb.event_samples,
         ))  # fmt: skip
         self.sink = EventSink(state_dir / "events.jsonl")
         self.events: list[dict[str, Any]] = []
@@ -454,7 +455,8 @@ class Testbed:
                 "name": n.name, "tier": n.tier, "cpus": n.cpus, "mem_bytes": n.mem_bytes,
                 "container": c.name if c else None, "pid": c.pid if c else None,
                 "state": nodes.container_state(c.name) if c else "missing",
-                "failed": n.name in self.failed, "load_pct": self.loads[n.name].pct if n.name in self.loads else 0,
+                "failed": n.name in self.failed,
+                "load_pct": self.loads[n.name].pct if n.name in self.loads else 0.0,
                 "address": np.data_addr, "mgmt_address": np.mgmt_addr.split("/")[0],
                 "segments": sorted(self.segments.get(n.name, {})),
                 **self.last_samples.get(f"node:{n.name}", {}),

@@ -1,0 +1,209 @@
+"""The testbed daemon end to end: real containers, Mininet bridges, tc shaping, cgroups (root, Docker).
+
+One daemon serves the module (3 nodes in a line, a trace on the first link); the cycle test runs its own.
+Everything uses the prefix ``mecsplitt`` and its own settings home, so a developer's testbed is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed import cleanup
+from testbed.api import TestbedClient, start_daemon
+from testbed.scenario import ScenarioError
+
+pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.mininet]
+
+PREFIX = "mecsplitt"
+TRACE_MBIT = [20, 4, 12, 4, 20, 4]
+
+SCENARIO = """
+name: tiny
+source: n1
+nodes:
+  - {name: n1, tier: device, cpus: 1.0, mem_mb: 512}
+  - {name: n2, tier: edge, cpus: 1.0, mem_mb: 768}
+  - {name: n3, tier: mec, cpus: 0.5, mem_mb: 768}
+links:
+  - {a: n1, b: n2, bw_mbit: 20, delay_ms: 2}
+  - {a: n2, b: n3, bw_mbit: 50, delay_ms: 2}
+timeline:
+  - {at_s: 0, kind: trace, link: n1-n2, csv: trace.csv}
+"""
+
+# A real forward loop of a transformer layer: what a segment computes, timed inside the container. The
+# host's 2 cores are shared with other work, so the best of several rounds is the node's own speed.
+COMPUTE = """
+import json, time, torch
+torch.set_num_threads(1)
+layer = torch.nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, batch_first=True).eval()
+x = torch.randn(1, 64, 256)
+with torch.no_grad():
+    for _ in range(5):
+        layer(x)
+    rounds = []
+    for _ in range(6):  # rounds of ~0.5 s (several CFS periods); the least disturbed one counts
+        t0 = time.perf_counter()
+        for _ in range(250):
+            layer(x)
+        rounds.append((time.perf_counter() - t0) / 250 * 1000)
+print(json.dumps({"per_forward_ms": min(rounds), "rounds_ms": rounds}), flush=True)
+"""
+
+
+def _connect(address: str, timeout_s: float) -> str:
+    """Python code that opens a TCP connection to port 9 (nothing listens: 'refused' proves reachability)."""
+    return f"import socket; socket.create_connection(({address!r}, 9), {timeout_s})"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("tbhome")
+    old = {k: os.environ.get(k) for k in ("MECSPLIT_HOME", "MECSPLIT_TESTBED__PREFIX")}
+    os.environ["MECSPLIT_HOME"] = str(home)
+    os.environ["MECSPLIT_TESTBED__PREFIX"] = PREFIX
+    yield home
+    cleanup.teardown(PREFIX, home / "run")
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _scenario(dir_: Path, text: str = SCENARIO) -> Path:
+    (dir_ / "trace.csv").write_text("t_s,bw_mbit\n" + "".join(f"{i},{r}\n" for i, r in enumerate(TRACE_MBIT)))
+    path = dir_ / "tiny.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(env: Path) -> Iterator[TestbedClient]:
+    start_daemon(_scenario(env))
+    c = TestbedClient()
+    yield c
+    c.down()
+    c.close()
+    left = cleanup.survey(PREFIX, env / "run")
+    assert left.empty(), left.as_dict()
+
+
+def test_status_lists_nodes_and_links(client: TestbedClient) -> None:
+    status = client.status()
+    assert [n["name"] for n in status["nodes"]] == ["n1", "n2", "n3"]
+    assert all(n["state"] == "running" for n in status["nodes"])
+    assert [lk["link"] for lk in status["links"]] == ["n1-n2", "n2-n3"]
+
+
+def test_shaped_link_goodput_and_routed_rtt(client: TestbedClient) -> None:
+    client.set_link("n1", "n2", bw_mbit=10, delay_ms=5)
+    m = client.measure_link("n1", "n2", seconds=2.5, pings=10)
+    assert abs(m["goodput_mbit"] - 10) <= 1.0, m
+    assert abs(m["rtt_ms"] - 10) <= 1.0, m
+    # n1 reaches n3 through n2 (static routes, forwarding): both links' delays add up.
+    out = client.exec(
+        "n1",
+        [
+            "python3",
+            "-c",
+            _connect(client.status()["nodes"][2]["address"], 2.0),
+        ],
+    )
+    assert "refused" in out["stderr"], out  # reached n3's stack (nothing listens on port 9)
+
+
+def _run_compute(client: TestbedClient, node: str) -> float:
+    import sys
+
+    name = f"cpu-{node}"
+    client.deploy_segment(node, name, [sys.executable, "-c", COMPUTE])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = client.segment_logs(node, name)
+        if "per_forward_ms" in logs:
+            client.stop_segment(node, name, timeout_s=1)
+            return json.loads(logs.strip().splitlines()[-1])["per_forward_ms"]
+        time.sleep(0.3)
+    raise AssertionError(f"compute on {node} did not finish: {client.segment_logs(node, name)}")
+
+
+def test_half_cpu_share_doubles_per_layer_compute(client: TestbedClient) -> None:
+    full = _run_compute(client, "n2")  # cpus 1.0
+    half = _run_compute(client, "n3")  # cpus 0.5
+    ratio = half / full
+    print(f"per-forward ms: full {full:.3f}, half {half:.3f}, ratio {ratio:.3f}")
+    assert 1.6 <= ratio <= 2.4, (full, half)
+
+
+def test_background_load_takes_the_node_cpu(client: TestbedClient) -> None:
+    client.set_load("n2", 50)
+    try:
+        time.sleep(3.5)
+        node = next(n for n in client.status()["nodes"] if n["name"] == "n2")
+        # Capped by its CFS quota; below 50 only when other processes compete for the host cores.
+        assert 30 <= node["cpu_pct"] <= 60, node
+    finally:
+        client.set_load("n2", 0)
+
+
+def test_fail_and_restore(client: TestbedClient) -> None:
+    client.set_link("n1", "n2", bw_mbit=20, delay_ms=2)
+    client.fail("n2")
+    try:
+        n2 = next(n for n in client.status()["nodes"] if n["name"] == "n2")
+        assert n2["state"] == "paused" and n2["failed"]
+        probe = client.exec("n1", ["python3", "-c", _connect(n2["address"], 1.5)])
+        assert probe["returncode"] != 0 and "timed out" in probe["stderr"], probe
+    finally:
+        client.restore("n2")
+    assert client.measure_link("n1", "n2", seconds=1.5, pings=3)["goodput_mbit"] > 15
+
+
+def test_trace_replay_sets_the_rate_every_second(client: TestbedClient) -> None:
+    started = client.replay_start()["started_monotonic_s"]
+    try:
+        m = client.measure_link("n1", "n2", seconds=len(TRACE_MBIT) - 0.2, pings=0, warmup_s=0, bin_s=0.1)
+    finally:
+        client.replay_stop()
+    per_second: dict[int, list[float]] = {}
+    for t, mbit in m["series_mbit"]:
+        second, frac = divmod(t - 0.05 - started, 1.0)
+        if 0.35 <= frac <= 0.95 and 0 <= second < len(TRACE_MBIT):  # skip the edges of each second
+            per_second.setdefault(int(second), []).append(mbit)
+    medians = {s: statistics.median(v) for s, v in per_second.items()}
+    checked = [s for s in medians if s >= 1]  # second 0 holds TCP slow start
+    assert len(checked) >= 3, medians
+    for s in checked:
+        assert abs(medians[s] - TRACE_MBIT[s]) <= 0.2 * TRACE_MBIT[s], (s, medians)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "line"),
+    [
+        ("{a: n2, b: n3,", "{a: n2, b: n9,", "links[1].b", 10),  # unknown node in a link
+        ("bw_mbit: 50", "bw_mbit: -5", "links[1].bw_mbit", 10),  # negative bandwidth
+        ("csv: trace.csv", "csv: missing.csv", "timeline[0].csv", 12),  # missing trace file
+        ("source: n1", "source: [n1", "<yaml>", None),  # bad YAML
+    ],
+)
+def test_broken_scenario_starts_nothing(
+    env: Path, tmp_path: Path, old: str, new: str, field: str, line: int | None
+) -> None:
+    bad = _scenario(tmp_path, SCENARIO.replace(old, new))
+    before = cleanup.survey(PREFIX).as_dict()
+    with pytest.raises(ScenarioError) as info:
+        start_daemon(bad, run_dir=tmp_path / "run")
+    problem = info.value.problems[0]
+    assert problem.field == field, info.value
+    if line is not None:
+        assert problem.line == line, info.value
+    assert cleanup.survey(PREFIX).as_dict() == before
+    assert not (tmp_path / "run").exists()
