@@ -1,0 +1,53 @@
+"""Measure what users see: time to first token and per-token latency, streamed through the gateway."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import httpx
+
+
+@dataclass(frozen=True)
+class StreamSample:
+    ttft_s: float
+    token_gaps_s: tuple[float, ...]  # gap before each token after the first
+    tokens: int
+    text: str
+    started_at_s: float  # wall clock (time.time) at request start
+
+    @property
+    def tpot_s(self) -> float:
+        return statistics.median(self.token_gaps_s) if self.token_gaps_s else float("nan")
+
+
+def stream_completion(
+    gateway_url: str, prompt: str, max_tokens: int, *, timeout_s: float = 300.0, seed: int = 0
+) -> StreamSample:
+    """One greedy streamed completion; each SSE chunk is one token's text (held-back bytes excepted)."""
+    body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "seed": seed}  # fmt: skip
+    started_wall = time.time()
+    started = time.perf_counter()
+    stamps: list[float] = []
+    pieces: list[str] = []
+    with httpx.stream("POST", f"{gateway_url}/v1/completions", json=body, timeout=timeout_s) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            text = chunk["choices"][0].get("text", "")
+            if text:
+                stamps.append(time.perf_counter())
+                pieces.append(text)
+    if not stamps:
+        raise RuntimeError(f"the gateway at {gateway_url} streamed no token")
+    gaps = tuple(b - a for a, b in itertools.pairwise(stamps))
+    return StreamSample(
+        ttft_s=stamps[0] - started, token_gaps_s=gaps, tokens=len(stamps), text="".join(pieces),
+        started_at_s=started_wall,
+    )  # fmt: skip

@@ -1,0 +1,184 @@
+"""The Prefect flows: profile, optimise, deploy and reconfigure (= profile -> optimise -> decide -> deploy).
+
+Flows stay thin; each step is a task with retries and a timeout, calling into ``flows.pipeline``. The
+deployment that a reconfiguration changes is read from the state file, so any flow run (a subprocess of
+``mecsplit serve``) can pick it up.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows import pipeline, report
+from flows.measure import stream_completion
+from flows.runtime import Backend, LinkProbe, backend_for
+from flows.state import BackendName, DeploymentState, load_state, save_state
+from mecsplit.settings import get_settings
+from policies.plan import Plan
+from policies.problem import Problem
+from testbed.scenario import Scenario, load_scenario
+
+DEFAULT_SCENARIO = "scenarios/default.yaml"
+MEASURE_PROMPT = "The three most important ideas in distributed systems are"
+
+
+def _log(message: str) -> None:
+    get_run_logger().info(message)
+
+
+@task(name="profile-nodes", retries=1, retry_delay_seconds=2, timeout_seconds=900)
+def profile_nodes_task(
+    backend_name: BackendName, scenario_path: str, model: str
+) -> dict[str, dict[str, Any]]:
+    scenario = load_scenario(Path(scenario_path))
+    backend = backend_for(backend_name, scenario)
+    alive = backend.alive_nodes()
+    return pipeline.profile_nodes(backend, alive, model, scenario.workload.prompt_tokens, progress=_log)
+
+
+@task(name="profile-links", retries=2, retry_delay_seconds=1, timeout_seconds=300)
+def profile_links_task(backend_name: BackendName, scenario_path: str, alive: list[str]) -> list[LinkProbe]:
+    scenario = load_scenario(Path(scenario_path))
+    return pipeline.profile_links(backend_for(backend_name, scenario), scenario, set(alive), progress=_log)
+
+
+@task(name="optimise", timeout_seconds=120)
+def optimise_task(problem: Problem, policy: str) -> Plan:
+    from policies import solve
+
+    plan = solve(problem, policy)
+    _log(f"{policy}: {plan.layout()} predicted tpot {plan.predicted.tpot_s * 1e3:.1f} ms")
+    return plan
+
+
+@task(name="decide", timeout_seconds=60)
+def decide_task(problem: Problem, current: Plan | None, candidate: Plan, horizon_s: float) -> dict[str, Any]:
+    if current is None:
+        return {"adopt": True, "reason": "nothing deployed yet"}
+    from policies.replan import decide
+
+    decision = decide(problem, current, candidate, horizon_s=horizon_s)
+    return decision.model_dump(mode="json")
+
+
+@task(name="deploy", retries=0, timeout_seconds=900)
+def deploy_task(
+    backend_name: BackendName, scenario_path: str, model: str, plan: Plan, switch_mode: str
+) -> dict[str, Any]:
+    scenario = load_scenario(Path(scenario_path))
+    backend: Backend = backend_for(backend_name, scenario)
+    result = pipeline.deploy(
+        backend, scenario, model, plan, load_state(), switch_mode=switch_mode, progress=_log
+    )
+    save_state(result.state)
+    return {
+        "revision": result.state.revision,
+        "started": [e.model_dump() for e in result.started],
+        "stopped": [e.model_dump() for e in result.stopped],
+        "switch_s": result.switch_s,
+        "total_s": result.total_s,
+    }
+
+
+@task(name="measure", retries=1, timeout_seconds=600)
+def measure_task(gateway_url: str, tokens: int) -> dict[str, float]:
+    sample = stream_completion(gateway_url, MEASURE_PROMPT, tokens)
+    return {"ttft_s": sample.ttft_s, "tpot_s": sample.tpot_s, "throughput_tok_s": 1.0 / sample.tpot_s}
+
+
+def _plan_of(state: DeploymentState | None) -> Plan | None:
+    return None if state is None else Plan.model_validate(state.plan)
+
+
+def _publish(
+    scenario: Scenario, reason: str, resource: str | None, decision: dict[str, Any], before: Plan | None,
+    after: Plan, measured: dict[str, float] | None,
+) -> None:  # fmt: skip
+    tiers = {n.name: n.tier for n in scenario.nodes}
+    create_table_artifact(
+        key="placement", table=report.placement_rows(after, tiers),
+        description=f"Placement after `{reason}` ({after.policy})",
+    )  # fmt: skip
+    create_markdown_artifact(
+        key="reconfiguration",
+        markdown=report.metrics_markdown(
+            reason=reason, resource=resource, decision=decision, before=before, after=after, measured=measured
+        ),
+        description="reason, decision, predicted vs measured",
+    )
+
+
+@flow(name="reconfigure", log_prints=True)
+def reconfigure(
+    scenario: str = DEFAULT_SCENARIO,
+    reason: str = "manual",
+    resource: str | None = None,
+    bw_mbit: float | None = None,
+    policy: str = "latency_dp",
+    horizon_s: float = 60.0,
+    switch_mode: str = "kv",
+    measure_tokens: int = 8,
+) -> dict[str, Any]:
+    """Profile nodes and links, re-solve the placement, and redeploy only if the gain beats the cost."""
+    started = time.monotonic()
+    current = load_state()
+    if current is None:
+        raise RuntimeError("nothing is deployed: run `mecsplit deploy --scenario F` (or the demo) first")
+    sc = load_scenario(Path(scenario))
+    _log(f"reconfigure: {reason} {resource or ''} {'' if bw_mbit is None else f'bw={bw_mbit} Mbit/s'}")
+    profiles = profile_nodes_task(current.backend, scenario, current.model)
+    probes = profile_links_task(current.backend, scenario, sorted(profiles))
+    problem = pipeline.build_problem(
+        sc, pipeline.model_facts(get_settings(), current.model), profiles, probes
+    )
+    candidate = optimise_task(problem, policy)
+    before = _plan_of(current)
+    decision = decide_task(problem, before, candidate, horizon_s)
+    deployed: dict[str, Any] | None = None
+    if decision["adopt"] and before is not None and candidate.layout() != before.layout():
+        deployed = deploy_task(current.backend, scenario, current.model, candidate, switch_mode)
+    after = candidate if deployed is not None else before
+    assert after is not None
+    measured = measure_task(current.gateway_url, measure_tokens) if measure_tokens > 0 else None
+    _publish(sc, reason, resource, decision, before, after, measured)
+    return {
+        "reason": reason,
+        "resource": resource,
+        "adopted": deployed is not None,
+        "decision": decision,
+        "before": None if before is None else [list(x) for x in before.layout()],
+        "after": [list(x) for x in after.layout()],
+        "predicted_tpot_s": after.predicted.tpot_s,
+        "measured": measured,
+        "deploy": deployed,
+        "wall_s": time.monotonic() - started,
+    }
+
+
+@flow(name="deploy", log_prints=True)
+def deploy_flow(
+    scenario: str = DEFAULT_SCENARIO,
+    backend: BackendName = "local",
+    model: str | None = None,
+    policy: str = "latency_dp",
+    measure_tokens: int = 8,
+) -> dict[str, Any]:
+    """First deployment: profile -> optimise -> deploy -> measure (no hysteresis: nothing runs yet)."""
+    sc = load_scenario(Path(scenario))
+    model = model or sc.model
+    profiles = profile_nodes_task(backend, scenario, model)
+    probes = profile_links_task(backend, scenario, sorted(profiles))
+    problem = pipeline.build_problem(sc, pipeline.model_facts(get_settings(), model), profiles, probes)
+    plan = optimise_task(problem, policy)
+    deployed = deploy_task(backend, scenario, model, plan, "kv")
+    state = load_state()
+    assert state is not None
+    measured = measure_task(state.gateway_url, measure_tokens) if measure_tokens > 0 else None
+    _publish(sc, "initial deployment", None, {"adopt": True, "reason": "first plan"}, None, plan, measured)
+    return {"plan": [list(x) for x in plan.layout()], "deploy": deployed, "measured": measured,
+            "gateway_url": state.gateway_url, "predicted_tpot_s": plan.predicted.tpot_s}  # fmt: skip

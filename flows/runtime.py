@@ -1,0 +1,307 @@
+"""Where segments run: the emulated testbed (containers on Mininet nodes) or the root-free local backend.
+
+Both backends give the flows the same few operations: profile a node's compute, probe a link, start and
+stop a segment server on a node, start the gateway on the source node. Processes and containers started
+here outlive the flow run that started them (Prefect runs each flow run in a fresh subprocess): they are
+recorded in the deployment state and stopped by the run that replaces them.
+
+The local backend runs every segment as a process on loopback. It cannot shape links or cap CPU without
+root, so it takes link bandwidth and RTT from the scenario as declared, and scales the compute time it
+measures on the host by each node's CPU share. Everything else (real processes, sockets, KV transfers,
+the optimiser, the Prefect flows) is the same as on the testbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from flows.state import BackendName, Endpoint
+from mecsplit.settings import Settings, get_settings
+from testbed.scenario import Scenario
+
+
+class RuntimeFailure(RuntimeError):
+    """A segment, gateway or probe could not be started or measured."""
+
+
+@dataclass(frozen=True)
+class LinkProbe:
+    a: str
+    b: str
+    bw_mbit: float
+    rtt_ms: float
+    measured: bool  # False where the value is the scenario's declaration (local backend)
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    node: str
+    model: str
+    first: int
+    end: int
+    revision: int
+
+    @property
+    def name(self) -> str:
+        return f"seg{self.first}-{self.end}-r{self.revision}"
+
+    @property
+    def port(self) -> int:
+        # Unique per (revision, first) on a node: old and new segments coexist during make-before-break.
+        return 20000 + (self.revision % 200) * 100 + self.first
+
+
+class Backend(Protocol):
+    name: BackendName
+
+    def profile_compute(self, node: str, model: str, context: int) -> dict[str, Any]: ...
+    def probe_link(self, a: str, b: str) -> LinkProbe: ...
+    def start_segment(self, request: SegmentRequest, secret: str) -> Endpoint: ...
+    def stop_segment(self, endpoint: Endpoint) -> None: ...
+    def start_gateway(self, model: str, secret: str, port: int) -> tuple[str, str]: ...
+    def stop_gateway(self, handle: str) -> None: ...
+    def alive_nodes(self) -> list[str]: ...
+
+
+def _server_command(settings: Settings, req: SegmentRequest, host: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "segments.server", "--store", str(settings.store_dir), "--model", req.model,
+        "--first", str(req.first), "--end", str(req.end), "--host", host, "--port", str(port),
+        "--threads", str(settings.segments.threads),
+    ]  # fmt: skip
+
+
+def _gateway_command(settings: Settings, model: str, host: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "segments.gateway", "--store", str(settings.store_dir), "--model", model,
+        "--host", host, "--port", str(port),
+    ]  # fmt: skip
+
+
+def _profile_command(settings: Settings, model: str, context: int) -> list[str]:
+    return [
+        sys.executable, "-m", "segments.profile", "--store", str(settings.store_dir), "--model", model,
+        "--context", str(context), "--threads", str(settings.segments.threads),
+    ]  # fmt: skip
+
+
+def _ready_message(text: str) -> dict[str, Any] | None:
+    for line in text.splitlines():
+        if line.startswith("{") and '"ready"' in line:
+            return json.loads(line)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- local
+class LocalBackend:
+    name: BackendName = "local"
+
+    def __init__(self, scenario: Scenario, settings: Settings | None = None) -> None:
+        self.scenario = scenario
+        self.settings = settings or get_settings()
+        self.log_dir = self.settings.run_dir / "local"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._host_profile: dict[str, Any] | None = None
+
+    def profile_compute(self, node: str, model: str, context: int) -> dict[str, Any]:
+        if self._host_profile is None:
+            proc = subprocess.run(
+                _profile_command(self.settings, model, context), capture_output=True, text=True, timeout=600
+            )
+            if proc.returncode != 0:
+                raise RuntimeFailure(f"profiling {model} failed: {proc.stderr[-2000:]}")
+            self._host_profile = json.loads(proc.stdout.strip().splitlines()[-1])
+        cpus = next(n.cpus for n in self.scenario.nodes if n.name == node)
+        scale = 1.0 / min(1.0, cpus)  # one process uses at most one core; a smaller share slows it
+        profile = dict(self._host_profile)
+        for key in ("layer_decode_s", "layer_prefill_s_per_token", "embed_decode_s", "head_decode_s"):
+            profile[key] = profile[key] * scale
+        profile["scaled_by_cpu_share"] = scale
+        return profile
+
+    def probe_link(self, a: str, b: str) -> LinkProbe:
+        overrides = local_link_overrides(self.settings)
+        for link in self.scenario.links:
+            if {link.a, link.b} == {a, b}:
+                bw_mbit = overrides.get(link_key(link.a, link.b), link.bw_mbit)
+                return LinkProbe(a, b, bw_mbit, 2 * link.delay_ms, measured=False)
+        raise RuntimeFailure(f"scenario {self.scenario.name} has no link {a}-{b}")
+
+    def _spawn(self, command: list[str], log_name: str, env: dict[str, str]) -> tuple[int, int]:
+        """Start a long-lived process in its own session; wait for its JSON ready line; (pid, port)."""
+        log_path = self.log_dir / f"{log_name}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **env}, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            message = _ready_message(log_path.read_text(errors="replace"))
+            if message is not None:
+                if message.get("ready"):
+                    return proc.pid, int(message["port"])
+                raise RuntimeFailure(f"{log_name} failed: {message.get('error')}")
+            if proc.poll() is not None:
+                raise RuntimeFailure(f"{log_name} exited with {proc.returncode}; see {log_path}")
+            time.sleep(0.1)
+        stop_pid(proc.pid)
+        raise RuntimeFailure(f"{log_name} not ready within 180 s; see {log_path}")
+
+    def start_segment(self, request: SegmentRequest, secret: str) -> Endpoint:
+        command = _server_command(self.settings, request, "127.0.0.1", 0)
+        pid, port = self._spawn(command, f"{request.node}-{request.name}", {"MECSPLIT_SECRET": secret})
+        return Endpoint(
+            node=request.node, first=request.first, end=request.end, host="127.0.0.1", port=port,
+            handle=f"pid:{pid}",
+        )  # fmt: skip
+
+    def stop_segment(self, endpoint: Endpoint) -> None:
+        stop_pid(int(endpoint.handle.removeprefix("pid:")))
+
+    def start_gateway(self, model: str, secret: str, port: int) -> tuple[str, str]:
+        command = _gateway_command(self.settings, model, "127.0.0.1", port)
+        pid, bound = self._spawn(command, "gateway", {"MECSPLIT_SECRET": secret})
+        return f"http://127.0.0.1:{bound}", f"pid:{pid}"
+
+    def stop_gateway(self, handle: str) -> None:
+        stop_pid(int(handle.removeprefix("pid:")))
+
+    def alive_nodes(self) -> list[str]:
+        return [n.name for n in self.scenario.nodes if n.joins_at_s is None]
+
+
+def link_key(a: str, b: str) -> str:
+    return "-".join(sorted((a, b)))
+
+
+def _overrides_path(settings: Settings):
+    return settings.run_dir / "local-links.json"
+
+
+def local_link_overrides(settings: Settings) -> dict[str, float]:
+    """Link rates declared by `set_local_link` (the local backend's stand-in for tc: not enforced)."""
+    path = _overrides_path(settings)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def set_local_link(settings: Settings, a: str, b: str, bw_mbit: float) -> None:
+    overrides = local_link_overrides(settings)
+    overrides[link_key(a, b)] = bw_mbit
+    _overrides_path(settings).write_text(json.dumps(overrides, sort_keys=True))
+
+
+def clear_local_links(settings: Settings) -> None:
+    _overrides_path(settings).unlink(missing_ok=True)
+
+
+def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
+    """SIGTERM a process this project started (recorded PID), SIGKILL it if it outlives the timeout."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            finished, _ = os.waitpid(pid, os.WNOHANG)
+            if finished:
+                return
+        except ChildProcessError:  # started by an earlier flow run, not our child: poll its existence
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------- testbed
+class TestbedBackend:
+    """Segments as containers on the emulated nodes, through the testbed daemon's API."""
+
+    __test__ = False
+    name: BackendName = "testbed"
+
+    def __init__(self, scenario: Scenario, settings: Settings | None = None) -> None:
+        from testbed.api import TestbedClient
+
+        self.scenario = scenario
+        self.settings = settings or get_settings()
+        self.client = TestbedClient()
+
+    def _wait_for_json(self, node: str, name: str, timeout_s: float, *, ready: bool) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            logs = self.client.segment_logs(node, name)
+            if ready:
+                message = _ready_message(logs)
+                if message is not None:
+                    if not message.get("ready"):
+                        raise RuntimeFailure(f"{name} on {node} failed: {message.get('error')}")
+                    return message
+            else:
+                for line in logs.splitlines():
+                    if line.startswith("{"):
+                        return json.loads(line)
+            time.sleep(0.2)
+        raise RuntimeFailure(f"{name} on {node} gave no answer within {timeout_s} s")
+
+    def profile_compute(self, node: str, model: str, context: int) -> dict[str, Any]:
+        """Profile in a one-shot container on the node, so the node's CPU share and load apply."""
+        self.client.stop_segment(node, "profile", timeout_s=1)  # leftover of a crashed earlier run
+        self.client.deploy_segment(node, "profile", _profile_command(self.settings, model, context))
+        try:
+            return self._wait_for_json(node, "profile", 300, ready=False)
+        finally:
+            self.client.stop_segment(node, "profile", timeout_s=1)
+
+    def probe_link(self, a: str, b: str) -> LinkProbe:
+        result = self.client.measure_link(a, b, seconds=1.0, pings=5, warmup_s=0.3)
+        return LinkProbe(a, b, float(result["goodput_mbit"]), float(result["rtt_ms"]), measured=True)
+
+    def start_segment(self, request: SegmentRequest, secret: str) -> Endpoint:
+        command = _server_command(self.settings, request, "0.0.0.0", request.port)
+        answer = self.client.deploy_segment(
+            request.node, request.name, command, env={"MECSPLIT_SECRET": secret}, port=request.port
+        )
+        self._wait_for_json(request.node, request.name, 180, ready=True)
+        return Endpoint(
+            node=request.node, first=request.first, end=request.end, host=answer["address"],
+            port=request.port, handle=f"segment:{request.name}",
+        )  # fmt: skip
+
+    def stop_segment(self, endpoint: Endpoint) -> None:
+        self.client.stop_segment(endpoint.node, endpoint.handle.removeprefix("segment:"))
+
+    def start_gateway(self, model: str, secret: str, port: int) -> tuple[str, str]:
+        source = self.scenario.source
+        answer = self.client.deploy_segment(
+            source, "gateway", _gateway_command(self.settings, model, "0.0.0.0", port),
+            env={"MECSPLIT_SECRET": secret}, port=port,
+        )  # fmt: skip
+        self._wait_for_json(source, "gateway", 180, ready=True)
+        return f"http://{answer['mgmt_address']}:{port}", f"segment:{source}:gateway"
+
+    def stop_gateway(self, handle: str) -> None:
+        _, node, name = handle.split(":")
+        self.client.stop_segment(node, name)
+
+    def alive_nodes(self) -> list[str]:
+        status = self.client.status()
+        return sorted(n["name"] for n in status["nodes"] if not n["failed"] and n["state"] == "running")
+
+
+def backend_for(name: BackendName, scenario: Scenario, settings: Settings | None = None) -> Backend:
+    if name == "testbed":
+        return TestbedBackend(scenario, settings)
+    return LocalBackend(scenario, settings)

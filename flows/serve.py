@@ -1,0 +1,91 @@
+"""Serving the reconfiguration deployment: on a schedule and on testbed events.
+
+``mecsplit serve`` registers the ``reconfigure`` flow as a deployment with an interval or cron schedule
+and one trigger per testbed event (``mec.link.degraded``, ``mec.node.overloaded``, ``mec.node.failed``);
+the event's resource id and payload become the run's parameters. The deployment's concurrency limit of
+one, with queued collisions, keeps two reconfigurations from ever running at once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+
+DEPLOYMENT_NAME = "reconfigure"
+
+
+@dataclass(frozen=True)
+class TriggerSpec:
+    event: str
+    resource_pattern: str
+    parameters: dict[str, str]
+
+
+# Template values are rendered by Prefect from the matching event; numbers arrive as numbers.
+TRIGGERS: tuple[TriggerSpec, ...] = (
+    TriggerSpec(
+        "mec.link.degraded",
+        "mec.link.*",
+        {
+            "reason": "{{ event.event }}",
+            "resource": "{{ event.resource.id }}",
+            "bw_mbit": "{{ event.payload.bw_mbit }}",
+        },
+    ),
+    TriggerSpec(
+        "mec.node.overloaded",
+        "mec.node.*",
+        {"reason": "{{ event.event }}", "resource": "{{ event.resource.id }}"},
+    ),
+    TriggerSpec(
+        "mec.node.failed",
+        "mec.node.*",
+        {"reason": "{{ event.event }}", "resource": "{{ event.resource.id }}"},
+    ),
+)
+
+
+def build_triggers(scenario: str) -> list[DeploymentEventTrigger]:
+    return [
+        DeploymentEventTrigger(
+            name=f"on-{spec.event}",
+            expect={spec.event},
+            match={"prefect.resource.id": spec.resource_pattern},
+            parameters={"scenario": scenario, **spec.parameters},
+        )
+        for spec in TRIGGERS
+    ]
+
+
+def build_deployment(
+    scenario: str, *, interval_s: float | None = None, cron: str | None = None
+) -> RunnerDeployment:
+    from flows.reconfigure import reconfigure
+
+    if interval_s is not None and cron is not None:
+        raise ValueError("give either an interval or a cron schedule, not both")
+    return reconfigure.to_deployment(
+        name=DEPLOYMENT_NAME,
+        interval=interval_s,
+        cron=cron,
+        parameters={"scenario": scenario, "reason": "schedule"},
+        triggers=build_triggers(scenario),
+        concurrency_limit=ConcurrencyLimitConfig(
+            limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
+        ),
+        description="profile -> optimise -> accept if the gain beats the migration cost -> deploy",
+        tags=["mecsplit"],
+    )
+
+
+def serve_forever(scenario: str, *, interval_s: float | None = None, cron: str | None = None) -> None:
+    """Block serving the deployment (runs each flow run in a subprocess, as Prefect does)."""
+    from prefect import serve
+
+    # Poll every second so an event-triggered run starts within a few seconds (default: 10 s).
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+    serve(build_deployment(scenario, interval_s=interval_s, cron=cron), print_starting_message=True)

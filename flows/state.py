@@ -1,0 +1,71 @@
+"""What is deployed now: the plan, the segment endpoints and the gateway, kept in one JSON file.
+
+Prefect runs every flow run in a fresh process, so the current deployment cannot live in memory: each
+deploy writes it atomically (write a temporary file, then rename) and the next reconfiguration reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mecsplit.settings import Settings, get_settings
+
+BackendName = Literal["local", "testbed"]
+
+
+class Endpoint(BaseModel):
+    """One running segment server."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    first: int = Field(ge=0)
+    end: int = Field(gt=0)
+    host: str
+    port: int = Field(gt=0, lt=65536)
+    handle: str = Field(description="container id (testbed) or process id (local)")
+
+
+class DeploymentState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    scenario: str
+    model: str
+    backend: BackendName
+    revision: int = Field(ge=0)
+    plan: dict[str, Any] = Field(description="policies.plan.Plan as JSON")
+    segments: tuple[Endpoint, ...]
+    gateway_url: str
+    gateway_handle: str = Field(description="how the backend stops the gateway (pid or container)")
+    secret: str = Field(description="per-deployment secret of the segment servers (file is mode 0600)")
+    updated_at_s: float
+
+
+def state_path(settings: Settings | None = None) -> Path:
+    return (settings or get_settings()).run_dir / "deployment.json"
+
+
+def load_state(settings: Settings | None = None) -> DeploymentState | None:
+    path = state_path(settings)
+    if not path.exists():
+        return None
+    return DeploymentState.model_validate_json(path.read_text())
+
+
+def save_state(state: DeploymentState, settings: Settings | None = None) -> None:
+    path = state_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".deployment-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(state.model_dump(mode="json"), handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def clear_state(settings: Settings | None = None) -> None:
+    state_path(settings).unlink(missing_ok=True)

@@ -1,0 +1,135 @@
+"""Measure a model's per-layer compute time where this process runs (a node container, or the host).
+
+Real forward passes through the runner, no formula: a one-layer middle segment gives the time of one
+decoder layer; a segment that also holds the embeddings, and one that also holds the final norm and head,
+give those parts' extra cost by difference. Layers of one model share their shapes, so one middle layer
+stands for all of them (the sample of layers is kept in the output, to show their spread).
+
+``python -m segments.profile --store DIR --model M --context 32 --json`` prints one JSON object:
+``layer_decode_s`` (one token through one layer with ``context`` tokens cached),
+``layer_prefill_s_per_token``, ``embed_decode_s``, ``head_decode_s`` (per decode step) and the memory facts
+of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from segments.runner import SegmentRunner
+from segments.spec import SegmentSpec
+
+
+@dataclass(frozen=True)
+class ComputeProfile:
+    model: str
+    num_layers: int
+    context_tokens: int
+    threads: int
+    layer_decode_s: float
+    layer_prefill_s_per_token: float
+    embed_decode_s: float
+    head_decode_s: float
+    layer_samples_decode_s: tuple[float, ...]
+    kv_bytes_per_token_per_layer: int
+    weight_bytes_per_layer: int
+    wall_s: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _time_decode_s(runner: SegmentRunner, context: int, steps: int) -> tuple[float, float]:
+    """(median seconds of one decode step, prefill seconds per token) for this runner alone."""
+    if runner.is_first:
+        prompt = torch.arange(context, dtype=torch.int64).remainder(runner.info.vocab_size).unsqueeze(0)
+        token = lambda: torch.tensor([[7]], dtype=torch.int64)  # noqa: E731
+    else:
+        gen = torch.Generator().manual_seed(0)
+        prompt = torch.randn(1, context, runner.info.hidden_size, generator=gen)
+        one = torch.randn(1, 1, runner.info.hidden_size, generator=gen)
+        token = lambda: one  # noqa: E731
+    runner.forward("warmup", prompt, 0)  # first call pays one-off allocation costs
+    runner.drop_session("warmup")
+    started = time.perf_counter()
+    runner.forward("profile", prompt, 0)
+    prefill_s = (time.perf_counter() - started) / context
+    samples = []
+    for step in range(steps):
+        started = time.perf_counter()
+        runner.forward("profile", token(), context + step)
+        samples.append(time.perf_counter() - started)
+    runner.drop_session("profile")
+    return statistics.median(samples), prefill_s
+
+
+def measure(
+    store_dir: Path, model: str, *, context: int = 32, steps: int = 16, threads: int = 1
+) -> ComputeProfile:
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    limits = {"max_sessions": 4, "max_kv_bytes": 1 << 34}
+
+    def runner(first: int, end: int) -> SegmentRunner:
+        return SegmentRunner(store_dir, SegmentSpec(model, first, end), **limits)
+
+    probe = runner(0, 1)
+    n = probe.info.num_layers
+    if probe.is_encoder:
+        raise ValueError(f"{model} is an encoder: decode profiling applies to causal LMs")
+    first_decode_s, _ = _time_decode_s(probe, context, steps)
+    del probe
+    # Middle layers sampled evenly (at most 3): one layer each, neither embeddings nor head.
+    middle = sorted({max(1, min(n - 2, i)) for i in (n // 4, n // 2, (3 * n) // 4)}) if n > 2 else []
+    decode, prefill, kv_per_layer, weight_per_layer = [], [], 0, 0
+    for layer in middle:
+        mid = runner(layer, layer + 1)
+        d, p = _time_decode_s(mid, context, steps)
+        decode.append(d)
+        prefill.append(p)
+        kv_per_layer, weight_per_layer = mid.kv_bytes_per_token, mid.weight_bytes
+        del mid
+    last = runner(n - 1, n)
+    last_decode_s, last_prefill = _time_decode_s(last, context, steps)
+    if not decode:  # a model of one or two layers: no middle layer to isolate
+        decode, prefill = [last_decode_s], [last_prefill]
+        kv_per_layer, weight_per_layer = last.kv_bytes_per_token, last.weight_bytes
+    layer_s = statistics.median(decode)
+    return ComputeProfile(
+        model=model,
+        num_layers=n,
+        context_tokens=context,
+        threads=threads,
+        layer_decode_s=layer_s,
+        layer_prefill_s_per_token=statistics.median(prefill),
+        embed_decode_s=max(0.0, first_decode_s - layer_s),
+        head_decode_s=max(0.0, last_decode_s - layer_s),
+        layer_samples_decode_s=tuple(decode),
+        kv_bytes_per_token_per_layer=kv_per_layer,
+        weight_bytes_per_layer=weight_per_layer,
+        wall_s=time.perf_counter() - started,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segments.profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--store", type=Path, required=True, help="segment store directory")
+    parser.add_argument("--model", required=True, help="prepared model name")
+    parser.add_argument("--context", type=int, default=32, help="tokens in the KV cache while decoding")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per layer (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args(argv)
+    profile = measure(args.store, args.model, context=args.context, steps=args.steps, threads=args.threads)
+    sys.stdout.write(profile.to_json() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
