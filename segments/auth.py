@@ -90,6 +90,16 @@ def _mac(secret: bytes, label: bytes, first: bytes, second: bytes) -> str:
     return hmac.new(secret, label + b"|" + first + b"|" + second, hashlib.sha256).hexdigest()
 
 
+def peer_proof(secret: bytes, server_nonce: bytes, peer_nonce: bytes) -> str:
+    """The MAC a connecting peer sends in its AUTH frame."""
+    return _mac(secret, b"mecsplit-peer", server_nonce, peer_nonce)
+
+
+def server_proof(secret: bytes, peer_nonce: bytes, server_nonce: bytes) -> str:
+    """The MAC the server answers with in AUTH_OK."""
+    return _mac(secret, b"mecsplit-server", peer_nonce, server_nonce)
+
+
 def _nonce_from(header: dict[str, Any], key: str = "nonce") -> bytes:
     value = require(header, key, str)
     try:
@@ -122,9 +132,9 @@ async def server_handshake(
         raise AuthError(f"expected an AUTH frame first, got {frame.type.name}; authenticate before use")
     p_nonce = _nonce_from(frame.header)
     mac = require(frame.header, "mac", str)
-    if not hmac.compare_digest(mac, _mac(secret, b"mecsplit-peer", s_nonce, p_nonce)):
+    if not hmac.compare_digest(mac, peer_proof(secret, s_nonce, p_nonce)):
         raise AuthError("wrong secret: this peer is not part of the deployment")
-    write_frame(writer, FrameType.AUTH_OK, {"mac": _mac(secret, b"mecsplit-server", p_nonce, s_nonce)})
+    write_frame(writer, FrameType.AUTH_OK, {"mac": server_proof(secret, p_nonce, s_nonce)})
     await writer.drain()
 
 
@@ -141,7 +151,7 @@ async def client_handshake(
             raise ProtocolError(f"expected HELLO from the server, got {hello.type.name}")
         s_nonce = _nonce_from(hello.header)
         p_nonce = secrets.token_bytes(NONCE_BYTES)
-        mac = _mac(secret, b"mecsplit-peer", s_nonce, p_nonce)
+        mac = peer_proof(secret, s_nonce, p_nonce)
         write_frame(writer, FrameType.AUTH, {"nonce": p_nonce.hex(), "mac": mac})
         await writer.drain()
         reply = await read_frame(reader, HANDSHAKE_MAX_FRAME_BYTES, timeout_s)
@@ -149,7 +159,7 @@ async def client_handshake(
             raise AuthError(f"server refused authentication: {reply.header.get('message')}")
         if reply.type != FrameType.AUTH_OK:
             raise ProtocolError(f"expected AUTH_OK, got {reply.type.name}")
-        expected = _mac(secret, b"mecsplit-server", p_nonce, s_nonce)
+        expected = server_proof(secret, p_nonce, s_nonce)
         if not hmac.compare_digest(require(reply.header, "mac", str), expected):
             raise AuthError("the server does not hold this deployment's secret; refusing to talk to it")
         return hello.header

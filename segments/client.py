@@ -508,6 +508,18 @@ class ChainClient:
     def chain(self) -> Chain:
         return self.inner.chain
 
+    def reconnect(self, chain: Chain) -> None:
+        """Close the connections and open new ones to ``chain`` (e.g. after ``load_range`` on its hops)."""
+        self._loop.run_until_complete(self.inner.close())
+        self.inner = AsyncChainClient(
+            chain,
+            self.inner.secret,
+            max_frame_bytes=self.inner.max_frame_bytes,
+            timeout_s=self.inner.timeout_s,
+            wire_dtype=self.inner.wire_dtype,
+        )
+        self._loop.run_until_complete(self.inner.connect())
+
     def step(self, session_id: str, inputs: torch.Tensor, position: int, **kwargs: Any) -> StepResult:
         return self._loop.run_until_complete(self.inner.step(session_id, inputs, position, **kwargs))
 
@@ -557,15 +569,18 @@ class ChainClient:
         self.close()
 
 
-async def _health(host: str, port: int, secret: bytes, timeout_s: float) -> dict[str, Any]:
+async def control_once(
+    host: str, port: int, secret: bytes, op: str, timeout_s: float, **args: Any
+) -> dict[str, Any]:
+    """One control op on its own short-lived connection (health checks, reconfiguring a server)."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     try:
         await client_handshake(reader, writer, secret, timeout_s)
-        write_frame(writer, FrameType.CONTROL, {"op": "health", "request_id": "health"})
+        write_frame(writer, FrameType.CONTROL, {"op": op, "request_id": op, **args})
         await writer.drain()
-        frame = await asyncio.wait_for(read_frame(reader, 1 << 20, timeout_s), timeout_s)
+        frame = await asyncio.wait_for(read_frame(reader, 1 << 26, timeout_s), timeout_s)
         if frame.type == FrameType.ERROR:
-            raise RemoteError(str(frame.header.get("code")), str(frame.header.get("message")))
+            raise remote_error(frame.header)
         return frame.header.get("result", {})
     finally:
         writer.close()
@@ -582,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         secret = load_secret(args.secret_file)
-        result = asyncio.run(_health(args.host, args.port, secret, args.timeout_s))
+        result = asyncio.run(control_once(args.host, args.port, secret, "health", args.timeout_s))
     except (
         SecretConfigError,
         AuthError,

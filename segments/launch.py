@@ -48,7 +48,7 @@ class LocalChain:
     max_sessions: int | None = None
     max_kv_bytes: int | None = None
     max_frame_bytes: int | None = None
-    ready_timeout_s: float = 120.0
+    ready_timeout_s: float = 300.0
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     _tmp: Path | None = None
@@ -69,10 +69,33 @@ class LocalChain:
 
     @property
     def chain(self) -> Chain:
+        """The chain of the first ``len(specs)`` processes (after ``reload`` to fewer, the rest idle)."""
         hops = tuple(
-            Hop("127.0.0.1", port, s.first, s.end) for s, port in zip(self.specs, self.ports, strict=True)
+            Hop("127.0.0.1", port, s.first, s.end) for s, port in zip(self.specs, self.ports, strict=False)
         )
         return Chain(self.model, hops)
+
+    def reload(self, specs: tuple[SegmentSpec, ...], timeout_s: float = 120.0) -> Chain:
+        """Re-load the running processes in place (``load_range``) as the chain ``specs``; no restart."""
+        import asyncio
+
+        from segments.client import control_once
+
+        if len(specs) > len(self.ports):
+            raise LaunchError(
+                f"{len(specs)} segments need {len(specs)} processes; this chain has {len(self.ports)}"
+            )
+
+        async def _all() -> None:
+            for spec, port in zip(specs, self.ports, strict=False):
+                await control_once(
+                    "127.0.0.1", port, self.secret(), "load_range", timeout_s,
+                    model=spec.model, first=spec.first, end=spec.end,
+                )  # fmt: skip
+
+        asyncio.run(_all())
+        self.specs = specs
+        return self.chain
 
     def secret(self) -> bytes:
         from segments.auth import load_secret

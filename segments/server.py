@@ -310,7 +310,7 @@ class SegmentServer:
 
     # ------------------------------------------------------------------------------------ lifecycle
 
-    def _load_runner(self, first: int, end: int) -> Any:
+    def _load_runner(self, first: int, end: int, model: str | None = None) -> Any:
         import torch
 
         from segments.runner import SegmentRunner
@@ -319,7 +319,7 @@ class SegmentServer:
         torch.set_num_threads(self.limits.threads)
         return SegmentRunner(
             self.store_dir,
-            SegmentSpec(self.model, first, end),
+            SegmentSpec(model or self.model, first, end),
             max_sessions=self.limits.max_sessions,
             max_kv_bytes=self.limits.max_kv_bytes,
         )
@@ -636,12 +636,13 @@ async def _op_sessions(server: SegmentServer, conn: Connection, frame: Frame) ->
 async def _op_load_range(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
     first = require(frame.header, "first", int)
     end = require(frame.header, "end", int)
+    model = optional(frame.header, "model", str, server.model)
 
     def load() -> Any:
         # Build the new runner before dropping the old one: a bad range leaves the server as it was.
-        runner = server._load_runner(first, end)
+        runner = server._load_runner(first, end, model)
         server.runner = runner
-        server.first, server.end = first, end
+        server.model, server.first, server.end = model, first, end
         return None
 
     await server._submit(load)

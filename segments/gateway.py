@@ -1,0 +1,346 @@
+"""OpenAI-compatible HTTP gateway in front of a segment chain.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (chat template from
+the tokenizer), both with ``stream: true`` as server-sent events (``data: {...}\\n\\n`` ... ``data: [DONE]``),
+usage counts, and errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+Admin: ``GET /admin/chain`` shows the chain;
+``POST /admin/chain {"chain": {...}, "mode": "kv"|"push"|"replay"}`` moves every live session to a
+new chain between two tokens (``Gateway.switch`` from Python).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from segments.client import AsyncChainClient, Chain, ChainError, RemoteError, Session, SwitchMode
+from segments.errors import SegmentError
+from segments.sampling import SamplingError, SamplingParams
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from transformers import PreTrainedTokenizerBase
+
+
+class GatewayRequestError(Exception):
+    """A request the gateway refuses (HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class Gateway:
+    """Tokenises, drives generation over an :class:`AsyncChainClient`, tracks live sessions for switching."""
+
+    def __init__(
+        self,
+        chain: Chain,
+        secret: bytes,
+        tokenizer: PreTrainedTokenizerBase,
+        model: str,
+        max_context: int | None = None,
+    ) -> None:
+        self.client = AsyncChainClient(chain, secret)
+        self.tokenizer = tokenizer
+        self.model = model
+        self.max_context = max_context
+        self.live: dict[str, Session] = {}
+        eos = tokenizer.eos_token_id
+        self.stop_ids: tuple[int, ...] = () if eos is None else (int(eos),)
+
+    async def start(self) -> None:
+        await self.client.connect()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def switch(self, chain: Chain, mode: SwitchMode = "kv") -> dict[str, Any]:
+        t0 = time.perf_counter()
+        sessions = list(self.live.values())
+        await self.client.switch(sessions, chain, mode)
+        return {"sessions": len(sessions), "mode": mode, "t_s": round(time.perf_counter() - t0, 4)}
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise GatewayRequestError("messages must be a non-empty list of {role, content}", "messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # template errors (a bad role, no template) are the caller's to fix
+            raise GatewayRequestError(f"cannot apply the chat template: {exc}", "messages") from None
+        if isinstance(ids, dict):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def encode_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
+            ids = prompt
+        else:
+            raise GatewayRequestError("prompt must be a string or a list of token ids (one prompt)", "prompt")
+        if not ids:
+            raise GatewayRequestError("the prompt is empty", "prompt")
+        return [int(i) for i in ids]
+
+    async def stream(
+        self,
+        prompt_ids: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        stop: list[str],
+        usage: dict[str, int],
+    ) -> AsyncIterator[tuple[str, str | None]]:
+        """Yield (text delta, finish reason or None); the last item carries the finish reason. ``usage`` is
+        filled with the token counts (per call, so concurrent requests never mix them)."""
+        session = Session(tokens=list(prompt_ids))
+        self.live[session.id] = session
+        generated: list[int] = []
+        sent = ""
+        finish = "length"
+        try:
+            async for token in self.client.generate(session, max_tokens, sampling, self.stop_ids):
+                if token in self.stop_ids:
+                    finish = "stop"
+                    break
+                generated.append(token)
+                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                hit = next((s for s in stop if s and s in text), None)
+                if hit is not None:
+                    text = text[: text.index(hit)]
+                    finish = "stop"
+                # Hold back an incomplete UTF-8 sequence until the next token completes it.
+                if hit is None and text.endswith("\ufffd"):
+                    continue
+                if len(text) > len(sent):
+                    yield text[len(sent) :], None
+                    sent = text
+                if hit is not None:
+                    break
+            yield "", finish
+        finally:
+            self.live.pop(session.id, None)
+            usage.update(
+                prompt_tokens=len(prompt_ids),
+                completion_tokens=len(generated),
+                total_tokens=len(prompt_ids) + len(generated),
+            )
+            await self.client.drop(session)
+
+
+def _error(
+    status: int,
+    message: str,
+    etype: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> Any:
+    from fastapi.responses import JSONResponse
+
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
+    return JSONResponse(status_code=status, content=body)
+
+
+def _sampling(body: dict[str, Any]) -> SamplingParams:
+    temperature = body.get("temperature")
+    top_p = body.get("top_p")
+    seed = body.get("seed")
+    return SamplingParams(
+        temperature=1.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        seed=secrets.randbelow(2**31) if seed is None else int(seed),
+    )
+
+
+def _stop_list(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    raise GatewayRequestError("stop must be a string or a list of strings", "stop")
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> int:
+    value = body.get("max_completion_tokens") or body.get("max_tokens") or default
+    if not isinstance(value, int) or value < 1 or value > 32_768:
+        raise GatewayRequestError("max_tokens must be an integer in 1..32768", "max_tokens")
+    return value
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import StreamingResponse
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        yield
+        await gateway.close()
+
+    app = FastAPI(title="mecsplit gateway", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Any:
+        return _error(400, str(exc))
+
+    async def _body(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise GatewayRequestError("the request body must be JSON") from None
+        if not isinstance(body, dict):
+            raise GatewayRequestError("the request body must be a JSON object")
+        model = body.get("model")
+        if model not in (None, gateway.model):
+            raise GatewayRequestError(f"model {model!r} is not served here; use {gateway.model!r}", "model")
+        return body
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": gateway.model, "object": "model", "created": 0, "owned_by": "mecsplit"}],
+        }
+
+    @app.get("/admin/chain")
+    async def get_chain() -> dict[str, Any]:
+        return {"chain": gateway.client.chain.to_dict(), "live_sessions": len(gateway.live)}
+
+    @app.post("/admin/chain")
+    async def set_chain(request: Request) -> Any:
+        body = await request.json()
+        try:
+            chain = Chain.from_dict(body["chain"])
+            return await gateway.switch(chain, body.get("mode", "kv"))
+        except (KeyError, TypeError, ValueError, SegmentError) as exc:
+            return _error(400, f"bad chain: {exc}", param="chain")
+        except (ChainError, RemoteError) as exc:
+            return _error(503, f"switch failed, the old chain stays: {exc}", "server_error")
+
+    async def _run(request: Request, chat: bool) -> Any:
+        try:
+            body = await _body(request)
+            if chat:
+                prompt_ids = gateway.encode_chat(body.get("messages"))
+            else:
+                prompt_ids = gateway.encode_prompt(body.get("prompt"))
+            params = _sampling(body)
+            max_tokens = _max_tokens(body, 256 if chat else 16)
+            stop = _stop_list(body)
+            if body.get("n", 1) != 1:
+                raise GatewayRequestError("only n=1 is supported", "n")
+        except (GatewayRequestError, SamplingError, ValueError, TypeError) as exc:
+            return _error(400, str(exc), param=getattr(exc, "param", None))
+        rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                _stream(rid, created, kind, chat, prompt_ids, max_tokens, params, stop, include_usage),
+                media_type="text/event-stream",
+            )
+        usage: dict[str, int] = {}
+        try:
+            text, finish = "", "length"
+            async for delta, reason in gateway.stream(prompt_ids, max_tokens, params, stop, usage):
+                text += delta
+                finish = reason or finish
+        except (ChainError, RemoteError, SegmentError) as exc:
+            return _error(503, f"the segment chain failed: {exc}", "server_error")
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return {
+            "id": rid,
+            "object": kind,
+            "created": created,
+            "model": gateway.model,
+            "choices": [choice],
+            "usage": usage,
+        }
+
+    async def _stream(
+        rid: str,
+        created: int,
+        kind: str,
+        chat: bool,
+        prompt_ids: list[int],
+        max_tokens: int,
+        params: SamplingParams,
+        stop: list[str],
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else kind
+        base = {"id": rid, "object": obj, "created": created, "model": gateway.model}
+
+        def chunk(delta: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+            if chat:
+                d: dict[str, Any] = {}
+                if role:
+                    d["role"] = "assistant"
+                if delta:
+                    d["content"] = delta
+                c = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                c = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            return {**base, "choices": [c]}
+
+        usage: dict[str, int] = {}
+        try:
+            if chat:
+                yield _sse(chunk(None, None, role=True))
+            async for delta, reason in gateway.stream(prompt_ids, max_tokens, params, stop, usage):
+                if delta or reason:
+                    yield _sse(chunk(delta, reason))
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": usage})
+        except (ChainError, RemoteError, SegmentError) as exc:
+            yield _sse(
+                {
+                    "error": {
+                        "message": f"the segment chain failed: {exc}",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                }
+            )
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await _run(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await _run(request, chat=True)
+
+    return app

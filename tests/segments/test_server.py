@@ -1,0 +1,255 @@
+"""Segment servers as real processes on loopback: auth, control ops, limits, errors, exact chains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from wire_helpers import (
+    assert_error_then_closed,
+    children_alive,
+    num_layers,
+    raw_connect,
+    recv_frame,
+)
+
+from segments.auth import AuthError, create_secret
+from segments.client import ChainClient, RemoteError, Session
+from segments.errors import KVMemoryLimitError, LayerRangeError, PositionMismatchError, SessionLimitError
+from segments.launch import LocalChain, boundaries_to_specs
+from segments.protocol import FrameType, encode_frame_bytes
+from segments.reference import ReferenceModel, greedy_generate
+from segments.spec import split_evenly
+
+MODEL = "gpt2-tiny"
+
+
+@pytest.fixture(scope="module")
+def chain2(wire_store: Path) -> Iterator[LocalChain]:
+    with LocalChain.even(wire_store, MODEL, num_layers(wire_store, MODEL), 2) as lc:
+        pids = lc.pids
+        yield lc
+    assert pids and children_alive(pids) == []
+
+
+def test_health_command_and_stats(chain2: LocalChain) -> None:
+    assert chain2.secret_file is not None
+    cmd = [sys.executable, "-m", "segments.client", "health", "--port", str(chain2.ports[0]),
+           "--secret-file", str(chain2.secret_file)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(out.stdout)
+    assert stats["healthy"] is True and stats["first"] == 0
+    for key in ("queue_len", "busy_s", "bytes_in", "bytes_out", "sessions", "kv_bytes", "rss_bytes"):
+        assert key in stats
+
+
+def test_health_command_fails_with_wrong_secret(chain2: LocalChain, tmp_path: Path) -> None:
+    wrong = create_secret(tmp_path / "wrong")
+    cmd = [sys.executable, "-m", "segments.client", "health", "--port", str(chain2.ports[0]),
+           "--secret-file", str(wrong)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["healthy"] is False
+
+
+def test_wrong_secret_is_refused(chain2: LocalChain) -> None:
+    with pytest.raises(AuthError):
+        ChainClient(chain2.chain, b"not-the-deployment-secret-at-all")
+
+
+def test_unauthenticated_frame_gets_error_and_close(chain2: LocalChain) -> None:
+    sock = raw_connect(chain2.ports[0], secret=None)
+    sock.sendall(encode_frame_bytes(FrameType.CONTROL, {"op": "stats", "request_id": "r"}))
+    assert_error_then_closed(sock, "auth")
+    sock.close()
+
+
+def test_wrong_shape_gets_error_and_close_but_others_continue(chain2: LocalChain) -> None:
+    with ChainClient(chain2.chain, chain2.secret()) as client:
+        session = Session(tokens=[5, 6, 7])
+        first = list(client.generate(session, 2))
+        sock = raw_connect(chain2.ports[1], chain2.secret())
+        header = {"session": "x", "request_id": "r1", "position": 0, "layer": chain2.specs[1].first,
+                  "route": [], "channel": "nobody"}  # fmt: skip
+        sock.sendall(encode_frame_bytes(FrameType.FORWARD, header, {"x": torch.zeros(1, 2, 3)}))
+        assert assert_error_then_closed(sock, "bad_request").header["request_id"] == "r1"
+        sock.close()
+        more = list(client.generate(session, 2))
+        assert len(first + more) == 4
+
+
+def test_position_mismatch_is_typed_and_connection_survives(chain2: LocalChain) -> None:
+    with ChainClient(chain2.chain, chain2.secret()) as client:
+        with pytest.raises(PositionMismatchError, match="position"):
+            client.step("s-pos", torch.tensor([[1, 2]]), 5)
+        result = client.step("s-pos", torch.tensor([[1, 2]]), 0, logits="last")
+        assert result.logits is not None and result.logits.shape[:2] == (1, 1)
+        client.drop(Session(id="s-pos"))
+
+
+def test_unknown_control_op_is_refused(chain2: LocalChain) -> None:
+    with (
+        ChainClient(chain2.chain, chain2.secret()) as client,
+        pytest.raises(RemoteError, match="unknown control op"),
+    ):
+        client.control(0, "format_disk")
+
+
+def test_export_truncate_import_round_trip(chain2: LocalChain) -> None:
+    with ChainClient(chain2.chain, chain2.secret()) as client:
+        session = Session(tokens=[3, 1, 4, 1, 5])
+        list(client.generate(session, 3))
+        spec = chain2.specs[0]
+        result, kv = client.control(0, "export_kv", session=session.id, first=spec.first, end=spec.end)
+        assert result["length"] == session.kv_length
+        assert set(kv) == {f"{i}.{kv_}" for i in range(spec.first, spec.end) for kv_ in "kv"}
+        client.control(0, "truncate", session=session.id, length=2)
+        assert client.control(0, "export_kv", session=session.id)[0]["length"] == 2
+        client.control(0, "import_kv", kv, session=session.id + "-copy", length=result["length"])
+        copy, _ = client.control(0, "export_kv", session=session.id + "-copy")
+        assert copy["length"] == result["length"]
+        sessions = client.control(0, "sessions")[0]["sessions"]
+        assert {session.id, session.id + "-copy"} <= set(sessions)
+        for sid in (session.id, session.id + "-copy"):
+            client.drop(Session(id=sid))
+
+
+def test_load_range_replaces_the_segment_in_place(wire_store: Path) -> None:
+    n = num_layers(wire_store, MODEL)
+    with (
+        LocalChain(wire_store, boundaries_to_specs(MODEL, n, [1])) as lc,
+        ChainClient(lc.chain, lc.secret()) as c,
+    ):
+        result, _ = c.control(1, "load_range", first=2, end=n)
+        assert (result["first"], result["end"]) == (2, n)
+        with pytest.raises(LayerRangeError, match="exceeds"):
+            c.control(1, "load_range", first=n, end=n + 5)  # bad range: old runner stays
+        assert c.control(1, "stats")[0]["first"] == 2
+
+
+def test_session_and_kv_limits(wire_store: Path) -> None:
+    n = num_layers(wire_store, MODEL)
+    specs = split_evenly(MODEL, n, 2)
+    with LocalChain(wire_store, specs, max_sessions=2) as lc, ChainClient(lc.chain, lc.secret()) as client:
+        a, b = Session(tokens=[1, 2]), Session(tokens=[3, 4])
+        list(client.generate(a, 1))
+        list(client.generate(b, 1))
+        with pytest.raises(SessionLimitError, match="max_sessions"):
+            list(client.generate(Session(tokens=[5]), 1))
+        assert len(list(client.generate(a, 2))) == 2  # existing sessions go on
+    with (
+        LocalChain(wire_store, specs, max_kv_bytes=64 * 1024) as lc,
+        ChainClient(lc.chain, lc.secret()) as client,
+    ):
+        with pytest.raises(KVMemoryLimitError, match="max_kv_bytes"):
+            client.step("big", torch.zeros(1, 512, dtype=torch.int64), 0)
+        assert len(list(client.generate(Session(tokens=[1, 2, 3]), 2))) == 2
+
+
+def test_frame_size_limit(wire_store: Path) -> None:
+    n = num_layers(wire_store, MODEL)
+    with LocalChain(wire_store, split_evenly(MODEL, n, 1), max_frame_bytes=4096) as lc:
+        sock = raw_connect(lc.ports[0], lc.secret())
+        header = {"session": "s", "request_id": "r", "position": 0, "layer": 0, "route": [], "channel": "c"}
+        sock.sendall(
+            encode_frame_bytes(FrameType.FORWARD, header, {"x": torch.zeros(1, 1000, dtype=torch.int64)})
+        )
+        frame = assert_error_then_closed(sock, "frame_too_large")
+        assert "MAX_FRAME_BYTES" in frame.header["message"]
+        sock.close()
+
+
+def _chain_logits(
+    client: ChainClient,
+    prompt: torch.Tensor,
+    steps: int,
+    mask: torch.Tensor | None = None,
+    session: str = "v",
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Prompt logits and per-step logits through the chain, greedy; returns (logits, ids)."""
+    out = client.step(session, prompt, 0, attention_mask=mask, logits="all")
+    logits = [out.logits]
+    position = prompt.shape[1]
+    ids = []
+    for _ in range(steps):
+        nxt = logits[-1][:, -1, :].argmax(-1, keepdim=True)
+        ids.append(nxt)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        logits.append(client.step(session, nxt, position, attention_mask=mask, logits="all").logits)
+        position += 1
+    return logits, torch.cat(ids, dim=1)
+
+
+def test_chains_of_1_to_4_are_exact(wire_store: Path) -> None:
+    """Every K and (with 4-layer models) every boundary; four processes re-loaded in place per split."""
+    prompt = torch.tensor([[11, 250, 3000, 17, 42, 9]])
+    with LocalChain.even(wire_store, MODEL, num_layers(wire_store, MODEL), 4) as pool:
+        for model in ("gpt2-tiny", "llama-tiny"):
+            n = num_layers(wire_store, model)
+            ref_ids, ref_logits = greedy_generate(ReferenceModel(wire_store, model).forward, "r", prompt, 6)
+            for k in range(1, min(4, n) + 1):
+                chain = pool.reload(split_evenly(model, n, k))
+                with ChainClient(chain, pool.secret()) as client:
+                    logits, ids = _chain_logits(client, prompt, 6)
+                assert torch.equal(ids, ref_ids), (model, k)
+                for got, want in zip(logits, ref_logits, strict=True):
+                    assert got.dtype == torch.float32
+                    assert (got - want).abs().max().item() == 0.0, (model, k)
+
+
+def test_padded_batch_equals_one_by_one(chain2: LocalChain) -> None:
+    rows = [[7, 8, 9, 10], [21, 22]]
+    width = max(len(r) for r in rows)
+    batch = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with ChainClient(chain2.chain, chain2.secret()) as client:
+        batch_logits, batch_ids = _chain_logits(client, batch, 3, mask, session="batch")
+        for i, row in enumerate(rows):
+            single_logits, single_ids = _chain_logits(client, torch.tensor([row]), 3, session=f"one{i}")
+            assert torch.equal(batch_ids[i], single_ids[0])
+            diff = (batch_logits[0][i, -1] - single_logits[0][0, -1]).abs().max().item()
+            assert diff < 1e-4
+        for sid in ("batch", "one0", "one1"):
+            client.drop(Session(id=sid))
+
+
+@pytest.mark.parametrize("wire", ["f16", "bf16"])
+def test_half_precision_wire(wire_store: Path, wire: str) -> None:
+    n = num_layers(wire_store, "llama-tiny")
+    with LocalChain.even(wire_store, "llama-tiny", n, 2) as lc:
+        with ChainClient(lc.chain, lc.secret()) as exact:
+            want = exact.step("w", torch.tensor([[5, 6, 7]]), 0, logits="last").logits
+        with ChainClient(lc.chain, lc.secret(), wire_dtype=wire) as half:
+            got = half.step("h", torch.tensor([[5, 6, 7]]), 0, logits="last").logits
+            stats = half.stats()
+    assert got is not None and want is not None
+    assert 0 < (got - want).abs().max().item() < 0.1
+    assert stats[1]["bytes_in"] > 0
+
+
+def test_drain_refuses_new_sessions(wire_store: Path) -> None:
+    n = num_layers(wire_store, MODEL)
+    with LocalChain.even(wire_store, MODEL, n, 1) as lc, ChainClient(lc.chain, lc.secret()) as client:
+        old = Session(tokens=[1, 2])
+        list(client.generate(old, 1))
+        assert client.control(0, "drain")[0]["draining"] is True
+        with pytest.raises(RemoteError, match="draining"):
+            list(client.generate(Session(tokens=[3]), 1))
+        assert len(list(client.generate(old, 1))) == 1
+        client.control(0, "resume")
+        assert len(list(client.generate(Session(tokens=[3]), 1))) == 1
+
+
+def test_raw_error_reply_names_request(chain2: LocalChain) -> None:
+    sock = raw_connect(chain2.ports[0], chain2.secret())
+    sock.sendall(encode_frame_bytes(FrameType.CONTROL, {"op": "drop", "request_id": "q1"}))
+    frame = recv_frame(sock)
+    assert frame is not None and frame.type == FrameType.ERROR and frame.header["request_id"] == "q1"
+    sock.close()
