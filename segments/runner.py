@@ -327,11 +327,11 @@ class SegmentRunner:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the weights this segment holds."""
+        """Bytes of the parameters this segment holds (a tied head counted once)."""
         seen: set[int] = set()
         total = 0
         for module in self._blocks.modules():
-            for tensor in [*module.parameters(), *module.buffers()]:
+            for tensor in module.parameters():
                 if tensor.data_ptr() not in seen:
                     seen.add(tensor.data_ptr())
                     total += tensor.numel() * tensor.element_size()
