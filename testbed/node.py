@@ -44,6 +44,10 @@ CFS_PERIOD_US = 100_000
 # The background-load cgroup gets a large weight so that it takes its full quota first and the node's
 # segments share what is left: "load 60 %" then means 60 % of the node's CPU is gone.
 LOAD_CPU_SHARES = 262_144
+# Weight of a node against the host's other processes: 4 x 1024 per core of share (Kubernetes uses 1024
+# per requested core), so an emulated node gets its quota even while the host runs other work. The quota,
+# not the weight, caps the node.
+NODE_SHARES_PER_CPU = 4096
 
 _BASE_SYMLINKS = {"bin": "usr/bin", "lib": "usr/lib", "lib64": "usr/lib64", "sbin": "usr/sbin"}
 _BASE_DIRS = ("dev", "etc", "proc", "sys", "tmp", "root", "run", "var", "var/tmp", "home", "mnt", "opt")
@@ -183,6 +187,7 @@ class NodeCgroup:
         cpu = self.path(CPU_CONTROLLER)
         (cpu / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
         (cpu / "cpu.cfs_quota_us").write_text(str(max(1000, round(cpus * CFS_PERIOD_US))))
+        (cpu / "cpu.shares").write_text(str(max(2, round(cpus * NODE_SHARES_PER_CPU))))
         (self.path(MEM_CONTROLLER) / "memory.limit_in_bytes").write_text(str(mem_bytes))
 
     def cpu_usage_ns(self) -> int:
