@@ -310,40 +310,36 @@ def clear_prefixed_chains(ns: Netns, prefix: str = DEFAULT_PREFIX) -> list[str]:
     return chains
 
 
+# Shapers this process started, so stopping one reaps it (no zombie, no ResourceWarning).
+_CHILDREN: dict[int, subprocess.Popen[str]] = {}
+
+
 def start_shaper(ns: Netns, queue_num: int, delay_ms: float, control: Path) -> int:
     """Start :mod:`testbed.shaper` in ``ns``; return its PID once it is bound to the queue.
 
-    ``control`` is the JSON file it re-reads on SIGHUP (see :func:`update_shaper`).
+    ``control`` is the JSON file it re-reads on SIGHUP (see :func:`update_shaper`); its stderr goes to
+    ``control`` with the suffix ``.log``.
     """
     control.write_text(json.dumps({"delay_ms": delay_ms}))
-    cmd = ns.wrap(
-        [
-            sys.executable,
-            "-m",
-            "testbed.shaper",
-            "--queue-num",
-            str(queue_num),
-            "--delay-ms",
-            str(delay_ms),
-            "--control",
-            str(control),
-        ]
-    )
+    argv = [sys.executable, "-m", "testbed.shaper", "--queue-num", str(queue_num)]
+    argv += ["--delay-ms", str(delay_ms), "--control", str(control)]
+    log = control.with_suffix(".log")
     # nsenter/ip netns exec exec() the program, so the PID we get is the shaper's own.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    deadline = time.monotonic() + SHAPER_READY_TIMEOUT_S
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            ns.wrap(argv), stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True
+        )
     assert proc.stdout is not None
-    line = proc.stdout.readline() if _readable(proc, deadline) else ""
+    line = proc.stdout.readline() if _readable(proc, time.monotonic() + SHAPER_READY_TIMEOUT_S) else ""
+    proc.stdout.close()
     if not line.startswith('{"ready": true'):
         proc.kill()
-        _, err = proc.communicate(timeout=5)
+        proc.wait(timeout=5)
         raise ShapingError(
-            f"shaper did not start in {ns} ({err.strip() or 'no output'}); "
+            f"shaper did not start in {ns} ({log.read_text().strip()[-500:] or 'no output'}); "
             "install its binding with: pip install -e '.[nfqueue]' (needs libnetfilter-queue-dev)"
         )
-    proc.stdout.close()
+    _CHILDREN[proc.pid] = proc
     return proc.pid
 
 
@@ -353,9 +349,7 @@ def _readable(proc: subprocess.Popen[str], deadline: float) -> bool:
     assert proc.stdout is not None
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if ready:
-            return True
-        if proc.poll() is not None:
+        if ready or proc.poll() is not None:
             return True
     return False
 
@@ -385,6 +379,12 @@ def stop_shaper(pid: int, timeout_s: float = 5.0) -> None:
 
 
 def _alive(pid: int) -> bool:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
@@ -510,5 +510,6 @@ class DirectionShaper:
                 stop_shaper(self.shaper_pid)
                 self.shaper_pid = None
             self.control_file.unlink(missing_ok=True)
+            self.control_file.with_suffix(".log").unlink(missing_ok=True)
         clear_egress(self.tx, self.tx_dev)
         self.shape = None

@@ -92,7 +92,7 @@ def _transfer(
         assert sink.returncode == 0, err
     finally:
         blast.kill()
-        blast.wait()
+        blast.communicate()
     return json.loads(out)["bins"], changed_at
 
 
@@ -111,7 +111,7 @@ def _rtt_ms(p: Pair, count: int = 20) -> float:
         return float(json.loads(out)["median_ms"])
     finally:
         echo.kill()
-        echo.wait()
+        echo.communicate()
 
 
 def _shaper(p: Pair, tmp_path: Path) -> DirectionShaper:
@@ -208,7 +208,7 @@ def test_close_removes_everything(pair: Pair, tmp_path: Path) -> None:
     assert prefixed_chains(pair.b, TAG) == []
     if pid is not None:
         assert not Path(f"/proc/{pid}").exists()
-    assert not list(tmp_path.glob("*.json"))
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.log"))
 
 
 def test_forced_cleanup_finds_prefixed_chains(pair: Pair, tmp_path: Path) -> None:
