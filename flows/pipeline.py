@@ -157,7 +157,7 @@ def plan_layout(plan: Plan) -> list[tuple[str, int, int]]:
 
 def deploy(
     backend: Backend,
-    scenario: Scenario,
+    scenario_path: str,
     model: str,
     plan: Plan,
     current: DeploymentState | None,
@@ -200,7 +200,7 @@ def deploy(
         progress(f"stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}")
         backend.stop_segment(endpoint)
     state = DeploymentState(
-        scenario=scenario.name, model=model, backend=backend.name, revision=revision,
+        scenario=scenario_path, model=model, backend=backend.name, revision=revision,
         plan=plan.model_dump(mode="json"), segments=tuple(endpoints), gateway_url=gateway_url,
         gateway_handle=gateway_handle, secret=secret, updated_at_s=time.time(),
     )  # fmt: skip

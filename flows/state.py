@@ -35,7 +35,7 @@ class Endpoint(BaseModel):
 class DeploymentState(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    scenario: str
+    scenario: str = Field(description="path of the scenario file")
     model: str
     backend: BackendName
     revision: int = Field(ge=0)

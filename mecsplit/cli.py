@@ -17,12 +17,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-bench = typer.Typer(help="Benchmarks that print JSON (several runs, medians, ratios to a baseline).",
-                    no_args_is_help=True)
+bench = typer.Typer(
+    help="Benchmarks that print JSON (several runs, medians, ratios to a baseline).", no_args_is_help=True
+)
 app.add_typer(bench, name="bench")
 
 # Modules under mecsplit.commands, each with register(app, bench).
-_COMMAND_MODULES: tuple[str, ...] = ("testbed", "models")
+_COMMAND_MODULES: tuple[str, ...] = ("testbed", "models", "flows", "run")
 
 
 def _register_all() -> None:
@@ -36,3 +37,7 @@ _register_all()
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

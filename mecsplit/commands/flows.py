@@ -1,0 +1,124 @@
+"""``mecsplit demo | deploy | reconfigure | serve | down | prefect ...``: the Prefect pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+SCENARIO_OPTION = typer.Option(Path("scenarios/default.yaml"), "--scenario", "-s", help="scenario YAML file")
+
+prefect_app = typer.Typer(help="The Prefect server mecsplit uses (its own local one unless PREFECT_API_URL).",
+                          no_args_is_help=True)  # fmt: skip
+
+
+def _use_prefect_server() -> str:
+    from flows.prefect_server import ensure_server
+
+    server = ensure_server()
+    os.environ.update(server.env())
+    return server.ui_url
+
+
+def demo(
+    scenario: Path = SCENARIO_OPTION,
+    backend: str = typer.Option(
+        "auto", help="auto (testbed where root+Docker+Mininet work), testbed or local"
+    ),
+    phase_s: float = typer.Option(40.0, help="seconds of generation before the drop and after the change"),
+    degraded_bw_mbit: float = typer.Option(0.5, help="bandwidth the source's link drops to (Mbit/s)"),
+    max_tokens: int = typer.Option(16, help="tokens per request"),
+) -> None:
+    """The full demo: deploy the default scenario, generate, drop a link, watch the triggered re-split."""
+    from flows.demo import run_demo
+
+    run_demo(
+        scenario, backend=backend, phase_s=phase_s, degraded_bw_mbit=degraded_bw_mbit, max_tokens=max_tokens
+    )
+
+
+def deploy(
+    scenario: Path = SCENARIO_OPTION,
+    backend: str = typer.Option(
+        "local", help="local (processes on loopback) or testbed (needs `testbed up`)"
+    ),
+    policy: str = typer.Option("latency_dp", help="placement policy (see `mecsplit plan --help`)"),
+) -> None:
+    """First deployment as a Prefect flow run: profile -> optimise -> deploy the segments and the gateway."""
+    from flows.reconfigure import deploy_flow
+    from flows.state import load_state
+
+    if load_state() is not None:
+        typer.echo("a deployment is already running: `mecsplit down` first", err=True)
+        raise typer.Exit(1)
+    _use_prefect_server()
+    result = deploy_flow(scenario=str(scenario), backend=backend, policy=policy)  # type: ignore[arg-type]
+    typer.echo(json.dumps(result, indent=2))
+
+
+def reconfigure(
+    scenario: Path = SCENARIO_OPTION,
+    policy: str = typer.Option("latency_dp", help="placement policy"),
+    reason: str = typer.Option("manual", help="recorded as the run's reason"),
+) -> None:
+    """Run one reconfiguration now (profile -> optimise -> decide -> deploy)."""
+    from flows.reconfigure import reconfigure as reconfigure_flow
+
+    _use_prefect_server()
+    typer.echo(json.dumps(reconfigure_flow(scenario=str(scenario), policy=policy, reason=reason), indent=2))
+
+
+def serve(
+    scenario: Path = SCENARIO_OPTION,
+    interval_s: float | None = typer.Option(None, help="also reconfigure every N seconds"),
+    cron: str | None = typer.Option(None, help="also reconfigure on this cron schedule"),
+) -> None:
+    """Serve the reconfigure deployment: on its schedule and on mec.link.degraded, mec.node.overloaded and
+    mec.node.failed events (one reconfiguration at a time). Blocks; Ctrl-C stops it."""
+    from flows.serve import serve_forever
+
+    ui = _use_prefect_server()
+    typer.echo(f"serving reconfigure for {scenario}; Prefect UI: {ui}")
+    serve_forever(str(scenario), interval_s=interval_s, cron=cron)
+
+
+def down() -> None:
+    """Stop the deployed segments and gateway (the testbed itself: `mecsplit testbed down`)."""
+    from flows import pipeline
+    from flows.runtime import backend_for
+    from flows.state import clear_state, load_state
+    from testbed.scenario import load_scenario
+
+    state = load_state()
+    if state is None:
+        typer.echo("nothing deployed")
+        return
+    pipeline.teardown(backend_for(state.backend, load_scenario(Path(state.scenario))), state)
+    clear_state()
+    typer.echo(f"stopped {len(state.segments)} segments and the gateway")
+
+
+@prefect_app.command("up")
+def prefect_up() -> None:
+    """Start (or find) the Prefect server and print its UI address."""
+    typer.echo(_use_prefect_server())
+
+
+@prefect_app.command("stop")
+def prefect_stop() -> None:
+    """Stop the local Prefect server mecsplit started (never a server it did not start)."""
+    from flows.prefect_server import stop_server
+
+    typer.echo("stopped" if stop_server() else "no mecsplit-started Prefect server is running")
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    del bench
+    app.command("demo")(demo)
+    app.command("deploy")(deploy)
+    app.command("reconfigure")(reconfigure)
+    app.command("serve")(serve)
+    app.command("down")(down)
+    app.add_typer(prefect_app, name="prefect")
