@@ -1,0 +1,397 @@
+"""``mecsplit generate | verify | gateway`` and ``mecsplit bench overhead``: a model split into K segment
+server processes on loopback, driven through the wire protocol."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from segments.launch import LocalChain
+    from segments.spec import SegmentSpec
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def _store_dir(store: Path | None) -> Path:
+    from mecsplit.settings import Settings
+
+    return store if store is not None else Settings().store_dir
+
+
+def _threads(threads: int | None) -> int:
+    from mecsplit.settings import Settings
+
+    return threads if threads is not None else Settings().segments.threads
+
+
+def _ensure_model(store_dir: Path, model: str) -> int:
+    """Prepare the model when it is missing (idempotent) and return its layer count."""
+    from segments import store
+
+    if not store.is_prepared(store_dir, model):
+        store.prepare(model, store_dir)
+    return store.read_manifest(store_dir, model).info.num_layers
+
+
+def _specs(model: str, num_layers: int, segments: int, boundaries: str | None) -> tuple[SegmentSpec, ...]:
+    from segments.launch import boundaries_to_specs
+    from segments.spec import split_evenly
+
+    if boundaries:
+        cuts = [int(b) for b in boundaries.split(",") if b.strip()]
+        return boundaries_to_specs(model, num_layers, cuts)
+    return split_evenly(model, num_layers, segments)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def _prompt_ids(store_dir: Path, model: str, prompt: str, chat: bool) -> tuple[Any, list[int]]:
+    from segments.store import load_tokenizer
+
+    tokenizer = load_tokenizer(store_dir, model)
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer.encode(prompt)
+    return tokenizer, [int(i) for i in ids]
+
+
+# ------------------------------------------------------------------------------------------- generate
+
+
+def generate_cmd(
+    model: str = typer.Option(None, help="model preset (default: settings.segments.default_model)"),
+    segments: int = typer.Option(2, "--segments", "-k", help="number of segment processes"),
+    boundaries: str | None = typer.Option(None, help="inner cut points instead of an even split, e.g. 10,20"),
+    prompt: str = typer.Option(DEFAULT_PROMPT, help="the prompt"),
+    max_new_tokens: int = typer.Option(32, help="tokens to generate"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling mass"),
+    seed: int = typer.Option(0, help="sampling seed (same seed, same tokens, on any chain)"),
+    chat: bool = typer.Option(True, help="wrap the prompt in the tokenizer's chat template when it has one"),
+    wire_dtype: str = typer.Option("f32", help="activation dtype on the wire: f32, f16 or bf16"),
+    threads: int | None = typer.Option(None, help="torch threads per segment process"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    store: Path | None = typer.Option(None, help="store folder (default: $MECSPLIT_HOME/store)"),
+) -> None:
+    """Generate text with the model split into K segment processes on loopback; prints text and timings."""
+    from mecsplit.settings import Settings
+    from segments.client import ChainClient, Session
+    from segments.errors import SegmentError
+    from segments.launch import LocalChain
+    from segments.sampling import SamplingParams
+
+    model = model or Settings().segments.default_model
+    store_dir = _store_dir(store)
+    try:
+        n = _ensure_model(store_dir, model)
+        specs = _specs(model, n, segments, boundaries)
+        tokenizer, ids = _prompt_ids(store_dir, model, prompt, chat)
+        params = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+    except (SegmentError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    t0 = time.perf_counter()
+    with LocalChain(store_dir, specs, threads=_threads(threads)) as lc:
+        startup_s = time.perf_counter() - t0
+        with ChainClient(lc.chain, lc.secret(), wire_dtype=wire_dtype) as client:
+            session = Session(tokens=ids)
+            eos = tokenizer.eos_token_id
+            stamps: list[float] = []
+            tokens: list[int] = []
+            t_start = time.perf_counter()
+            for token in client.generate(session, max_new_tokens, params, () if eos is None else (eos,)):
+                stamps.append(time.perf_counter())
+                tokens.append(token)
+                if not as_json:
+                    typer.echo(tokenizer.decode([token], skip_special_tokens=True), nl=False)
+            stats = client.stats()
+    gaps_ms = [(b - a) * 1000 for a, b in itertools.pairwise(stamps)]
+    result = {
+        "model": model,
+        "segments": [[s.first, s.end] for s in specs],
+        "prompt_tokens": len(ids),
+        "new_tokens": len(tokens),
+        "text": tokenizer.decode(tokens, skip_special_tokens=True),
+        "ttft_ms": round((stamps[0] - t_start) * 1000, 2) if stamps else None,
+        "per_token_median_ms": round(statistics.median(gaps_ms), 2) if gaps_ms else None,
+        "tokens_per_s": round(len(gaps_ms) / sum(gaps_ms) * 1000, 2) if gaps_ms else None,
+        "startup_s": round(startup_s, 2),
+        "rss_bytes": [s["rss_bytes"] for s in stats],
+        "wire_dtype": wire_dtype,
+    }
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo("")
+        typer.echo(
+            f"[{len(specs)} segments {result['segments']}; TTFT {result['ttft_ms']} ms; "
+            f"per token {result['per_token_median_ms']} ms (median); startup {result['startup_s']} s]"
+        )
+
+
+# --------------------------------------------------------------------------------------------- verify
+
+
+def _verify_causal(
+    lc: LocalChain, store_dir: Path, model: str, ids: list[int], tokens: int
+) -> list[dict[str, Any]]:
+    import torch
+
+    from segments.client import ChainClient
+    from segments.reference import ReferenceModel
+
+    ref = ReferenceModel(store_dir, model)
+    steps: list[dict[str, Any]] = []
+    with ChainClient(lc.chain, lc.secret()) as client:
+        inputs = torch.tensor([ids])
+        position = 0
+        for step in range(tokens + 1):
+            got = client.step("verify", inputs, position, logits="all").logits
+            want = ref.forward("verify", inputs, position)
+            assert got is not None
+            got_ids, want_ids = got[:, -1].argmax(-1), want[:, -1].argmax(-1)
+            steps.append({
+                "step": step,
+                "tokens": int(inputs.shape[1]),
+                "max_abs_diff": float((got - want).abs().max()),
+                "tokens_equal": bool(torch.equal(got_ids, want_ids)),
+            })  # fmt: skip
+            position += int(inputs.shape[1])
+            inputs = want_ids.view(1, 1)  # follow the reference, so a divergence cannot hide later steps
+    return steps
+
+
+def _verify_encoder(lc: LocalChain, store_dir: Path, model: str, ids: list[int]) -> list[dict[str, Any]]:
+    import torch
+
+    from segments.client import ChainClient
+    from segments.reference import ReferenceModel
+
+    ref = ReferenceModel(store_dir, model)
+    with ChainClient(lc.chain, lc.secret()) as client:
+        got = client.step("verify", torch.tensor([ids]), 0).hidden
+    want = ref.forward("verify", torch.tensor([ids]), 0)
+    assert got is not None
+    return [
+        {"step": 0, "tokens": len(ids), "max_abs_diff": float((got - want).abs().max()), "tokens_equal": True}
+    ]
+
+
+def verify_cmd(
+    model: str = typer.Option(None, help="model preset (default: settings.segments.default_model)"),
+    segments: int = typer.Option(2, "--segments", "-k", help="number of segment processes"),
+    boundaries: str | None = typer.Option(None, help="inner cut points instead of an even split, e.g. 10,20"),
+    tokens: int = typer.Option(32, help="decode steps after the prompt"),
+    prompt: str = typer.Option(DEFAULT_PROMPT, help="the prompt"),
+    threads: int | None = typer.Option(None, help="torch threads per segment process"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    store: Path | None = typer.Option(None, help="store folder (default: $MECSPLIT_HOME/store)"),
+) -> None:
+    """Compare the K-process chain (fp32 wire) with the whole model in one process, step by step."""
+    from mecsplit.settings import Settings
+    from segments.errors import SegmentError
+    from segments.launch import LocalChain
+    from segments.store import read_manifest
+
+    model = model or Settings().segments.default_model
+    store_dir = _store_dir(store)
+    try:
+        n = _ensure_model(store_dir, model)
+        specs = _specs(model, n, segments, boundaries)
+        _, ids = _prompt_ids(store_dir, model, prompt, chat=False)
+        kind = read_manifest(store_dir, model).info.kind
+    except (SegmentError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    with LocalChain(store_dir, specs, threads=_threads(threads)) as lc:
+        if kind == "encoder":
+            steps = _verify_encoder(lc, store_dir, model, ids)
+        else:
+            steps = _verify_causal(lc, store_dir, model, ids, tokens)
+    result = {
+        "model": model,
+        "segments": [[s.first, s.end] for s in specs],
+        "wire_dtype": "f32",
+        "max_abs_diff": max(s["max_abs_diff"] for s in steps),
+        "tokens_equal": all(s["tokens_equal"] for s in steps),
+        "steps": steps,
+    }
+    exact = result["max_abs_diff"] == 0.0 and result["tokens_equal"]
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        for s in steps:
+            typer.echo(
+                f"step {s['step']:3d}: max |diff| {s['max_abs_diff']:.3g}  tokens equal {s['tokens_equal']}"
+            )
+        typer.echo(f"{model} {result['segments']}: {'EXACT' if exact else 'NOT EXACT'}")
+    if not exact:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+def _decode_latencies_whole(runner: Any, prompt: list[int], tokens: int, session: str) -> list[float]:
+    import torch
+
+    logits = runner.forward(session, torch.tensor([prompt]), 0)
+    position = len(prompt)
+    out: list[float] = []
+    for _ in range(tokens):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        logits = runner.forward(session, nxt, position)
+        int(logits[:, -1].argmax())  # the chain's last hop picks the token too
+        out.append(time.perf_counter() - t0)
+        position += 1
+    runner.drop_session(session)
+    return out
+
+
+def _decode_latencies_chain(client: Any, prompt: list[int], tokens: int, session: str) -> list[float]:
+    import torch
+
+    from segments.client import Session
+    from segments.sampling import SamplingParams
+
+    s = Session(id=session, tokens=list(prompt))
+    client.step(s.id, torch.tensor([prompt]), 0)
+    s.kv_length = len(prompt)
+    out: list[float] = []
+    greedy = SamplingParams()
+    for _ in range(tokens):
+        # The first decode input: any token (the whole-model run feeds its argmax; timing does not care).
+        nxt = torch.tensor([[s.tokens[-1]]])
+        t0 = time.perf_counter()
+        result = client.step(s.id, nxt, s.kv_length, sampling=greedy)
+        out.append(time.perf_counter() - t0)
+        s.kv_length += 1
+        s.tokens.append(result.tokens[0])
+    client.drop(s)
+    return out
+
+
+def bench_overhead_cmd(
+    model: str = typer.Option("smollm2-135m", help="model preset"),
+    segments: int = typer.Option(4, "--segments", "-k", help="number of segment processes"),
+    tokens: int = typer.Option(32, help="decode steps timed per run"),
+    runs: int = typer.Option(5, help="runs of each (alternating chain and whole model)"),
+    prompt_tokens: int = typer.Option(16, help="prompt length before decoding"),
+    threads: int | None = typer.Option(None, help="torch threads per computing process"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    store: Path | None = typer.Option(None, help="store folder (default: $MECSPLIT_HOME/store)"),
+) -> None:
+    """Per-token decode latency of the K-process chain on loopback vs the whole model in one process."""
+    import torch
+
+    from segments.client import ChainClient
+    from segments.errors import SegmentError
+    from segments.launch import LocalChain
+    from segments.runner import SegmentRunner
+    from segments.spec import SegmentSpec
+
+    store_dir = _store_dir(store)
+    n_threads = _threads(threads)
+    torch.set_num_threads(n_threads)
+    try:
+        n = _ensure_model(store_dir, model)
+        specs = _specs(model, n, segments, None)
+    except (SegmentError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    prompt = [(7 * i + 11) % 1000 + 1 for i in range(prompt_tokens)]
+    chain_runs: list[float] = []
+    whole_runs: list[float] = []
+    # The baseline: the same segment code over the whole range, in this process, no wire.
+    whole = SegmentRunner(store_dir, SegmentSpec(model, 0, n), max_sessions=4, max_kv_bytes=1 << 32)
+    with LocalChain(store_dir, specs, threads=n_threads) as lc, ChainClient(lc.chain, lc.secret()) as client:
+        _decode_latencies_chain(client, prompt, 4, "warmup")  # connections, allocator, caches
+        _decode_latencies_whole(whole, prompt, 4, "warmup")
+        # Alternate the two so that load from other processes on the machine hits both alike.
+        for run in range(runs):
+            chain_runs.append(statistics.median(_decode_latencies_chain(client, prompt, tokens, f"c{run}")))
+            whole_runs.append(statistics.median(_decode_latencies_whole(whole, prompt, tokens, f"w{run}")))
+        stats = client.stats()
+    chain_ms = statistics.median(chain_runs) * 1000
+    whole_ms = statistics.median(whole_runs) * 1000
+    transfers = segments + 1  # client -> first, K-1 segment -> segment, last -> client
+    result = {
+        "model": model,
+        "segments": [[s.first, s.end] for s in specs],
+        "threads": n_threads,
+        "tokens": tokens,
+        "runs": runs,
+        "chain_ms_per_token": round(chain_ms, 3),
+        "whole_ms_per_token": round(whole_ms, 3),
+        "ratio": round(chain_ms / whole_ms, 4),
+        "transfers_per_token": transfers,
+        "per_hop_overhead_ms": round((chain_ms - whole_ms) / transfers, 4),
+        "chain_run_medians_ms": [round(x * 1000, 3) for x in chain_runs],
+        "whole_run_medians_ms": [round(x * 1000, 3) for x in whole_runs],
+        "segment_busy_s": [round(s["busy_s"], 3) for s in stats],
+        "segment_rss_bytes": [s["rss_bytes"] for s in stats],
+    }
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
+# -------------------------------------------------------------------------------------------- gateway
+
+
+def gateway_cmd(
+    model: str = typer.Option(None, help="model preset (default: settings.segments.default_model)"),
+    segments: int = typer.Option(2, "--segments", "-k", help="number of segment processes"),
+    boundaries: str | None = typer.Option(None, help="inner cut points instead of an even split"),
+    host: str = typer.Option("127.0.0.1", help="HTTP bind address"),
+    port: int = typer.Option(8000, help="HTTP port"),
+    threads: int | None = typer.Option(None, help="torch threads per segment process"),
+    store: Path | None = typer.Option(None, help="store folder (default: $MECSPLIT_HOME/store)"),
+) -> None:
+    """Serve the OpenAI-compatible API over a K-process chain launched on loopback."""
+    import uvicorn
+
+    from mecsplit.settings import Settings
+    from segments.errors import SegmentError
+    from segments.gateway import Gateway, create_app
+    from segments.launch import LocalChain
+    from segments.store import load_tokenizer
+
+    model = model or Settings().segments.default_model
+    store_dir = _store_dir(store)
+    try:
+        n = _ensure_model(store_dir, model)
+        specs = _specs(model, n, segments, boundaries)
+    except (SegmentError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    with LocalChain(store_dir, specs, threads=_threads(threads)) as lc:
+        gateway = Gateway(lc.chain, lc.secret(), load_tokenizer(store_dir, model), model)
+        typer.echo(
+            json.dumps(
+                {
+                    "gateway": f"http://{host}:{port}/v1",
+                    "model": model,
+                    "chain": lc.chain.to_dict(),
+                    "pids": lc.pids,
+                }
+            )
+        )
+        uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning")
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    app.command("generate")(generate_cmd)
+    app.command("verify")(verify_cmd)
+    app.command("gateway")(gateway_cmd)
+    bench.command("overhead")(bench_overhead_cmd)
