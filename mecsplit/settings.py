@@ -42,6 +42,9 @@ class TestbedSettings(BaseModel):
     # --- network (testbed.net) ---
     data_net: str = Field(default="10.213.0.0/16", description="one /24 per scenario link is cut from it")
     mgmt_net: str = Field(default="10.214.0.0/24", description="unshaped host<->node management bridge")
+    image: str = Field(
+        default="", description="node image built from testbed/Dockerfile; empty: offline base + host mounts"
+    )
     # --- daemon (testbed.daemon) ---
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port")
@@ -67,6 +70,9 @@ class FlowSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     prefect_port: int = 4200
+    profile_max_age_s: float = Field(
+        default=300.0, ge=0, description="compute profiles younger than this are reused (0: always measure)"
+    )
 
 
 class Settings(BaseSettings):

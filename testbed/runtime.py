@@ -59,6 +59,9 @@ class Testbed:
         self.failed: set[str] = set()
         self.segments: dict[str, dict[str, str]] = {}  # node -> segment name -> container id
         self.image = ""
+        # The interpreter that segment commands should name inside containers: the host's venv python
+        # (bind-mounted at the same path) with the offline image, "python" with a built image.
+        self.container_python = sys.executable
         self.mounts: nodes.HostMounts | None = None
         self._stop = threading.Event()
         self._replay_stop = threading.Event()
@@ -79,9 +82,15 @@ class Testbed:
     def up(self) -> None:
         store = Path(self.settings.store_dir)
         store.mkdir(parents=True, exist_ok=True)
-        self.progress("image: ensuring the offline base image")
-        self.image = nodes.ensure_base_image(self.prefix)
-        self.mounts = nodes.HostMounts.discover(store)
+        if self.tb.image:
+            # A self-contained image (testbed/Dockerfile): only the model store comes from the host.
+            self.progress(f"image: {self.tb.image}")
+            self.image, self.container_python = self.tb.image, "python"
+            self.mounts = nodes.HostMounts(paths=(store.resolve(),))
+        else:
+            self.progress("image: ensuring the offline base image")
+            self.image = nodes.ensure_base_image(self.prefix)
+            self.mounts = nodes.HostMounts.discover(store)
         for n in self.scenario.nodes:
             self.progress(f"node {n.name}: container ({n.cpus} cpus, {n.mem_mb} MiB)")
             self.containers[n.name] = nodes.start_node(
@@ -475,4 +484,5 @@ class Testbed:
             "nodes": node_rows, "links": link_rows,
             "replaying": any(t.is_alive() for t in self._replay_threads),
             "mgmt_host_address": self.plan.mgmt_host_addr.split("/")[0], "recent_events": self.events[-20:],
+            "container_python": self.container_python, "store_dir": str(self.settings.store_dir),
         }  # fmt: skip

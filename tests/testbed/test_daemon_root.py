@@ -207,3 +207,41 @@ def test_broken_scenario_starts_nothing(
         assert problem.line == line, info.value
     assert cleanup.survey(PREFIX).as_dict() == before
     assert not (tmp_path / "run").exists()
+
+
+def test_real_segment_server_in_a_node_container(client: TestbedClient, env: Path, tmp_path: Path) -> None:
+    import secrets
+    import subprocess
+    import sys
+
+    from segments.store import prepare
+
+    store = env / "store"  # Settings().store_dir of the daemon: mounted read-only into every container
+    prepare("gpt2-tiny", store, progress=False)
+    secret = secrets.token_hex(16)
+    status = client.status()
+    seg = client.deploy_segment(
+        "n3", "seg0",
+        [status["container_python"], "-m", "segments.server", "--store", str(store), "--model", "gpt2-tiny",
+         "--first", "0", "--end", "2", "--host", "0.0.0.0", "--port", "7100"],
+        env={"MECSPLIT_SECRET": secret}, port=7100,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while '"ready": true' not in client.segment_logs("n3", "seg0"):
+            assert time.monotonic() < deadline, client.segment_logs("n3", "seg0")
+            time.sleep(0.3)
+        secret_file = tmp_path / "secret"
+        secret_file.write_text(secret)
+        health = [sys.executable, "-m", "segments.client", "health", "--port", "7100",
+                  "--secret-file", str(secret_file)]  # fmt: skip
+        # From the host over the management bridge ...
+        host = subprocess.run([*health, "--host", seg["mgmt_address"]], capture_output=True, text=True)
+        assert host.returncode == 0, host.stdout + host.stderr
+        # ... and from node n1 over the shaped data plane (two hops, routed through n2).
+        node = client.exec("n1", [*health, "--host", seg["address"]])
+        assert node["returncode"] == 0, node
+    finally:
+        stopped = client.stop_segment("n3", "seg0")
+    assert "seg0" not in next(n for n in client.status()["nodes"] if n["name"] == "n3")["segments"]
+    assert stopped["stopped"]
