@@ -20,6 +20,7 @@ node container.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -37,9 +38,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_PREFIX = "mecsplit"
 HTB_CLASS = "1:10"
-# Packets of a netem or HTB leaf: a deep queue at a low rate is what a cellular uplink looks like,
-# but it must never be the reason a shaped link loses packets it was not told to lose.
-LEAF_LIMIT_PACKETS = 10_000
+# Queue of a shaped direction, in seconds at its rate (at least QUEUE_MIN_PACKETS): deep enough for TCP to
+# fill the link at 100 ms RTT, shallow enough that a flow cannot build seconds of queueing delay the way a
+# fixed 1000-packet queue does at 1 Mbit/s (12 s). Resized with every rate change.
+QUEUE_S = 0.5
+QUEUE_MIN_PACKETS = 64
+FRAME_BYTES = 1514
 # Burst of the HTB class: the larger of 2 ms at the rate and 4 full frames. tc's default (rate/HZ + MTU)
 # undershoots at high rates on tickless kernels, where HTB's timer fires late and each wake-up must be
 # allowed to send what accrued; 2 ms keeps the short-term overshoot under the delays we emulate.
@@ -117,50 +121,31 @@ def has_htb(ns: Netns, dev: str) -> bool:
     return "htb" in out
 
 
-def set_rate(ns: Netns, dev: str, bw_mbit: float) -> None:
-    """Shape ``dev``'s egress to ``bw_mbit``: install HTB the first time, change the class in place after."""
+def queue_limit_packets(bw_mbit: float, delay_ms: float = 0.0) -> int:
+    """Leaf queue length: QUEUE_S of traffic at the rate, plus what is in flight in a netem delay line."""
+    in_flight_s = QUEUE_S + delay_ms / 1000
+    return max(QUEUE_MIN_PACKETS, math.ceil(bw_mbit * 1e6 / 8 * in_flight_s / FRAME_BYTES))
+
+
+def set_rate(ns: Netns, dev: str, bw_mbit: float, *, leaf: bool = True) -> None:
+    """Shape ``dev``'s egress to ``bw_mbit``: install HTB the first time, change the class in place after.
+
+    ``leaf``: also size the pfifo under the class (:func:`queue_limit_packets`); pass False when a netem
+    leaf sits there (:func:`set_netem` sizes that one).
+    """
     if bw_mbit <= 0:
         raise ShapingError(f"rate must be > 0 Mbit/s, got {bw_mbit} (floor trace outages, see testbed.trace)")
+    klass = ["parent", "1:", "classid", HTB_CLASS, "htb", *_rate_args(bw_mbit)]
     if has_htb(ns, dev):
-        run_in(
-            ns,
-            [
-                "tc",
-                "class",
-                "change",
-                "dev",
-                dev,
-                "parent",
-                "1:",
-                "classid",
-                HTB_CLASS,
-                "htb",
-                *_rate_args(bw_mbit),
-            ],
-        )
-        return
-    run_in(ns, ["tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "10"])
-    run_in(
-        ns,
-        ["tc", "class", "add", "dev", dev, "parent", "1:", "classid", HTB_CLASS, "htb", *_rate_args(bw_mbit)],
-    )
-    run_in(
-        ns,
-        [
-            "tc",
-            "qdisc",
-            "add",
-            "dev",
-            dev,
-            "parent",
-            HTB_CLASS,
-            "handle",
-            "10:",
-            "pfifo",
-            "limit",
-            str(LEAF_LIMIT_PACKETS),
-        ],
-    )
+        run_in(ns, ["tc", "class", "change", "dev", dev, *klass])
+    else:
+        run_in(ns, ["tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "10"])
+        run_in(ns, ["tc", "class", "add", "dev", dev, *klass])
+    if leaf:
+        # replace with the same kind and handle changes the queue in place, keeping the queued packets.
+        limit = str(queue_limit_packets(bw_mbit))
+        run_in(ns, ["tc", "qdisc", "replace", "dev", dev, "parent", HTB_CLASS, "handle", "10:", "pfifo",
+                    "limit", limit])  # fmt: skip
 
 
 def get_rate_mbit(ns: Netns, dev: str) -> float | None:
@@ -236,9 +221,13 @@ def netem_available() -> bool:
         run_in(ROOT_NS, ["ip", "link", "del", probe], check=False)
 
 
-def set_netem(ns: Netns, dev: str, delay_ms: float, loss_pct: float) -> None:
-    """netem under the HTB class of ``dev`` (call :func:`set_rate` first); replaces the leaf in place."""
-    args = ["delay", f"{delay_ms:.3f}ms", "loss", f"{loss_pct:.4f}%", "limit", str(LEAF_LIMIT_PACKETS)]
+def set_netem(ns: Netns, dev: str, bw_mbit: float, delay_ms: float, loss_pct: float) -> None:
+    """netem under the HTB class of ``dev`` (call :func:`set_rate` first); replaces the leaf in place.
+
+    ``bw_mbit`` sizes its queue: netem counts the packets in its delay line against its limit.
+    """
+    limit = str(queue_limit_packets(bw_mbit, delay_ms))
+    args = ["delay", f"{delay_ms:.3f}ms", "loss", f"{loss_pct:.4f}%", "limit", limit]
     run_in(ns, ["tc", "qdisc", "replace", "dev", dev, "parent", HTB_CLASS, "handle", "10:", "netem", *args])
 
 
@@ -462,11 +451,10 @@ class DirectionShaper:
         return self.state_dir / f"{self.chain}.{self.rx}.delay.json".replace(":", "_")
 
     def apply(self, shape: LinkShape) -> None:
-        set_rate(self.tx, self.tx_dev, shape.bw_mbit)
+        set_rate(self.tx, self.tx_dev, shape.bw_mbit, leaf=self.mode != "netem")
         if self.mode == "netem":
-            old = self.shape
-            if old is None or (old.delay_ms, old.loss_pct) != (shape.delay_ms, shape.loss_pct):
-                set_netem(self.tx, self.tx_dev, shape.delay_ms, shape.loss_pct)
+            if shape != self.shape:
+                set_netem(self.tx, self.tx_dev, shape.bw_mbit, shape.delay_ms, shape.loss_pct)
         else:
             self._apply_nfqueue(shape)
         self.shape = shape
