@@ -185,6 +185,33 @@ def test_trace_replay_sets_the_rate_every_second(client: TestbedClient) -> None:
         assert abs(medians[s] - TRACE_MBIT[s]) <= 0.2 * TRACE_MBIT[s], (s, medians)
 
 
+def _wait_event(
+    client: TestbedClient, name: str, resource: str, after_s: float, timeout_s: float = 10.0
+) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for e in client.status()["recent_events"]:
+            if e["event"] == name and e["resource_id"] == resource and e["t_s"] >= after_s:
+                return e
+        time.sleep(0.3)
+    raise AssertionError(f"no {name} for {resource}: {client.status()['recent_events']}")
+
+
+def test_link_and_node_events(client: TestbedClient) -> None:
+    t0 = time.monotonic()
+    client.set_link("n2", "n3", bw_mbit=5)  # nominal 50: below 0.7 x 50
+    degraded = _wait_event(client, "mec.link.degraded", "mec.link.n2-n3", t0)
+    assert degraded["payload"]["bw_mbit"] == 5 and degraded["payload"]["previous_bw_mbit"] == 50
+    client.set_link("n2", "n3", bw_mbit=50)
+    _wait_event(client, "mec.link.recovered", "mec.link.n2-n3", t0)
+    client.fail("n3")
+    try:
+        _wait_event(client, "mec.node.failed", "mec.node.n3", t0)
+    finally:
+        client.restore("n3")
+    _wait_event(client, "mec.node.recovered", "mec.node.n3", t0)
+
+
 @pytest.mark.parametrize(
     ("old", "new", "field", "line"),
     [
