@@ -1,0 +1,112 @@
+"""Routes between nodes over the link graph (pure; Dijkstra from scipy).
+
+The network, not the planner, picks routes: a transfer follows the path of least total RTT (ties: fewer
+hops), its one-way delay is half that path's RTT and its rate is the narrowest link on the path, because a
+TCP stream through routers runs at the bottleneck rate. Unreachable pairs have rate 0 and infinite delay.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
+
+from policies.problem import Problem
+
+# Breaks RTT ties toward fewer hops, and keeps zero-RTT links as edges of the sparse graph.
+_HOP_TIEBREAK_MS = 1e-6
+
+
+@dataclass(frozen=True)
+class Route:
+    nodes: tuple[str, ...]
+    delay_s: float
+    bw_mbit: float  # inf for a node to itself, 0 when unreachable
+
+
+class Routes:
+    """All-pairs routes as arrays (``delay_s``, ``bw_mbit``, ``trusted``), paths built on demand."""
+
+    def __init__(self, problem: Problem) -> None:
+        names = problem.node_names
+        self.names = names
+        self.index = {n: k for k, n in enumerate(names)}
+        size = len(names)
+        weight = np.zeros((size, size))
+        rtt = np.zeros((size, size))
+        bw = np.zeros((size, size))
+        for link in problem.links:
+            a, b = self.index[link.a], self.index[link.b]
+            weight[a, b] = weight[b, a] = link.rtt_ms + _HOP_TIEBREAK_MS
+            rtt[a, b] = rtt[b, a] = link.rtt_ms
+            bw[a, b] = bw[b, a] = link.bw_mbit
+        _dist, pred = dijkstra(csr_matrix(weight), directed=False, return_predecessors=True)
+        self._pred = pred
+        trusted = np.array([n.trust >= problem.constraints.trust_threshold for n in problem.nodes])
+        self.delay_s, self.bw_mbit, self.trusted = _accumulate(pred, rtt, bw, trusted)
+
+    def get(self, a: str, b: str) -> Route:
+        s, d = self.index[a], self.index[b]
+        if s == d:
+            return Route((a,), 0.0, math.inf)
+        if self._pred[s, d] < 0:
+            return Route((), math.inf, 0.0)
+        path = [d]
+        while path[-1] != s:
+            path.append(int(self._pred[s, path[-1]]))
+        return Route(
+            tuple(self.names[k] for k in reversed(path)), float(self.delay_s[s, d]), float(self.bw_mbit[s, d])
+        )
+
+
+def _accumulate(
+    pred: np.ndarray, rtt: np.ndarray, bw: np.ndarray, trusted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Delay, narrowest rate and all-trusted flag of every shortest path, one hop level at a time: a
+    pair's values follow from its predecessor pair's, all pairs at once."""
+    size = pred.shape[0]
+    src = np.repeat(np.arange(size)[:, None], size, axis=1)
+    dst = np.repeat(np.arange(size)[None, :], size, axis=0)
+    delay = np.full((size, size), np.inf)
+    rate = np.zeros((size, size))
+    path_ok = np.zeros((size, size), dtype=bool)
+    diag = np.eye(size, dtype=bool)
+    delay[diag], rate[diag], path_ok[diag] = 0.0, np.inf, trusted
+    known = diag.copy()
+    reach = pred >= 0
+    p = np.where(reach, pred, 0)
+    for _ in range(size):
+        ready = reach & ~known & known[src, p]
+        if not ready.any():
+            break
+        s, d, q = src[ready], dst[ready], p[ready]
+        delay[s, d] = delay[s, q] + rtt[q, d] / 2000.0
+        rate[s, d] = np.minimum(rate[s, q], bw[q, d])
+        path_ok[s, d] = path_ok[s, q] & trusted[d]
+        known |= ready
+    return delay, rate, path_ok
+
+
+def all_routes(problem: Problem) -> Routes:
+    return Routes(problem)
+
+
+def transfer_s(route: Route, num_bytes: float) -> float:
+    """Seconds to deliver ``num_bytes`` along ``route``: one-way delay plus serialisation at its rate."""
+    if len(route.nodes) == 1:
+        return 0.0
+    if route.bw_mbit == 0.0:
+        return math.inf
+    return route.delay_s + 8.0 * num_bytes / (route.bw_mbit * 1e6)
+
+
+def serialisation_s(route: Route, num_bytes: float) -> float:
+    """Seconds the route's narrowest link is busy with ``num_bytes`` (what limits pipelined throughput)."""
+    if len(route.nodes) == 1:
+        return 0.0
+    if route.bw_mbit == 0.0:
+        return math.inf
+    return 8.0 * num_bytes / (route.bw_mbit * 1e6)

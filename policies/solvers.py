@@ -1,0 +1,240 @@
+"""Exact and heuristic solvers of mecsplit's own objective (the baselines live in ``baselines``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from policies.analytic import predict, violations, weighted_objective
+from policies.errors import InfeasibleError
+from policies.plan import Plan, Stage
+from policies.problem import Constraints, Problem
+from policies.routes import Routes, all_routes
+from policies.search import Found, RawStage, beam, exact, lower_bound, relaxed_to_go
+from policies.tables import INF, REL_TOL, Costs, Tables, bottleneck_values, build, latency_costs
+
+# Beam width of the incumbent that prunes the exact search, and of the scalable heuristic.
+_INCUMBENT_WIDTH = 4
+HEURISTIC_WIDTH = 24
+
+
+def to_plan(problem: Problem, t: Tables, stages: Sequence[RawStage], policy: str) -> Plan:
+    named = tuple(Stage(node=t.names[n], first=i, end=e) for n, i, e in stages)
+    return plan_from_stages(problem, named, policy, t.routes)
+
+
+def plan_from_stages(
+    problem: Problem, stages: Sequence[Stage], policy: str, routes: Routes | None = None
+) -> Plan:
+    """Validate ``stages`` against every constraint and price them with the analytic model."""
+    routes = routes if routes is not None else all_routes(problem)
+    broken = violations(problem, stages, routes)
+    if broken:
+        first = broken[0]
+        raise InfeasibleError(first.constraint, f"policy {policy!r}: {first.detail}")
+    metrics = predict(problem, stages, routes)
+    return Plan(
+        stages=tuple(stages),
+        policy=policy,
+        predicted=metrics,
+        objective_value=weighted_objective(problem, metrics),
+    )
+
+
+def throughput_cap_s(constraints: Constraints) -> float:
+    if constraints.min_throughput_tok_s is None:
+        return INF
+    return (1.0 + REL_TOL) / constraints.min_throughput_tok_s
+
+
+def objective_costs(
+    problem: Problem, t: Tables, *, cap_s: float | None = None, source_hops: bool = True
+) -> Costs:
+    o = problem.objective
+    return latency_costs(
+        t,
+        w_ttft=o.ttft,
+        w_tpot=problem.tpot_weight(),
+        w_privacy=o.privacy,
+        cap_s=throughput_cap_s(problem.constraints) if cap_s is None else cap_s,
+        cap_source_hops=source_hops,
+    )
+
+
+def search_exact(costs: Costs) -> Found | None:
+    to_go, enter = relaxed_to_go(costs)
+    if not np.isfinite(lower_bound(costs, enter)):
+        return None
+    incumbent = beam(costs, to_go, width=_INCUMBENT_WIDTH)
+    return exact(costs, to_go, incumbent=incumbent)
+
+
+def needs_milp(problem: Problem) -> bool:
+    """SLO bounds on TTFT/TPOT and lexicographic or bottleneck-weighted objectives are the MILP's job."""
+    c, o = problem.constraints, problem.objective
+    return o.mode == "lexicographic" or c.max_ttft_s is not None or c.max_tpot_s is not None
+
+
+def latency_dp(problem: Problem, *, policy: str = "latency_dp") -> Plan:
+    """Exact minimum of w_ttft*TTFT + w_tpot*TPOT + w_privacy*exposure under memory, trust and throughput
+    floor (all per-stage, so exact inside the search). SLO bounds hand over to the exact MILP."""
+    if needs_milp(problem):
+        from policies.milp import milp
+
+        if problem.objective.mode == "lexicographic":
+            return milp(problem, policy=policy)
+        return milp(problem, policy=policy, weights=_latency_weights(problem))
+    t = build(problem)
+    found = search_exact(objective_costs(problem, t))
+    if found is None:
+        raise diagnose(problem)
+    return to_plan(problem, t, found.stages, policy)
+
+
+def _latency_weights(problem: Problem) -> tuple[float, float, float, float]:
+    o = problem.objective
+    return (o.ttft, problem.tpot_weight(), 0.0, o.privacy)
+
+
+def throughput_dp(problem: Problem, *, policy: str = "throughput_dp", source_hops: bool = True) -> Plan:
+    """Exact minimum bottleneck (max over stages and hops of busy time per token = 1/throughput), ties
+    broken by the least latency objective. Binary search over the candidate bottleneck values, each
+    tested by the exact search restricted to stages and hops within that value."""
+    if needs_milp(problem) and source_hops:
+        from policies.milp import milp
+
+        return milp(problem, policy=policy, order=("bottleneck", "latency"))
+    t = build(problem)
+    base = objective_costs(problem, t, source_hops=source_hops)
+    values = bottleneck_values(t, base, include_source_hops=source_hops)
+    if values.size == 0 or search_exact(base) is None:
+        raise diagnose(problem)
+
+    def relaxed_ok(cap: float) -> bool:
+        costs = objective_costs(problem, t, cap_s=min(cap, _floor(problem)), source_hops=source_hops)
+        _to_go, enter = relaxed_to_go(costs)
+        return bool(np.isfinite(lower_bound(costs, enter)))
+
+    def exact_at(cap: float) -> Found | None:
+        return search_exact(
+            objective_costs(problem, t, cap_s=min(cap, _floor(problem)), source_hops=source_hops)
+        )
+
+    # The relaxation is monotone and cheap: its threshold is a lower bound on the true one.
+    lo = _first_true(values, relaxed_ok, 0)
+    hi = values.size - 1
+    found_hi = exact_at(float(values[hi]))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        found = exact_at(float(values[mid]))
+        if found is not None:
+            hi, found_hi = mid, found
+        else:
+            lo = mid + 1
+    if found_hi is None:
+        raise diagnose(problem)
+    return to_plan(problem, t, found_hi.stages, policy)
+
+
+def _floor(problem: Problem) -> float:
+    return throughput_cap_s(problem.constraints)
+
+
+def _first_true(values: np.ndarray, test: object, lo: int) -> int:
+    hi = values.size - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if test(float(values[mid])):  # type: ignore[operator]
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def heuristic(problem: Problem, *, policy: str = "heuristic", width: int = HEURISTIC_WIDTH) -> Plan:
+    """Beam search under the relaxed DP's cost-to-go: polynomial (rounds x width x N x L), for instances
+    where the exact search is too slow. Its gap is measured by ``mecsplit bench policies``."""
+    if needs_milp(problem):
+        return latency_dp(problem, policy=policy)
+    t = build(problem)
+    costs = objective_costs(problem, t)
+    to_go, enter = relaxed_to_go(costs)
+    if not np.isfinite(lower_bound(costs, enter)):
+        raise diagnose(problem)
+    found = beam(costs, to_go, width=width)
+    if found is None:
+        # The beam can miss every feasible plan when memory is tight; the exact search cannot.
+        found = exact(costs, to_go)
+    if found is None:
+        raise diagnose(problem)
+    return to_plan(problem, t, found.stages, policy)
+
+
+def relaxed_lower_bound(problem: Problem) -> float:
+    """A lower bound on the optimal latency objective (the relaxation that lets nodes repeat)."""
+    t = build(problem)
+    costs = objective_costs(problem, t)
+    _to_go, enter = relaxed_to_go(costs)
+    return lower_bound(costs, enter)
+
+
+def diagnose(problem: Problem) -> InfeasibleError:
+    """Name the constraint that binds: the first whose removal alone makes a plan exist."""
+    c = problem.constraints
+    relax: list[tuple[str, dict[str, object]]] = []
+    if c.check_memory:
+        relax.append(("memory", {"check_memory": False}))
+    if c.trusted_prefix_layers:
+        relax.append(("trust", {"trusted_prefix_layers": 0}))
+    if c.private_depth:
+        relax.append(("private_depth", {"private_depth": 0}))
+    if c.trusted_head:
+        relax.append(("trusted_head", {"trusted_head": False}))
+    if c.min_throughput_tok_s is not None:
+        relax.append(("min_throughput", {"min_throughput_tok_s": None}))
+    if not _structurally_feasible(problem):
+        for name, change in relax:
+            if _structurally_feasible(
+                problem.model_copy(update={"constraints": c.model_copy(update=change)})
+            ):
+                return InfeasibleError(name, _advice(name))
+        if relax:
+            names = ", ".join(n for n, _ in relax)
+            return InfeasibleError("combination", f"no single constraint binds alone; relax one of: {names}")
+        return InfeasibleError("connectivity", "no node reachable from the source can run the model")
+    for name, limit, metric in (("max_ttft", c.max_ttft_s, "ttft"), ("max_tpot", c.max_tpot_s, "tpot")):
+        if limit is None:
+            continue
+        best = _best_single_metric(problem, metric)
+        if best > limit * (1.0 + REL_TOL):
+            return InfeasibleError(name, f"the best achievable {metric} is {best:.4g} s > {limit} s")
+    return InfeasibleError(
+        "combination", "the SLO bounds cannot hold together; relax max_ttft_s or max_tpot_s"
+    )
+
+
+def _structurally_feasible(problem: Problem) -> bool:
+    t = build(problem)
+    return search_exact(objective_costs(problem, t)) is not None
+
+
+def _best_single_metric(problem: Problem, metric: str) -> float:
+    t = build(problem)
+    w_ttft, w_tpot = (1.0, 0.0) if metric == "ttft" else (0.0, 1.0)
+    costs = latency_costs(t, w_ttft=w_ttft, w_tpot=w_tpot, w_privacy=0.0, cap_s=_floor(problem))
+    found = search_exact(costs)
+    return INF if found is None else found.value
+
+
+_ADVICE = {
+    "memory": "no node set holds the layers with their KV cache; add memory or nodes, or fewer sessions",
+    "trust": "trusted nodes cannot hold the trusted prefix; add trusted memory or lower the prefix",
+    "private_depth": "private activations cannot stay in the trusted domain; add trusted routes or lower it",
+    "trusted_head": "no trusted node can run the head; add a trusted node with memory or drop trusted_head",
+    "min_throughput": "no plan reaches the throughput floor; lower min_throughput_tok_s or add faster nodes",
+}
+
+
+def _advice(name: str) -> str:
+    return _ADVICE[name]
