@@ -28,7 +28,7 @@ def stream_completion(
     gateway_url: str, prompt: str, max_tokens: int, *, timeout_s: float = 300.0, seed: int = 0
 ) -> StreamSample:
     """One greedy streamed completion; each SSE chunk is one token's text (held-back bytes excepted)."""
-    body = {"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "seed": seed}  # fmt: skip
     started_wall = time.time()
     started = time.perf_counter()

@@ -6,10 +6,11 @@ reused by the experiment runner without an API server.
 
 from __future__ import annotations
 
-import itertools
+import json
 import secrets
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,17 +60,46 @@ def model_facts(settings: Settings, model: str) -> ModelFacts:
 
 
 def profile_nodes(
-    backend: Backend, nodes: Iterable[str], model: str, context: int, progress: Progress = print
+    backend: Backend,
+    nodes: Iterable[str],
+    model: str,
+    context: int,
+    *,
+    max_age_s: float,
+    refresh: Iterable[str] = (),
+    progress: Progress = print,
+    settings: Settings | None = None,
 ) -> dict[str, dict[str, Any]]:
-    profiles = {}
-    for node in sorted(nodes):
+    """Per-node compute profiles, measured where the cached one is older than ``max_age_s`` (or the node
+    is in ``refresh``, e.g. the node an overload event named). Nodes are profiled in parallel: each
+    profile runs on its own node, so they do not compete (on the local backend they share the host)."""
+    settings = settings or get_settings()
+    cache_path = settings.run_dir / f"profiles-{backend.name}-{model}-{context}.json"
+    cache: dict[str, dict[str, Any]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    now = time.time()
+    refresh = set(refresh)
+    stale = sorted(
+        n for n in nodes if n in refresh or n not in cache or now - cache[n]["measured_at_s"] > max_age_s
+    )
+
+    def one(node: str) -> dict[str, Any]:
         started = time.monotonic()
-        profiles[node] = backend.profile_compute(node, model, context)
+        profile = backend.profile_compute(node, model, context)
         progress(
-            f"profiled {node}: {profiles[node]['layer_decode_s'] * 1e3:.2f} ms/layer/token "
+            f"profiled {node}: {profile['layer_decode_s'] * 1e3:.2f} ms/layer/token "
             f"({time.monotonic() - started:.1f} s)"
         )
-    return profiles
+        return {**profile, "measured_at_s": time.time()}
+
+    workers = 1 if backend.name == "local" else max(1, len(stale))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for node, profile in zip(stale, pool.map(one, stale), strict=True):
+            cache[node] = profile
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_text(json.dumps(cache, sort_keys=True))
+    for node in sorted(set(nodes) - set(stale)):
+        progress(f"{node}: cached profile, {now - cache[node]['measured_at_s']:.0f} s old")
+    return {n: cache[n] for n in sorted(nodes)}
 
 
 def profile_links(
@@ -146,7 +176,6 @@ class DeployResult:
     state: DeploymentState
     started: tuple[Endpoint, ...]
     stopped: tuple[Endpoint, ...]
-    reused: tuple[Endpoint, ...]
     switch_s: float
     total_s: float
 
@@ -166,36 +195,40 @@ def deploy(
     progress: Progress = print,
     settings: Settings | None = None,
 ) -> DeployResult:
-    """Make-before-break: start what the new plan lacks, switch the gateway's sessions, stop the rest."""
+    """Make-before-break: start the new plan's segments, switch the gateway's sessions, stop the old ones.
+
+    Every stage gets a fresh server even where the old plan had the same range on the same node: the
+    gateway moves each session's KV from the old chain to the new one and then drops it from the old
+    servers, which would drop it from a server that both chains share.
+    """
     settings = settings or get_settings()
     started_at = time.monotonic()
     revision = 0 if current is None else current.revision + 1
-    secret = current_secret(current, settings)
-    have = {(e.node, e.first, e.end): e for e in (current.segments if current else ())}
-    endpoints: list[Endpoint] = []
-    started: list[Endpoint] = []
-    try:
-        for node, first, end in plan_layout(plan):
-            if (node, first, end) in have:
-                endpoints.append(have[(node, first, end)])
-                continue
-            progress(f"starting segment [{first}, {end}) on {node}")
-            endpoint = backend.start_segment(SegmentRequest(node, model, first, end, revision), secret)
-            started.append(endpoint)
-            endpoints.append(endpoint)
-    except BaseException:
-        for endpoint in started:  # nothing half-done: the old chain keeps serving
+    secret = current_secret(current)
+    layout = plan_layout(plan)
+    for node, first, end in layout:
+        progress(f"starting segment [{first}, {end}) on {node}")
+    # Started together: their model loads overlap, and a plan change costs one load time, not K.
+    requests = [SegmentRequest(node, model, first, end, revision) for node, first, end in layout]
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        futures = [pool.submit(backend.start_segment, request, secret) for request in requests]
+    failures = [f.exception() for f in futures if f.exception() is not None]
+    endpoints = [f.result() for f in futures if f.exception() is None]
+    if failures:
+        for endpoint in endpoints:  # nothing half-done: the old chain keeps serving
             backend.stop_segment(endpoint)
-        raise
+        raise failures[0]  # type: ignore[misc]
+    chain = chain_dict(model, endpoints)
+    switch_started = time.monotonic()
     if current is None:
-        gateway_url, gateway_handle = backend.start_gateway(model, secret, settings.segments.gateway_port)
+        gateway_url, gateway_handle = backend.start_gateway(
+            model, secret, settings.segments.gateway_port, chain
+        )
     else:
         gateway_url, gateway_handle = current.gateway_url, current.gateway_handle
-    switch_started = time.monotonic()
-    set_gateway_chain(gateway_url, model, endpoints, mode=switch_mode)
+        set_gateway_chain(gateway_url, chain, mode=switch_mode)
     switch_s = time.monotonic() - switch_started
-    kept = {(e.node, e.first, e.end) for e in endpoints}
-    stopped = [e for key, e in have.items() if key not in kept]
+    stopped = list(current.segments) if current is not None else []
     for endpoint in stopped:
         progress(f"stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}")
         backend.stop_segment(endpoint)
@@ -206,26 +239,24 @@ def deploy(
     )  # fmt: skip
     return DeployResult(
         state=state,
-        started=tuple(started),
+        started=tuple(endpoints),
         stopped=tuple(stopped),
-        reused=tuple(e for e in endpoints if e not in started),
         switch_s=switch_s,
         total_s=time.monotonic() - started_at,
     )
 
 
-def current_secret(current: DeploymentState | None, settings: Settings) -> str:
-    del settings
+def current_secret(current: DeploymentState | None) -> str:
     return current.secret if current is not None else secrets.token_hex(32)
 
 
-def set_gateway_chain(
-    gateway_url: str, model: str, endpoints: list[Endpoint], *, mode: str
-) -> dict[str, Any]:
-    chain = {
-        "model": model,
-        "hops": [{"host": e.host, "port": e.port, "first": e.first, "end": e.end} for e in endpoints],
-    }
+def chain_dict(model: str, endpoints: list[Endpoint]) -> dict[str, Any]:
+    """The gateway's chain (``segments.client.Chain.to_dict()``) for these endpoints, in layer order."""
+    hops = [{"host": e.host, "port": e.port, "first": e.first, "end": e.end} for e in endpoints]
+    return {"model": model, "hops": hops}
+
+
+def set_gateway_chain(gateway_url: str, chain: dict[str, Any], *, mode: str) -> dict[str, Any]:
     response = httpx.post(f"{gateway_url}/admin/chain", json={"chain": chain, "mode": mode}, timeout=300)
     response.raise_for_status()
     return response.json()
@@ -235,7 +266,3 @@ def teardown(backend: Backend, state: DeploymentState) -> None:
     backend.stop_gateway(state.gateway_handle)
     for endpoint in state.segments:
         backend.stop_segment(endpoint)
-
-
-def pairwise_hops(endpoints: list[Endpoint]) -> list[tuple[str, str]]:
-    return [(a.node, b.node) for a, b in itertools.pairwise(endpoints) if a.node != b.node]

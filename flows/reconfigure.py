@@ -131,7 +131,9 @@ def reconfigure(
         raise RuntimeError("nothing is deployed: run `mecsplit deploy --scenario F` (or the demo) first")
     sc = load_scenario(Path(scenario))
     _log(f"reconfigure: {reason} {resource or ''} {'' if bw_mbit is None else f'bw={bw_mbit} Mbit/s'}")
-    profiles = profile_nodes_task(current.backend, scenario, current.model)
+    # A node event invalidates that node's compute profile; a link event leaves compute profiles valid.
+    refresh = [resource.removeprefix("mec.node.")] if resource and resource.startswith("mec.node.") else []
+    profiles = profile_nodes_task(current.backend, scenario, current.model, refresh)
     probes = profile_links_task(current.backend, scenario, sorted(profiles))
     problem = pipeline.build_problem(
         sc, pipeline.model_facts(get_settings(), current.model), profiles, probes
@@ -171,7 +173,7 @@ def deploy_flow(
     """First deployment: profile -> optimise -> deploy -> measure (no hysteresis: nothing runs yet)."""
     sc = load_scenario(Path(scenario))
     model = model or sc.model
-    profiles = profile_nodes_task(backend, scenario, model)
+    profiles = profile_nodes_task(backend, scenario, model, [])
     probes = profile_links_task(backend, scenario, sorted(profiles))
     problem = pipeline.build_problem(sc, pipeline.model_facts(get_settings(), model), profiles, probes)
     plan = optimise_task(problem, policy)

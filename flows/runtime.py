@@ -66,7 +66,7 @@ class Backend(Protocol):
     def probe_link(self, a: str, b: str) -> LinkProbe: ...
     def start_segment(self, request: SegmentRequest, secret: str) -> Endpoint: ...
     def stop_segment(self, endpoint: Endpoint) -> None: ...
-    def start_gateway(self, model: str, secret: str, port: int) -> tuple[str, str]: ...
+    def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]: ...
     def stop_gateway(self, handle: str) -> None: ...
     def alive_nodes(self) -> list[str]: ...
 
@@ -79,10 +79,12 @@ def _server_command(settings: Settings, req: SegmentRequest, host: str, port: in
     ]  # fmt: skip
 
 
-def _gateway_command(settings: Settings, model: str, host: str, port: int) -> list[str]:
+def _gateway_command(
+    settings: Settings, model: str, host: str, port: int, chain: dict[str, Any]
+) -> list[str]:
     return [
-        sys.executable, "-m", "segments.gateway", "--store", str(settings.store_dir), "--model", model,
-        "--host", host, "--port", str(port),
+        sys.executable, "-m", "segments.gatewayd", "--store", str(settings.store_dir), "--model", model,
+        "--host", host, "--port", str(port), "--chain-json", json.dumps(chain),
     ]  # fmt: skip
 
 
@@ -167,8 +169,8 @@ class LocalBackend:
     def stop_segment(self, endpoint: Endpoint) -> None:
         stop_pid(int(endpoint.handle.removeprefix("pid:")))
 
-    def start_gateway(self, model: str, secret: str, port: int) -> tuple[str, str]:
-        command = _gateway_command(self.settings, model, "127.0.0.1", port)
+    def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]:
+        command = _gateway_command(self.settings, model, "127.0.0.1", port, chain)
         pid, bound = self._spawn(command, "gateway", {"MECSPLIT_SECRET": secret})
         return f"http://127.0.0.1:{bound}", f"pid:{pid}"
 
@@ -283,10 +285,10 @@ class TestbedBackend:
     def stop_segment(self, endpoint: Endpoint) -> None:
         self.client.stop_segment(endpoint.node, endpoint.handle.removeprefix("segment:"))
 
-    def start_gateway(self, model: str, secret: str, port: int) -> tuple[str, str]:
+    def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]:
         source = self.scenario.source
         answer = self.client.deploy_segment(
-            source, "gateway", _gateway_command(self.settings, model, "0.0.0.0", port),
+            source, "gateway", _gateway_command(self.settings, model, "0.0.0.0", port, chain),
             env={"MECSPLIT_SECRET": secret}, port=port,
         )  # fmt: skip
         self._wait_for_json(source, "gateway", 180, ready=True)

@@ -1,0 +1,72 @@
+"""The gateway as a long-lived process over an existing chain (what deployments start on the source node).
+
+``python -m segments.gatewayd --store DIR --model M --chain-json '{"model":..., "hops": [...]}' --host H
+--port P`` (secret from ``--secret-file`` or ``MECSPLIT_SECRET``) serves the OpenAI-compatible API of
+:mod:`segments.gateway` and prints one JSON line ``{"ready": true, "port": P, "pid": ...}`` once it accepts
+connections (port 0 binds a free port and names it there). Later chains arrive by ``POST /admin/chain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from segments.auth import load_secret
+from segments.client import Chain
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m segments.gatewayd", description=__doc__.split("\n\n")[0])
+    p.add_argument("--store", type=Path, required=True, help="segment store (for the tokenizer)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--chain-json", required=True, help="the initial chain, as Chain.to_dict() JSON")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--secret-file", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from segments.gateway import Gateway, create_app
+    from segments.store import load_tokenizer
+
+    chain = Chain.from_dict(json.loads(args.chain_json))
+    gateway = Gateway(
+        chain, load_secret(args.secret_file), load_tokenizer(args.store, args.model), args.model
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    server = uvicorn.Server(uvicorn.Config(create_app(gateway), log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            return task.result() or 1
+        await asyncio.sleep(0.05)
+    print(json.dumps({"ready": True, "port": sock.getsockname()[1], "pid": os.getpid()}), flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    await task
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        return asyncio.run(_serve(args))
+    except Exception as exc:
+        print(json.dumps({"ready": False, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
