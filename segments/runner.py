@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from transformers import DynamicCache, PretrainedConfig
 
 
+# Store tensors by part: "embed", "head" or a layer index.
+Parts = dict[str | int, dict[str, torch.Tensor]]
+
+
 def position_ids_for(attention_mask: torch.Tensor | None, position: int, length: int) -> torch.Tensor:
     """Position ids of the ``length`` new tokens: ``[1, T]`` without a mask, else ``[B, T]``."""
     if attention_mask is None:
@@ -110,7 +114,7 @@ class _LlamaBlocks(_Blocks):
     """Llama-family decoders (Llama, SmolLM2): ``model.embed_tokens/layers/norm/rotary_emb``, ``lm_head``."""
 
     def __init__(
-        self, config: PretrainedConfig, spec: SegmentSpec, is_last: bool, whole: nn.Module, parts
+        self, config: PretrainedConfig, spec: SegmentSpec, is_last: bool, whole: nn.Module, parts: Parts
     ) -> None:
         super().__init__(config, spec, is_last)
         inner = whole.model
@@ -132,7 +136,13 @@ class _LlamaBlocks(_Blocks):
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def layers(self, hidden, attention_mask, position_ids, cache):
+    def layers(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         mask = create_causal_mask(
@@ -170,7 +180,7 @@ class _GPT2Blocks(_Blocks):
     """GPT-2: ``transformer.wte / wpe / h / ln_f``, ``lm_head`` (tied to ``wte``)."""
 
     def __init__(
-        self, config: PretrainedConfig, spec: SegmentSpec, is_last: bool, whole: nn.Module, parts
+        self, config: PretrainedConfig, spec: SegmentSpec, is_last: bool, whole: nn.Module, parts: Parts
     ) -> None:
         super().__init__(config, spec, is_last)
         inner = whole.transformer
@@ -192,7 +202,13 @@ class _GPT2Blocks(_Blocks):
         inputs_embeds = self.wte(input_ids)
         return inputs_embeds + self.wpe(position_ids).to(inputs_embeds.device)
 
-    def layers(self, hidden, attention_mask, position_ids, cache):
+    def layers(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         if attention_mask is not None:
@@ -225,7 +241,7 @@ class _BertBlocks(_Blocks):
     """BERT encoder: ``embeddings``, ``encoder.layer``; the last segment returns the final hidden states."""
 
     def __init__(
-        self, config: PretrainedConfig, spec: SegmentSpec, is_last: bool, whole: nn.Module, parts
+        self, config: PretrainedConfig, spec: SegmentSpec, is_last: bool, whole: nn.Module, parts: Parts
     ) -> None:
         from transformers.models.bert.modeling_bert import BertEmbeddings
 
@@ -248,7 +264,13 @@ class _BertBlocks(_Blocks):
             input_ids=input_ids, position_ids=None, token_type_ids=None, inputs_embeds=None
         )
 
-    def layers(self, hidden, attention_mask, position_ids, cache):
+    def layers(
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> torch.Tensor:
         from transformers.masking_utils import create_bidirectional_mask
 
         mask = create_bidirectional_mask(
@@ -304,7 +326,7 @@ class SegmentRunner:
     def _build(self) -> _Blocks:
         with torch.device("meta"):
             whole = store.build_hf_model(self.config, self.info.kind)
-        parts: dict[Any, dict[str, torch.Tensor]] = {
+        parts: Parts = {
             layer: store.load_part(self.store_dir, self.manifest, layer)
             for layer in range(self.spec.first, self.spec.end)
         }
@@ -379,7 +401,13 @@ class SegmentRunner:
             state.length = position + length
             return out
 
-    def _run(self, inputs, attention_mask, position_ids, cache) -> torch.Tensor:
+    def _run(
+        self,
+        inputs: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None,
+    ) -> torch.Tensor:
         hidden = self._blocks.embed(inputs, position_ids) if self.is_first else inputs
         hidden = self._blocks.layers(hidden, attention_mask, position_ids, cache)
         return self._blocks.head(hidden) if self.is_last else hidden
@@ -582,7 +610,9 @@ class SegmentRunner:
             )
         return layers
 
-    def _install(self, state: _Session, tensors, layers: set[int], length: int, batch: int) -> None:
+    def _install(
+        self, state: _Session, tensors: Mapping[str, torch.Tensor], layers: set[int], length: int, batch: int
+    ) -> None:
         from transformers.cache_utils import DynamicLayer
 
         cache = state.cache
