@@ -18,13 +18,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+# FastAPI resolves handler annotations (``Request``) from this module's globals, so import it here.
+from fastapi import FastAPI, Request
+
 from segments.client import AsyncChainClient, Chain, ChainError, RemoteError, Session, SwitchMode
 from segments.errors import SegmentError
 from segments.sampling import SamplingError, SamplingParams
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
     from transformers import PreTrainedTokenizerBase
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template, ready for the assistant's turn."""
+    ids: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
 
 
 class GatewayRequestError(Exception):
@@ -78,12 +88,9 @@ class Gateway:
         if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise GatewayRequestError("messages must be a non-empty list of {role, content}", "messages")
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return chat_ids(self.tokenizer, messages)
         except Exception as exc:  # template errors (a bad role, no template) are the caller's to fix
             raise GatewayRequestError(f"cannot apply the chat template: {exc}", "messages") from None
-        if isinstance(ids, dict):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
 
     def encode_prompt(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -192,7 +199,6 @@ def _sse(payload: dict[str, Any]) -> str:
 def create_app(gateway: Gateway) -> FastAPI:
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
 

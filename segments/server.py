@@ -201,6 +201,13 @@ class Connection:
     peer: str
     channels: set[str] = field(default_factory=set)
     closed: bool = False
+    # Requests of this connection still computing: a peer that half-closes still gets their replies.
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 class PeerLink:
@@ -456,6 +463,10 @@ class SegmentServer:
         while True:
             try:
                 frame = await read_frame(reader, self.limits.max_frame_bytes, self.limits.frame_timeout_s)
+            except ConnectionClosedError:
+                if conn.tasks:
+                    await asyncio.wait(list(conn.tasks), timeout=self.limits.peer_timeout_s * 6)
+                return
             except ProtocolError as exc:
                 self._send_error(conn, exc.code, str(exc))
                 return
@@ -526,7 +537,7 @@ class SegmentServer:
             return
         self._track(req.request_id, conn)
         future = self._submit(lambda: self._compute_forward(req))
-        asyncio.get_running_loop().create_task(self._finish_forward(conn, req, future))
+        conn.spawn(self._finish_forward(conn, req, future))
 
     async def _finish_forward(
         self, conn: Connection, req: ForwardRequest, future: asyncio.Future[Any]
@@ -572,7 +583,7 @@ class SegmentServer:
         handler = _CONTROL_OPS.get(op)
         if handler is None:
             raise BadRequestError(f"unknown control op {op!r}; known: {', '.join(sorted(_CONTROL_OPS))}")
-        asyncio.get_running_loop().create_task(self._run_control(conn, handler, frame, rid))
+        conn.spawn(self._run_control(conn, handler, frame, rid))
 
     async def _run_control(self, conn: Connection, handler: Any, frame: Frame, rid: str) -> None:
         try:

@@ -60,11 +60,9 @@ def _prompt_ids(store_dir: Path, model: str, prompt: str, chat: bool) -> tuple[A
 
     tokenizer = load_tokenizer(store_dir, model)
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict):
-            ids = ids["input_ids"]
+        from segments.gateway import chat_ids
+
+        ids = chat_ids(tokenizer, [{"role": "user", "content": prompt}])
     else:
         ids = tokenizer.encode(prompt)
     return tokenizer, [int(i) for i in ids]

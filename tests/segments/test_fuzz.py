@@ -83,16 +83,29 @@ def _wrong_shape(rng: random.Random) -> bytes:
     return encode_frame_bytes(FrameType.FORWARD, header, tensors)
 
 
+_BAD_VALUES: dict[str, list[object]] = {
+    "position": ["3", -3, [1], True, 1.5, None],
+    "route": ["nohost", [1, 2], ["nohost"], ["h:99999"], {"a": 1}],
+    "session": ["x" * 500, "", 3, [1], None],
+    "request_id": ["x" * 500, "", 3.5, None],
+    "layer": [-3, "0", 5, True, None],
+    "sampling": [{"a": 1}, "greedy", {"temperature": -1}, {"top_p": 0}],
+    "wire_dtype": ["f64", 3],
+    "logits": ["some", 3],
+    "channel": ["", 7, None],
+}
+
+
 def _bad_fields(rng: random.Random) -> bytes:
+    """A well-framed FORWARD with one field of the wrong type or value (None: the field is missing)."""
     header = _forward_header(rng)
-    key = rng.choice(
-        ["position", "route", "session", "request_id", "layer", "sampling", "wire_dtype", "logits"]
-    )
-    header[key] = rng.choice(["x" * 500, -3, [1, 2], {"a": 1}, True, None, 1.5, ["nohost"]])
-    if header.get(key) is None and key in ("position", "session", "request_id", "layer"):
+    key = rng.choice(sorted(_BAD_VALUES))
+    value = rng.choice(_BAD_VALUES[key])
+    if value is None:
         del header[key]
-    ids = torch.tensor([[1, 2, 3]])
-    return encode_frame_bytes(FrameType.FORWARD, header, {"x": ids})
+    else:
+        header[key] = value
+    return encode_frame_bytes(FrameType.FORWARD, header, {"x": torch.tensor([[1, 2, 3]])})
 
 
 def _wrong_type(rng: random.Random) -> bytes:
@@ -136,9 +149,7 @@ def _hit(port: int, secret: bytes, data: bytes, authenticate: bool, must_close: 
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)  # a cut frame ends in EOF, so the server never waits for the rest
         frame = recv_frame(sock)
-        if frame is None:
-            assert not must_close, f"no error reply to {data[:40]!r}"
-            return "closed"
+        assert frame is not None, f"no error reply to {data[:40]!r}"
         assert frame.type == FrameType.ERROR, frame
         if must_close:
             assert recv_exact(sock, 1) is None, f"connection left open after {data[:40]!r}"
@@ -170,6 +181,6 @@ def test_fuzz_ten_thousand_frames(wire_store: Path) -> None:
             stats = client.stats()[0]
         assert lc.processes[0].poll() is None, "the server died"
     assert sum(codes.values()) == FRAMES
-    assert stats["errors"] >= FRAMES - codes.get("closed", 0)
+    assert stats["errors"] >= FRAMES
     if os.environ.get("MECSPLIT_FUZZ_REPORT"):
         print(json.dumps({"frames": FRAMES, "elapsed_s": round(elapsed_s, 1), "replies": codes}))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +15,7 @@ from wire_helpers import children_alive, num_layers
 
 from segments.gateway import Gateway, create_app
 from segments.launch import LocalChain
+from segments.sampling import SamplingParams
 from segments.spec import split_evenly
 from segments.store import load_tokenizer
 
@@ -107,28 +108,48 @@ def test_errors_have_openai_shape(base_url: str) -> None:
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_switch_chain_mid_stream_keeps_the_tokens(
-    base_url: str, chains: tuple[LocalChain, LocalChain]
+def test_switch_between_tokens_keeps_the_tokens(
+    wire_store: Path, chains: tuple[LocalChain, LocalChain]
 ) -> None:
+    """Gateway.switch while a stream is paused between two tokens, for each move mode and both directions."""
     a, b = chains
-    body = {"model": MODEL, "prompt": "Split inference", "max_tokens": 12, "temperature": 0, "stream": True}
-    undisturbed = httpx.post(f"{base_url}/v1/completions", json={**body, "stream": False}, timeout=120)
-    want = undisturbed.json()["choices"][0]["text"]
-    got = ""
-    switched = None
-    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120) as response:
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            got += json.loads(line[6:])["choices"][0]["text"]
-            if switched is None and got:
-                target = (
-                    b.chain
-                    if httpx.get(f"{base_url}/admin/chain").json()["chain"] == a.chain.to_dict()
-                    else a.chain
-                )
-                switched = httpx.post(
-                    f"{base_url}/admin/chain", json={"chain": target.to_dict(), "mode": "kv"}, timeout=120
-                ).json()
-    assert switched is not None and switched["sessions"] == 1, switched
-    assert got == want
+    tokenizer = load_tokenizer(wire_store, MODEL)
+    ids = tokenizer.encode("Split inference on edge nodes")
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+
+    async def scenario() -> list[tuple[str, str, int]]:
+        gateway = Gateway(a.chain, a.secret(), tokenizer, MODEL)
+        await gateway.start()
+        try:
+            want = "".join([d async for d, _ in gateway.stream(ids, 12, params, [], {})])
+            outcomes = []
+            for mode, target in (("kv", b), ("push", a), ("replay", b), ("kv", a)):
+                got, moved = "", None
+                async for delta, _ in gateway.stream(ids, 12, params, [], {}):
+                    got += delta
+                    if moved is None and got:
+                        moved = await gateway.switch(target.chain, mode)  # type: ignore[arg-type]
+                assert moved is not None and moved["sessions"] == 1
+                outcomes.append((mode, got, len(want)))
+                assert got == want, mode
+            return outcomes
+        finally:
+            await gateway.close()
+
+    assert len(asyncio.run(scenario())) == 4
+
+
+def test_admin_endpoint_switches_the_chain(base_url: str, chains: tuple[LocalChain, LocalChain]) -> None:
+    a, b = chains
+    body = {"model": MODEL, "prompt": "Split inference", "max_tokens": 8, "temperature": 0}
+    before = httpx.post(f"{base_url}/v1/completions", json=body, timeout=120).json()
+    moved = httpx.post(
+        f"{base_url}/admin/chain", json={"chain": b.chain.to_dict(), "mode": "replay"}, timeout=120
+    )
+    assert moved.status_code == 200, moved.text
+    assert httpx.get(f"{base_url}/admin/chain").json()["chain"] == b.chain.to_dict()
+    after = httpx.post(f"{base_url}/v1/completions", json=body, timeout=120).json()
+    assert after["choices"][0]["text"] == before["choices"][0]["text"]
+    bad = httpx.post(f"{base_url}/admin/chain", json={"chain": {"model": MODEL, "hops": []}}, timeout=30)
+    assert bad.status_code == 400 and "error" in bad.json()
+    httpx.post(f"{base_url}/admin/chain", json={"chain": a.chain.to_dict()}, timeout=120).raise_for_status()
