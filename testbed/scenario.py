@@ -269,10 +269,8 @@ class SetLinkEvent(_Event):
         return _parse_link_ref(value)
 
 
-Event = Annotated[
-    TraceEvent | CpuLoadEvent | FailEvent | RestoreEvent | JoinEvent | SetLinkEvent,
-    Field(discriminator="kind"),
-]
+AnyEvent = TraceEvent | CpuLoadEvent | FailEvent | RestoreEvent | JoinEvent | SetLinkEvent
+Event = Annotated[AnyEvent, Field(discriminator="kind")]
 
 
 class ScenarioReferenceError(Exception):
@@ -328,7 +326,7 @@ class Scenario(_Frozen):
         joined = {e.node for e in self.timeline if isinstance(e, JoinEvent)}
         return frozenset(joined | {n.name for n in self.nodes if n.joins_at_s is not None})
 
-    def events(self) -> tuple[_Event, ...]:
+    def events(self) -> tuple[AnyEvent, ...]:
         """The timeline in time order, including a join event for every node with ``joins_at_s``.
 
         Sorting is stable, so events at the same time keep their file order.
