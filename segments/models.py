@@ -39,6 +39,9 @@ class Preset:
     source: Source
     description: str
     in_default_prepare: bool
+    # The shape, known before preparing (a test checks it against the prepared manifests).
+    num_layers: int
+    hidden_size: int
     seed: int | None = None
 
     @property
@@ -46,36 +49,20 @@ class Preset:
         return self.source == "random"
 
 
+_SMOLLM2 = "SmolLM2-135M-Instruct (real weights, Q4_1 GGUF -> fp32)"
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
+        Preset("smollm2-135m", "llama", "causal_lm", "gguf", _SMOLLM2, True, 30, 576),
         Preset(
-            "smollm2-135m",
-            "llama",
-            "causal_lm",
-            "gguf",
-            "SmolLM2-135M-Instruct (real, Q4_1 GGUF -> fp32)",
-            True,
+            "minilm-l6", "bert", "encoder", "safetensors", "all-MiniLM-L6-v2 (real weights)", True, 6, 384
         ),
-        Preset("minilm-l6", "bert", "encoder", "safetensors", "all-MiniLM-L6-v2 BERT encoder (real)", True),
+        Preset("gpt2-tiny", "gpt2", "causal_lm", "random", "GPT-2 architecture, tiny, tests", True, 4, 64, 0),
         Preset(
-            "gpt2-tiny", "gpt2", "causal_lm", "random", "GPT-2 architecture, 4 layers, hidden 64", True, 0
+            "llama-tiny", "llama", "causal_lm", "random", "Llama architecture, tiny, tests", True, 4, 64, 0
         ),
-        Preset(
-            "llama-tiny", "llama", "causal_lm", "random", "Llama architecture, 4 layers, hidden 64", True, 0
-        ),
-        Preset(
-            "gpt2-124m", "gpt2", "causal_lm", "random", "GPT-2 small config (124M), random weights", True, 0
-        ),
-        Preset(
-            "llama-1b",
-            "llama",
-            "causal_lm",
-            "random",
-            "Llama-3.2-1B config (1.24B), random weights",
-            False,
-            0,
-        ),
+        Preset("gpt2-124m", "gpt2", "causal_lm", "random", "GPT-2 small config, random", True, 12, 768, 0),
+        Preset("llama-1b", "llama", "causal_lm", "random", "Llama-3.2-1B config, random", False, 16, 2048, 0),
     )
 }
 

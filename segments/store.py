@@ -408,6 +408,12 @@ def _build(preset: models.Preset, staging: Path, started: float, progress: bool)
             for path in sorted(staging.rglob("*"))
             if path.is_file()
         }
+    if (num_layers, int(config.hidden_size)) != (preset.num_layers, preset.hidden_size):
+        raise StoreError(
+            f"{preset.name!r} came out with {num_layers} layers x {config.hidden_size} hidden, but its "
+            f"preset says {preset.num_layers} x {preset.hidden_size}: its source package changed; "
+            "update the preset in segments/models.py"
+        )
     if 0 in layer_bytes:
         raise StoreError(f"preparing {preset.name!r} produced no weights for some layers: {layer_bytes}")
     manifest = Manifest(

@@ -62,7 +62,14 @@ def list_cmd(
     store_dir = _store_dir(store)
     rows: list[dict[str, object]] = []
     for preset in models.PRESETS.values():
-        row: dict[str, object] = {"name": preset.name, "arch": preset.arch, "kind": preset.kind}
+        row: dict[str, object] = {
+            "name": preset.name,
+            "arch": preset.arch,
+            "kind": preset.kind,
+            "layers": preset.num_layers,
+            "hidden": preset.hidden_size,
+            "description": preset.description,
+        }
         try:
             manifest = (
                 verify_entry(store_dir, preset.name) if verify else read_manifest(store_dir, preset.name)
@@ -75,8 +82,6 @@ def list_cmd(
             }
         except StoreError as exc:
             row |= {
-                "layers": None,
-                "hidden": None,
                 "store_bytes": None,
                 "prepared": False,
                 "problem": str(exc),
@@ -93,8 +98,8 @@ def list_cmd(
             str(row["name"]),
             str(row["kind"]),
             str(row["arch"]),
-            "-" if row["layers"] is None else str(row["layers"]),
-            "-" if row["hidden"] is None else str(row["hidden"]),
+            str(row["layers"]),
+            str(row["hidden"]),
             "-" if size is None else f"{int(size) / 1e6:.1f} MB",  # type: ignore[call-overload]
             "yes" if row["prepared"] else "no",
         )

@@ -112,6 +112,6 @@ def test_models_cli_prepare_and_list(tmp_path: Path, monkeypatch: pytest.MonkeyP
     listed = runner.invoke(app, ["models", "list", "--json", "--verify"])
     rows = {row["name"]: row for row in map(json.loads, listed.output.splitlines())}
     assert rows["gpt2-tiny"]["prepared"] is True and rows["gpt2-tiny"]["layers"] == 4
-    assert rows["smollm2-135m"]["prepared"] is False
+    assert rows["smollm2-135m"]["prepared"] is False and rows["smollm2-135m"]["layers"] == 30
     bad = runner.invoke(app, ["models", "prepare", "nope"])
     assert bad.exit_code == 1 and "known presets" in bad.output
