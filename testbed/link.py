@@ -172,26 +172,13 @@ def set_ingress_rate(ns: Netns, dev: str, ifb: str, bw_mbit: float) -> None:
         run_in(ns, ["ip", "link", "add", "name", ifb, "type", "ifb"])
         run_in(ns, ["ip", "link", "set", "dev", ifb, "up"])
         run_in(ns, ["tc", "qdisc", "replace", "dev", dev, "handle", "ffff:", "ingress"])
+        # u32 matching everything rather than matchall: kernels without CONFIG_NET_CLS_MATCHALL (this one)
+        # still have u32.
+        redirect = ["action", "mirred", "egress", "redirect", "dev", ifb]
+        match_all = ["u32", "match", "u32", "0", "0"]
         run_in(
             ns,
-            [
-                "tc",
-                "filter",
-                "add",
-                "dev",
-                dev,
-                "parent",
-                "ffff:",
-                "protocol",
-                "all",
-                "matchall",
-                "action",
-                "mirred",
-                "egress",
-                "redirect",
-                "dev",
-                ifb,
-            ],
+            ["tc", "filter", "add", "dev", dev, "parent", "ffff:", "protocol", "all", *match_all, *redirect],
         )
     set_rate(ns, ifb, bw_mbit)
 

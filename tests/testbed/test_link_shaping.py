@@ -22,11 +22,13 @@ from testbed.link import (
     LinkShape,
     Netns,
     ShapingError,
+    clear_ingress,
     clear_prefixed_chains,
     get_rate_mbit,
     netem_available,
     prefixed_chains,
     run_in,
+    set_ingress_rate,
     set_rate,
 )
 
@@ -219,6 +221,20 @@ def test_forced_cleanup_finds_prefixed_chains(pair: Pair, tmp_path: Path) -> Non
     assert clear_prefixed_chains(pair.b, TAG) == [f"{TAG}-{pair.dev_b}"]
     assert "-j" not in run_in(pair.b, ["iptables", "-t", "mangle", "-S", "PREROUTING"]).replace("-P", "")
     shaper.close()
+
+
+def test_ingress_shaping_through_ifb(pair: Pair) -> None:
+    ifb = f"{TAG}i"
+    set_ingress_rate(pair.b, pair.dev_b, ifb, 5)
+    set_ingress_rate(pair.b, pair.dev_b, ifb, 8)  # second call changes the rate in place
+    assert get_rate_mbit(pair.b, ifb) == pytest.approx(8)
+    bins, _ = _transfer(pair, 3.0)
+    goodput = _mbit(bins[20:])
+    print(f"ingress (IFB) 8 Mbit/s -> measured goodput {goodput:.2f} Mbit/s")
+    assert 0.9 * 8 <= goodput <= 1.05 * 8
+    clear_ingress(pair.b, pair.dev_b, ifb)
+    assert "ingress" not in run_in(pair.b, ["tc", "qdisc", "show", "dev", pair.dev_b])
+    assert not run_in(pair.b, ["ip", "-o", "link", "show"], check=False).count(ifb)
 
 
 def test_zero_rate_is_refused(pair: Pair) -> None:
