@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 
 from policies.analytic import predict, violations, weighted_objective
-from policies.errors import InfeasibleError
+from policies.errors import InfeasibleError, SearchLimitError
 from policies.plan import Plan, Stage
 from policies.problem import Constraints, Problem
 from policies.routes import Routes, all_routes
@@ -17,6 +18,7 @@ from policies.tables import INF, REL_TOL, Costs, Tables, bottleneck_values, buil
 # Beam width of the incumbent that prunes the exact search, and of the scalable heuristic.
 _INCUMBENT_WIDTH = 4
 HEURISTIC_WIDTH = 24
+HEURISTIC_BUDGET = 300
 
 
 def to_plan(problem: Problem, t: Tables, stages: Sequence[RawStage], policy: str) -> Plan:
@@ -152,9 +154,15 @@ def _first_true(values: np.ndarray, test: object, lo: int) -> int:
     return lo
 
 
-def heuristic(problem: Problem, *, policy: str = "heuristic", width: int = HEURISTIC_WIDTH) -> Plan:
-    """Beam search under the relaxed DP's cost-to-go: polynomial (rounds x width x N x L), for instances
-    where the exact search is too slow. Its gap is measured by ``mecsplit bench policies``."""
+def heuristic(
+    problem: Problem,
+    *,
+    policy: str = "heuristic",
+    width: int = HEURISTIC_WIDTH,
+    budget: int = HEURISTIC_BUDGET,
+) -> Plan:
+    """Beam search under the relaxed DP's cost-to-go (polynomial: rounds x width x N x L), then the exact
+    search within ``budget`` states. Its gap is measured by ``mecsplit bench policies``."""
     if needs_milp(problem):
         return latency_dp(problem, policy=policy)
     t = build(problem)
@@ -163,9 +171,10 @@ def heuristic(problem: Problem, *, policy: str = "heuristic", width: int = HEURI
     if not np.isfinite(lower_bound(costs, enter)):
         raise diagnose(problem)
     found = beam(costs, to_go, width=width)
-    if found is None:
-        # The beam can miss every feasible plan when memory is tight; the exact search cannot.
-        found = exact(costs, to_go)
+    # Anytime refinement: the exact search pruned by the beam's plan, within a fixed state budget; when
+    # it finishes the result is optimal, otherwise the beam's plan stands.
+    with contextlib.suppress(SearchLimitError):
+        found = exact(costs, to_go, incumbent=found, max_expansions=budget)
     if found is None:
         raise diagnose(problem)
     return to_plan(problem, t, found.stages, policy)
