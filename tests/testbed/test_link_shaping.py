@@ -30,6 +30,7 @@ from testbed.link import (
     run_in,
     set_ingress_rate,
     set_rate,
+    stop_shaper,
 )
 
 pytestmark = pytest.mark.root
@@ -114,6 +115,14 @@ def _rtt_ms(p: Pair, count: int = 20) -> float:
     finally:
         echo.kill()
         echo.communicate()
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _shaper(p: Pair, tmp_path: Path) -> DirectionShaper:
@@ -235,6 +244,27 @@ def test_ingress_shaping_through_ifb(pair: Pair) -> None:
     clear_ingress(pair.b, pair.dev_b, ifb)
     assert "ingress" not in run_in(pair.b, ["tc", "qdisc", "show", "dev", pair.dev_b])
     assert not run_in(pair.b, ["ip", "-o", "link", "show"], check=False).count(ifb)
+
+
+def test_shaper_left_by_a_dead_process_is_found_and_stopped(pair: Pair, tmp_path: Path) -> None:
+    """What `down --force` does after a SIGKILLed daemon: its shaper outlives it; chain and PID remain."""
+    code = (
+        "import sys; from pathlib import Path; from testbed.link import *;"
+        f"d = DirectionShaper(Netns(name={pair.a.name!r}), {pair.dev_a!r}, Netns(name={pair.b.name!r}),"
+        f" {pair.dev_b!r}, prefix={TAG!r}, state_dir=Path({str(tmp_path)!r}));"
+        "d.apply(LinkShape(bw_mbit=10, delay_ms=15)); print(d.state().model_dump_json())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30)
+    state = json.loads(out.stdout)
+    if state["mode"] == "netem":
+        pytest.skip("netem kernel: no shaper process")
+    pid = state["shaper_pid"]
+    assert Path(f"/proc/{pid}").exists()  # the process that started it is gone, the shaper is not
+    assert 14.0 <= _rtt_ms(pair) <= 18.0
+    stop_shaper(pid)
+    assert not _running(pid)  # it may linger as a zombie until init reaps it: it no longer holds the netns
+    assert clear_prefixed_chains(pair.b, TAG) == [state["chain"]]
+    assert _rtt_ms(pair) < 2.0
 
 
 def test_zero_rate_is_refused(pair: Pair) -> None:
