@@ -212,7 +212,7 @@ def start_daemon(
             f"a testbed daemon is already up ({run_dir / PID_FILE}): `mecsplit testbed down` first"
         )
     prefix = _prefix()
-    left = cleanup.survey(prefix)
+    left = cleanup.survey(prefix, exact=True)
     if not left.empty():
         raise TestbedAlreadyRunningError(
             f"things with prefix {prefix!r} exist already ({left.as_dict()}): another testbed with this "

@@ -55,43 +55,93 @@ def _out(cmd: list[str]) -> str:
     return proc.stdout if proc.returncode == 0 else ""
 
 
-def find_containers(prefix: str) -> list[str]:
+@dataclass(frozen=True)
+class Scope:
+    """Which names are ours.
+
+    Broad (``down --force``): everything whose name starts with the prefix, as promised to users.
+    Exact (a daemon's own ``down``): only the names one testbed with this prefix creates, so that
+    the daemon of prefix ``mecsplit`` never removes a concurrently running ``mecsplitt...`` testbed.
+    """
+
+    prefix: str
+    exact: bool = False
+
+    def _re(self, tail: str) -> re.Pattern[str]:
+        return re.compile(rf"^{re.escape(self.prefix)}{tail}$")
+
+    def container(self, name: str) -> bool:
+        return name.startswith(f"{self.prefix}-")
+
+    def interface(self, name: str) -> bool:
+        # bridges <p>b<k>, their ports <p>b<k>p0/p1, the management bridge <p>m and its ports <p>m<i>
+        return (
+            bool(self._re(r"(b\d+(p[01])?|m\d*)").match(name)) if self.exact else name.startswith(self.prefix)
+        )
+
+    def cgroup(self, name: str) -> bool:
+        return bool(self._re(r"-[a-z][a-z0-9]*").match(name)) if self.exact else name.startswith(self.prefix)
+
+    def netns(self, name: str) -> bool:
+        return not self.exact and name.startswith(self.prefix)
+
+    def shell(self, arg: str) -> bool:
+        name = arg.removeprefix("mininet:")
+        return arg.startswith("mininet:") and (
+            self.container(name) or self.interface(name) if self.exact else name.startswith(self.prefix)
+        )
+
+    def iptables_line(self, line: str) -> bool:
+        """A rule whose comment is the prefix, or whose in/out interface, chain or target is ours."""
+        if line.startswith(":"):
+            return not self.exact and line[1:].startswith(self.prefix)
+        words = line.replace('"', "").split()
+        for flag, value in itertools.pairwise(words):
+            if flag == "--comment" and (
+                value == self.prefix or (not self.exact and value.startswith(self.prefix))
+            ):
+                return True
+            if flag in ("-i", "-o") and self.interface(value):
+                return True
+            if flag in ("-A", "-j") and not self.exact and value.startswith(self.prefix):
+                return True
+        return False
+
+
+def find_containers(scope: Scope) -> list[str]:
+    p = scope.prefix
     by_label = _out(
-        ["docker", "ps", "-a", "--filter", f"label={LABEL_TESTBED}={prefix}", "--format", "{{.Names}}"]
-    ).split()
-    by_name = _out(["docker", "ps", "-a", "--filter", f"name=^{prefix}-", "--format", "{{.Names}}"]).split()
-    return sorted({n for n in by_label + by_name if n.startswith(f"{prefix}-")})
+        ["docker", "ps", "-a", "--filter", f"label={LABEL_TESTBED}={p}", "--format", "{{.Names}}"]
+    )
+    by_name = (
+        ""
+        if scope.exact
+        else _out(["docker", "ps", "-a", "--filter", f"name=^{p}-", "--format", "{{.Names}}"])
+    )
+    return sorted({n for n in by_label.split() + by_name.split() if scope.container(n)})
 
 
-def find_netns(prefix: str) -> list[str]:
+def find_netns(scope: Scope) -> list[str]:
     names = [line.split()[0] for line in _out(["ip", "netns", "list"]).splitlines() if line.strip()]
-    return sorted(n for n in names if n.startswith(prefix))
+    return sorted(n for n in names if scope.netns(n))
 
 
-def find_links(prefix: str) -> list[str]:
+def find_links(scope: Scope) -> list[str]:
     data = json.loads(_out(["ip", "-j", "link", "show"]) or "[]")
-    return sorted(str(d["ifname"]) for d in data if str(d.get("ifname", "")).startswith(prefix))
+    return sorted(str(d["ifname"]) for d in data if scope.interface(str(d.get("ifname", ""))))
 
 
-def _iptables_line_is_ours(line: str, prefix: str) -> bool:
-    words = line.replace('"', "").split()
-    if line.startswith(f":{prefix}"):
-        return True
-    pairs = itertools.pairwise(words)
-    return any((a in ("--comment", "-A", "-j")) and b.startswith(prefix) for a, b in pairs)
-
-
-def find_iptables(prefix: str) -> list[str]:
-    """Rules whose comment, chain or target carries the prefix, as ``table: rule`` lines."""
+def find_iptables(scope: Scope) -> list[str]:
+    """Our rules and chains, as ``table: line`` of iptables-save."""
     found = []
     for table in IPTABLES_TABLES:
         for line in _out(["iptables-save", "-t", table]).splitlines():
-            if _iptables_line_is_ours(line, prefix):
+            if not line.startswith("#") and scope.iptables_line(line):
                 found.append(f"{table}: {line}")
     return found
 
 
-def find_shells(prefix: str) -> list[int]:
+def find_shells(scope: Scope) -> list[int]:
     """Mininet node shells of our topology (``bash ... mininet:<prefix>...``) left by a killed daemon."""
     pids = []
     for proc in Path("/proc").iterdir():
@@ -101,18 +151,18 @@ def find_shells(prefix: str) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(a.startswith(f"mininet:{prefix}".encode()) for a in argv):
+        if any(scope.shell(a.decode(errors="replace")) for a in argv):
             pids.append(int(proc.name))
     return sorted(pids)
 
 
-def find_cgroups(prefix: str) -> list[Path]:
+def find_cgroups(scope: Scope) -> list[Path]:
     if not CGROUP_ROOT.is_dir():
         return []
     found = []
     for controller in sorted(CGROUP_ROOT.iterdir()):
-        if controller.is_dir():
-            found += sorted(p for p in controller.glob(f"{prefix}*") if p.is_dir())
+        if controller.is_dir() and not controller.is_symlink():
+            found += sorted(p for p in controller.iterdir() if p.is_dir() and scope.cgroup(p.name))
     return found
 
 
@@ -123,10 +173,10 @@ def _netns_inode(pid: int) -> int | None:
         return None
 
 
-def find_netns_processes(prefix: str) -> list[int]:
+def find_netns_processes(scope: Scope) -> list[int]:
     """Processes inside our node containers' network namespaces (shapers, probes, shells, segments)."""
     inodes = set()
-    for name in find_containers(prefix):
+    for name in find_containers(scope):
         pid = _out(["docker", "inspect", "-f", "{{.State.Pid}}", name]).strip()
         if pid.isdigit() and int(pid) > 0:
             ino = _netns_inode(int(pid))
@@ -166,14 +216,15 @@ def _is_our_daemon(pid: int) -> bool:
     return b"testbed.daemon" in cmdline
 
 
-def survey(prefix: str, run_dir: Path | None = None) -> Leftovers:
+def survey(prefix: str, run_dir: Path | None = None, *, exact: bool = False) -> Leftovers:
+    scope = Scope(prefix, exact)
     return Leftovers(
-        containers=find_containers(prefix),
-        netns=find_netns(prefix),
-        links=find_links(prefix),
-        iptables=find_iptables(prefix),
-        cgroups=[str(p) for p in find_cgroups(prefix)],
-        processes=(find_daemon(run_dir) if run_dir is not None else []) + find_shells(prefix),
+        containers=find_containers(scope),
+        netns=find_netns(scope),
+        links=find_links(scope),
+        iptables=find_iptables(scope),
+        cgroups=[str(p) for p in find_cgroups(scope)],
+        processes=(find_daemon(run_dir) if run_dir is not None else []) + find_shells(scope),
     )
 
 
@@ -186,48 +237,44 @@ def _kill_daemon(pid: int, timeout_s: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def _delete_iptables(prefix: str) -> None:
+def _delete_iptables(scope: Scope) -> None:
     for table in IPTABLES_TABLES:
-        dump = _out(["iptables-save", "-t", table])
-        for line in dump.splitlines():
-            if line.startswith("-A ") and f"--comment {prefix}" in line.replace('"', ""):
-                args = line[3:].split()
-                subprocess.run(["iptables", "-w", "-t", table, "-D", *args], capture_output=True)
-        # Chains named with the prefix: flush, drop references, delete.
-        chains = [ln[1:].split()[0] for ln in dump.splitlines() if ln.startswith(f":{prefix}")]
+        dump = _out(["iptables-save", "-t", table]).splitlines()
+        ours = [ln for ln in dump if scope.iptables_line(ln)]
+        chains = [ln[1:].split()[0] for ln in ours if ln.startswith(":")]
+        # Rules first (this includes jumps into our chains), then our chains, emptied and deleted.
+        for line in ours:
+            if line.startswith("-A ") and line.split()[1] not in chains:
+                subprocess.run(["iptables", "-w", "-t", table, "-D", *line[3:].split()], capture_output=True)
         for chain in chains:
-            for line in dump.splitlines():
-                if line.startswith("-A ") and f"-j {chain}" in line and not line.startswith(f"-A {chain} "):
-                    subprocess.run(
-                        ["iptables", "-w", "-t", table, "-D", *line[3:].split()], capture_output=True
-                    )
             subprocess.run(["iptables", "-w", "-t", table, "-F", chain], capture_output=True)
         for chain in chains:
             subprocess.run(["iptables", "-w", "-t", table, "-X", chain], capture_output=True)
 
 
-def teardown(prefix: str, run_dir: Path | None = None) -> Leftovers:
-    """Remove everything with the prefix; returns what is still left (empty on success)."""
+def teardown(prefix: str, run_dir: Path | None = None, *, exact: bool = False) -> Leftovers:
+    """Remove what is ours (see :class:`Scope`); returns what is still left (empty on success)."""
     if not re.fullmatch(r"[a-z][a-z0-9]{3,}", prefix):
         raise ValueError(f"refusing to clean up with prefix {prefix!r}: it must be a plain name of 4+ chars")
+    scope = Scope(prefix, exact)
     if run_dir is not None:
         for pid in find_daemon(run_dir):
             _kill_daemon(pid)
-    for pid in find_shells(prefix) + find_netns_processes(prefix):
+    for pid in find_shells(scope) + find_netns_processes(scope):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    containers = find_containers(prefix)
+    containers = find_containers(scope)
     if containers:
         docker("rm", "-f", *containers, check=False, timeout_s=180)
-    for ns in find_netns(prefix):
+    for ns in find_netns(scope):
         subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
     # Bridges first (their ports go with the veths), then whatever interfaces remain.
-    for name in find_links(prefix):
+    for name in sorted(find_links(scope), key=len):
         subprocess.run(["ip", "link", "delete", name], capture_output=True)
-    _delete_iptables(prefix)
-    for path in find_cgroups(prefix):
+    _delete_iptables(scope)
+    for path in find_cgroups(scope):
         remove_cgroup_tree(path)
     if run_dir is not None:
         for name in ("daemon.pid", "state.json"):
             (run_dir / name).unlink(missing_ok=True)
-    return survey(prefix, run_dir)
+    return survey(prefix, run_dir, exact=exact)

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from testbed.errors import TestbedError
 
 MAX_IFNAME = 15
-IPTABLES_COMMENT = "mecsplit"
 
 
 class TopologyError(TestbedError):
@@ -207,7 +206,7 @@ def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[
     return proc
 
 
-def allow_bridge_forwarding(bridge: str) -> None:
+def allow_bridge_forwarding(bridge: str, comment: str) -> None:
     """Docker sets FORWARD DROP and br_netfilter makes bridged frames pass it: let our bridge through."""
     rule = [
         "DOCKER-USER",
@@ -218,7 +217,7 @@ def allow_bridge_forwarding(bridge: str) -> None:
         "-m",
         "comment",
         "--comment",
-        IPTABLES_COMMENT,
+        comment,
         "-j",
         "ACCEPT",
     ]
@@ -231,7 +230,7 @@ def allow_bridge_forwarding(bridge: str) -> None:
         _run(["iptables", "-w", "-I", chain, *rule[1:]])
 
 
-def remove_bridge_forwarding(bridge: str) -> None:
+def remove_bridge_forwarding(bridge: str, comment: str) -> None:
     for chain in ("DOCKER-USER", "FORWARD"):
         rule = [
             chain,
@@ -242,7 +241,7 @@ def remove_bridge_forwarding(bridge: str) -> None:
             "-m",
             "comment",
             "--comment",
-            IPTABLES_COMMENT,
+            comment,
             "-j",
             "ACCEPT",
         ]
@@ -340,7 +339,8 @@ class EmulatedNetwork:
                 mgmt, net.get(self._host_name(node.name)), intfName1=node.mgmt_port, intfName2=node.mgmt_intf
             )
         for bridge in [lk.bridge for lk in self.plan.links] + [self.plan.mgmt_bridge]:
-            allow_bridge_forwarding(bridge)
+            # The comment is the testbed's prefix: cleanup finds the rules of this testbed only.
+            allow_bridge_forwarding(bridge, self.plan.prefix)
         net.start()
         _run(["ip", "addr", "replace", self.plan.mgmt_host_addr, "dev", self.plan.mgmt_bridge])
         for node in self.plan.nodes:
@@ -365,13 +365,15 @@ class EmulatedNetwork:
     def set_node_links(self, node: str, up: bool) -> None:
         """Set every port of a node (its links and management port) up or down."""
         state = "up" if up else "down"
-        ports = [lk.port_towards(node) for lk in self.plan.links_of(node)]
+        ports = [lk.port_towards(node) for lk in self.plan.links_of(node)] + [self.plan.node(node).mgmt_port]
         for port in ports:
             _run(["ip", "link", "set", port, state])
 
     def stop(self) -> None:
-        if self.net is not None:
-            self.net.stop()
-            self.net = None
-        for bridge in [lk.bridge for lk in self.plan.links] + [self.plan.mgmt_bridge]:
-            remove_bridge_forwarding(bridge)
+        try:
+            if self.net is not None:
+                self.net.stop()
+                self.net = None
+        finally:
+            for bridge in [lk.bridge for lk in self.plan.links] + [self.plan.mgmt_bridge]:
+                remove_bridge_forwarding(bridge, self.plan.prefix)

@@ -135,7 +135,7 @@ class Testbed:
                 except Exception as exc:  # the prefix-wide cleanup below removes whatever is left
                     log.warning("stopping the network: %s", exc)
                 self.network = None
-        left = cleanup.teardown(self.prefix, run_dir=None)
+        left = cleanup.teardown(self.prefix, run_dir=None, exact=True)
         if not left.empty():
             raise TestbedError(f"teardown left {left.as_dict()}; run `mecsplit testbed down --force`")
 

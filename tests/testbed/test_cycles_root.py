@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -55,3 +56,7 @@ def test_cycles_and_sigkill_leave_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     print(f"down --force after SIGKILL: {time.monotonic() - t0:.2f} s")
     assert left.empty(), left.as_dict()
     assert not (run_dir / "daemon.pid").exists()
+    # Independent of cleanup's own matching: nothing in the system's listings names the prefix.
+    for cmd in (["docker", "ps", "-a"], ["ip", "link"], ["ip", "netns"], ["iptables-save"]):
+        assert PREFIX not in subprocess.run(cmd, capture_output=True, text=True).stdout, cmd
+    assert not list(Path("/sys/fs/cgroup").glob(f"*/{PREFIX}*"))

@@ -1,0 +1,32 @@
+"""What cleanup counts as ours: everything with the prefix (down --force) or one testbed exactly (pure)."""
+
+from __future__ import annotations
+
+from testbed.cleanup import Scope
+
+
+def test_broad_scope_takes_every_prefixed_name() -> None:
+    broad = Scope("mecsplit")
+    assert broad.interface("mecsplitb0p1") and broad.interface("mecsplittb0") and broad.interface("mecsplitx")
+    assert broad.cgroup("mecsplitt-n1") and broad.netns("mecsplit-foo")
+    assert not broad.interface("eth0") and not broad.interface("docker0") and not broad.container("other-x")
+
+
+def test_exact_scope_spares_other_testbeds_with_a_longer_prefix() -> None:
+    exact = Scope("mecsplit", exact=True)
+    assert (
+        exact.interface("mecsplitb12") and exact.interface("mecsplitb12p0") and exact.interface("mecsplitm3")
+    )
+    assert not exact.interface("mecsplittb0") and not exact.interface("mecsplitkm")
+    assert exact.cgroup("mecsplit-edge") and not exact.cgroup("mecsplitt-edge")
+    assert exact.shell("mininet:mecsplit-edge") and exact.shell("mininet:mecsplitb0")
+    assert not exact.shell("mininet:mecsplitt-edge") and not exact.shell("mininet:h1")
+
+
+def test_iptables_rules_match_by_comment_or_interface() -> None:
+    exact = Scope("mecsplitt", exact=True)
+    ours = "-A DOCKER-USER -i mecsplittb0 -o mecsplittb0 -m comment --comment mecsplitt -j ACCEPT"
+    theirs = "-A DOCKER-USER -i mecsplitb0 -o mecsplitb0 -m comment --comment mecsplit -j ACCEPT"
+    assert exact.iptables_line(ours) and not exact.iptables_line(theirs)
+    assert Scope("mecsplit").iptables_line(ours) and Scope("mecsplit").iptables_line(theirs)
+    assert not Scope("mecsplit").iptables_line("-A FORWARD -i docker0 -j ACCEPT")
