@@ -311,6 +311,14 @@ def container_state(name: str) -> str:
     return out or "missing"
 
 
+def container_states(prefix: str) -> dict[str, str]:
+    """State of every container of the testbed in one docker call (the monitor runs every second)."""
+    out = docker(
+        "ps", "-a", "--filter", f"label={LABEL_TESTBED}={prefix}", "--format", "{{.Names}} {{.State}}"
+    )
+    return dict(line.split(maxsplit=1) for line in out.splitlines() if " " in line)
+
+
 def pause_node(prefix: str, node: str) -> None:
     for name in list_containers(prefix, node):
         if container_state(name) == "running":

@@ -438,13 +438,12 @@ class Testbed:
                 self._publish(e)
 
     def _sample_nodes(self, now: float, dt: float, prev_cpu: dict[str, int]) -> None:
+        states = nodes.container_states(self.prefix)
         for n in self.scenario.nodes:
             cpu = self._cpu_ns(n.name)
             pct = (cpu - prev_cpu.get(n.name, cpu)) / 1e9 / dt / n.cpus * 100
             prev_cpu[n.name] = cpu
-            alive = (
-                n.name not in self.failed and nodes.container_state(self.containers[n.name].name) == "running"
-            )
+            alive = n.name not in self.failed and states.get(self.containers[n.name].name) == "running"
             self.last_samples[f"node:{n.name}"] = {"cpu_pct": round(pct, 1), "alive": alive}
             for e in self.detector.node(NodeSample(n.name, now, alive, pct)):
                 self._publish(e)
@@ -456,6 +455,7 @@ class Testbed:
 
     # ------------------------------------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
+        states = nodes.container_states(self.prefix)
         node_rows = []
         for n in self.scenario.nodes:
             np = self.plan.node(n.name)
@@ -463,7 +463,7 @@ class Testbed:
             node_rows.append({
                 "name": n.name, "tier": n.tier, "cpus": n.cpus, "mem_bytes": n.mem_bytes,
                 "container": c.name if c else None, "pid": c.pid if c else None,
-                "state": nodes.container_state(c.name) if c else "missing",
+                "state": states.get(c.name, "missing") if c else "missing",
                 "failed": n.name in self.failed,
                 "load_pct": self.loads[n.name].pct if n.name in self.loads else 0.0,
                 "address": np.data_addr, "mgmt_address": np.mgmt_addr.split("/")[0],
