@@ -208,7 +208,10 @@ def _kv_move_s(
         per_pair[key] = per_pair.get(key, 0) + problem.model.layers[layer].kv_bytes_per_token * ctx
     sessions = problem.workload.concurrent_sessions
     # Pairs transfer in parallel; a pair's sessions go one after another.
-    return max(transfer_s(routes.get(a, b), nbytes * sessions) for (a, b), nbytes in sorted(per_pair.items()))
+    return max(
+        (transfer_s(routes.get(a, b), nbytes * sessions) for (a, b), nbytes in sorted(per_pair.items())),
+        default=0.0,
+    )
 
 
 def _kv_recompute_s(problem: Problem, moving: list[int], new: dict[int, str], ctx: int) -> float:

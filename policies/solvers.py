@@ -191,9 +191,8 @@ def relaxed_lower_bound(problem: Problem) -> float:
 def diagnose(problem: Problem) -> InfeasibleError:
     """Name the constraint that binds: the first whose removal alone makes a plan exist."""
     c = problem.constraints
+    # Policy constraints are named before memory: when both bind, the trust rule is the one a user chose.
     relax: list[tuple[str, dict[str, object]]] = []
-    if c.check_memory:
-        relax.append(("memory", {"check_memory": False}))
     if c.trusted_prefix_layers:
         relax.append(("trust", {"trusted_prefix_layers": 0}))
     if c.private_depth:
@@ -202,6 +201,8 @@ def diagnose(problem: Problem) -> InfeasibleError:
         relax.append(("trusted_head", {"trusted_head": False}))
     if c.min_throughput_tok_s is not None:
         relax.append(("min_throughput", {"min_throughput_tok_s": None}))
+    if c.check_memory:
+        relax.append(("memory", {"check_memory": False}))
     if not _structurally_feasible(problem):
         for name, change in relax:
             if _structurally_feasible(

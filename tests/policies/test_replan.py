@@ -1,0 +1,76 @@
+"""Re-planning with hysteresis: small gains keep the plan, large ones change it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from policies import Problem, decide, solve
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "smollm2_mec.json"
+
+
+def _base() -> Problem:
+    return Problem.from_json(EXAMPLE.read_text())
+
+
+def _with_node(p: Problem, name: str, **change: object) -> Problem:
+    nodes = tuple(n.model_copy(update=change) if n.name == name else n for n in p.nodes)
+    return p.model_copy(update={"nodes": nodes})
+
+
+def test_same_plan_is_kept() -> None:
+    p = _base()
+    plan = solve(p, "latency_dp")
+    d = decide(p, plan, plan, horizon_s=600)
+    assert not d.adopt
+    assert d.cost.weight_bytes == 0 and d.cost.kv_mode == "none"
+
+
+def test_small_gain_keeps_the_current_plan() -> None:
+    p = _base()
+    current = solve(p, "latency_dp")  # edge-ap [0,2) + mec-1 [2,30)
+    # mec-1 gets slightly busier: another plan becomes a little better, not enough to move.
+    p2 = _with_node(p, "mec-1", load=0.33)
+    candidate = solve(p2, "latency_dp")
+    d = decide(p2, current, candidate, horizon_s=600)
+    assert not d.adopt, d.reason
+    assert d.gain_s < d.cost.total_s or "threshold" in d.reason
+
+
+def test_large_gain_changes_the_plan() -> None:
+    p = _base()
+    current = solve(p, "latency_dp")
+    p2 = _with_node(p, "mec-1", load=0.95)  # mec-1 is swamped by other work
+    candidate = solve(p2, "latency_dp")
+    assert candidate.layout() != current.layout()
+    d = decide(p2, current, candidate, horizon_s=600)
+    assert d.adopt, d.reason
+    assert d.gain_s > d.cost.total_s > 0
+    assert d.cost.weight_bytes > 0
+
+
+def test_short_horizon_does_not_pay_for_the_move() -> None:
+    p = _base()
+    current = solve(p, "latency_dp")
+    p2 = _with_node(p, "mec-1", load=0.95)
+    candidate = solve(p2, "latency_dp")
+    d = decide(p2, current, candidate, horizon_s=0.5)
+    assert not d.adopt, d.reason
+
+
+def test_failed_node_forces_the_move() -> None:
+    p = _base()
+    current = solve(p, "latency_dp")
+    gone = current.stages[-1].node
+    p2 = p.model_copy(
+        update={
+            "nodes": tuple(n for n in p.nodes if n.name != gone),
+            "links": tuple(link for link in p.links if gone not in (link.a, link.b)),
+            "costs": tuple(c for c in p.costs if c.node != gone),
+        }
+    )
+    candidate = solve(p2, "latency_dp")
+    d = decide(p2, current, candidate, horizon_s=10)
+    assert d.adopt and "infeasible" in d.reason
+    # The gone node's KV is lost: it must be recomputed.
+    assert d.cost.kv_mode == "recompute"
