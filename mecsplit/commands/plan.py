@@ -87,7 +87,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @bench.command("policies")
     def bench_policies(
         as_json: bool = typer.Option(True, "--json/--no-json", help="print JSON (the only format)"),
-        seeds: int = typer.Option(3, help="instances per size"),
+        seeds: int = typer.Option(5, help="instances per size"),
         quality_instances: int = typer.Option(8, help="instances of the policy-quality suite"),
     ) -> None:
         """Median solve times at 5-200 nodes x 32/80 layers, heuristic gap, policy quality (JSON)."""
