@@ -24,6 +24,19 @@ from segments.client import Chain, Hop
 from segments.spec import SegmentSpec, split_evenly
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the launching process dies, even by SIGKILL, so a
+    killed command never leaves segment servers behind (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class LaunchError(Exception):
     """A segment server did not start; the message carries its own error line."""
 
@@ -131,7 +144,11 @@ class LocalChain:
             for spec in self.specs:
                 self.processes.append(
                     subprocess.Popen(
-                        self._command(spec), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env
+                        self._command(spec),
+                        stdout=subprocess.PIPE,
+                        stdin=subprocess.DEVNULL,
+                        env=env,
+                        preexec_fn=_die_with_parent,
                     )
                 )
             self.ports = [self._wait_ready(p, s) for p, s in zip(self.processes, self.specs, strict=True)]

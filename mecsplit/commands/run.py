@@ -200,6 +200,8 @@ def verify_cmd(
     store: Path | None = typer.Option(None, help="store folder (default: $MECSPLIT_HOME/store)"),
 ) -> None:
     """Compare the K-process chain (fp32 wire) with the whole model in one process, step by step."""
+    import torch
+
     from mecsplit.settings import Settings
     from segments.errors import SegmentError
     from segments.launch import LocalChain
@@ -207,6 +209,10 @@ def verify_cmd(
 
     model = model or Settings().segments.default_model
     store_dir = _store_dir(store)
+    # The reference runs here with the segments' thread count: matmul reductions split over a different
+    # number of threads sum in another order, which alone moves logits by ~1e-5.
+    n_threads = _threads(threads)
+    torch.set_num_threads(n_threads)
     try:
         n = _ensure_model(store_dir, model)
         specs = _specs(model, n, segments, boundaries)
@@ -214,7 +220,7 @@ def verify_cmd(
         kind = read_manifest(store_dir, model).info.kind
     except (SegmentError, ValueError) as exc:
         raise _fail(str(exc)) from None
-    with LocalChain(store_dir, specs, threads=_threads(threads)) as lc:
+    with LocalChain(store_dir, specs, threads=n_threads) as lc:
         if kind == "encoder":
             steps = _verify_encoder(lc, store_dir, model, ids)
         else:
@@ -223,6 +229,7 @@ def verify_cmd(
         "model": model,
         "segments": [[s.first, s.end] for s in specs],
         "wire_dtype": "f32",
+        "threads": n_threads,
         "max_abs_diff": max(s["max_abs_diff"] for s in steps),
         "tokens_equal": all(s["tokens_equal"] for s in steps),
         "steps": steps,
