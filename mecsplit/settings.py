@@ -75,6 +75,19 @@ class FlowSettings(BaseModel):
     )
 
 
+class PolicySettings(BaseModel):
+    """The optimiser (``policies`` is pure: callers pass these values as arguments)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    default_policy: str = "latency_dp"
+    heuristic_width: int = Field(default=24, gt=0, description="beam width of the 'heuristic' policy")
+    heuristic_budget: int = Field(default=300, ge=0, description="exact-search states after the beam")
+    replan_horizon_s: float = Field(default=600.0, gt=0, description="gain horizon of a re-plan decision")
+    replan_min_gain_ratio: float = Field(default=0.05, ge=0, description="least relative gain to move")
+    replan_switch_stall_s: float = Field(default=0.05, ge=0, description="pause of a session at a switch")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MECSPLIT_", env_nested_delimiter="__", frozen=True)
 
@@ -82,6 +95,7 @@ class Settings(BaseSettings):
     segments: SegmentSettings = SegmentSettings()
     testbed: TestbedSettings = TestbedSettings()
     flows: FlowSettings = FlowSettings()
+    policies: PolicySettings = PolicySettings()
 
     @property
     def store_dir(self) -> Path:

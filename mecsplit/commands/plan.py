@@ -69,16 +69,21 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("plan")
     def plan_cmd(
         problem: Path = typer.Option(..., "--problem", exists=True, dir_okay=False, help="problem JSON file"),
-        policy: str = typer.Option("latency_dp", "--policy", help="a name from policies.POLICIES"),
+        policy: str = typer.Option(
+            "", "--policy", help="a name from policies.POLICIES (default: settings policies.default_policy)"
+        ),
         as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
     ) -> None:
         """Solve a placement-partitioning problem and print the plan."""
         from pydantic import ValidationError
 
+        from mecsplit.settings import get_settings
         from policies import PolicyError
 
         try:
-            out = plan_problem(load_problem(problem), policy, as_json)
+            out = plan_problem(
+                load_problem(problem), policy or get_settings().policies.default_policy, as_json
+            )
         except (PolicyError, ValidationError) as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
