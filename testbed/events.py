@@ -55,6 +55,8 @@ class Thresholds:
 class TestbedEvent:
     """A Prefect event as the daemon emits it (JSON-able)."""
 
+    __test__ = False  # not a pytest class despite its name
+
     event: str
     resource_id: str
     payload: dict[str, Any]
