@@ -42,20 +42,26 @@ class ModelFacts:
     kv_bytes_per_token_per_layer: int
 
 
-def model_facts(settings: Settings, model: str) -> ModelFacts:
-    from segments import store
-    from segments.runner import kv_width
-
-    manifest = store.read_manifest(settings.store_dir, model)
-    config = store.load_config(settings.store_dir, manifest)
+def model_facts(settings: Settings, model: str, profiles: dict[str, dict[str, Any]]) -> ModelFacts:
+    """Sizes from the store's manifest (plain JSON: no torch import in the flow process, which keeps a
+    triggered run quick) and the KV size per token that the profiles measured."""
+    path = settings.store_dir / model / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{model} is not in the store {settings.store_dir}: `mecsplit models prepare {model}`"
+        )
+    manifest = json.loads(path.read_text())
+    kv_sizes = {p["kv_bytes_per_token_per_layer"] for p in profiles.values()}
+    if len(kv_sizes) != 1:
+        raise ValueError(f"profiles disagree on the KV bytes per token of {model}: {sorted(kv_sizes)}")
     return ModelFacts(
         name=model,
-        num_layers=manifest.num_layers,
-        hidden_size=manifest.hidden_size,
-        layer_weight_bytes=tuple(manifest.layer_weight_bytes),
-        embed_weight_bytes=manifest.embed_weight_bytes,
-        head_weight_bytes=manifest.head_weight_bytes,
-        kv_bytes_per_token_per_layer=2 * kv_width(config) * 4,  # fp32 K and V
+        num_layers=manifest["num_layers"],
+        hidden_size=manifest["hidden_size"],
+        layer_weight_bytes=tuple(manifest["layer_weight_bytes"]),
+        embed_weight_bytes=manifest["embed_weight_bytes"],
+        head_weight_bytes=manifest["head_weight_bytes"],
+        kv_bytes_per_token_per_layer=kv_sizes.pop(),
     )
 
 

@@ -33,18 +33,22 @@ def _log(message: str) -> None:
 
 @task(name="profile-nodes", retries=1, retry_delay_seconds=2, timeout_seconds=900)
 def profile_nodes_task(
-    backend_name: BackendName, scenario_path: str, model: str
+    backend_name: BackendName, scenario_path: str, model: str, refresh: list[str]
 ) -> dict[str, dict[str, Any]]:
     scenario = load_scenario(Path(scenario_path))
     backend = backend_for(backend_name, scenario)
-    alive = backend.alive_nodes()
-    return pipeline.profile_nodes(backend, alive, model, scenario.workload.prompt_tokens, progress=_log)
+    return pipeline.profile_nodes(
+        backend, backend.alive_nodes(), model, scenario.workload.prompt_tokens,
+        max_age_s=get_settings().flows.profile_max_age_s, refresh=refresh, progress=get_run_logger().info,
+    )  # fmt: skip
 
 
 @task(name="profile-links", retries=2, retry_delay_seconds=1, timeout_seconds=300)
 def profile_links_task(backend_name: BackendName, scenario_path: str, alive: list[str]) -> list[LinkProbe]:
     scenario = load_scenario(Path(scenario_path))
-    return pipeline.profile_links(backend_for(backend_name, scenario), scenario, set(alive), progress=_log)
+    return pipeline.profile_links(
+        backend_for(backend_name, scenario), scenario, set(alive), progress=get_run_logger().info
+    )
 
 
 @task(name="optimise", timeout_seconds=120)
@@ -70,10 +74,15 @@ def decide_task(problem: Problem, current: Plan | None, candidate: Plan, horizon
 def deploy_task(
     backend_name: BackendName, scenario_path: str, model: str, plan: Plan, switch_mode: str
 ) -> dict[str, Any]:
-    scenario = load_scenario(Path(scenario_path))
-    backend: Backend = backend_for(backend_name, scenario)
+    backend: Backend = backend_for(backend_name, load_scenario(Path(scenario_path)))
     result = pipeline.deploy(
-        backend, scenario, model, plan, load_state(), switch_mode=switch_mode, progress=_log
+        backend,
+        scenario_path,
+        model,
+        plan,
+        load_state(),
+        switch_mode=switch_mode,
+        progress=get_run_logger().info,
     )
     save_state(result.state)
     return {
@@ -136,7 +145,7 @@ def reconfigure(
     profiles = profile_nodes_task(current.backend, scenario, current.model, refresh)
     probes = profile_links_task(current.backend, scenario, sorted(profiles))
     problem = pipeline.build_problem(
-        sc, pipeline.model_facts(get_settings(), current.model), profiles, probes
+        sc, pipeline.model_facts(get_settings(), current.model, profiles), profiles, probes
     )
     candidate = optimise_task(problem, policy)
     before = _plan_of(current)
@@ -175,7 +184,9 @@ def deploy_flow(
     model = model or sc.model
     profiles = profile_nodes_task(backend, scenario, model, [])
     probes = profile_links_task(backend, scenario, sorted(profiles))
-    problem = pipeline.build_problem(sc, pipeline.model_facts(get_settings(), model), profiles, probes)
+    problem = pipeline.build_problem(
+        sc, pipeline.model_facts(get_settings(), model, profiles), profiles, probes
+    )
     plan = optimise_task(problem, policy)
     deployed = deploy_task(backend, scenario, model, plan, "kv")
     state = load_state()

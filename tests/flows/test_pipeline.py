@@ -30,7 +30,7 @@ def _problem(backend: LocalBackend, *, max_age_s: float = 300.0):
     )
     probes = pipeline.profile_links(backend, scenario, set(profiles), progress=lambda _: None)
     return pipeline.build_problem(
-        scenario, pipeline.model_facts(get_settings(), scenario.model), profiles, probes
+        scenario, pipeline.model_facts(get_settings(), scenario.model, profiles), profiles, probes
     )
 
 

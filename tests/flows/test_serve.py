@@ -1,0 +1,165 @@
+"""Served reconfiguration: a mec.link.degraded event starts a reconfigure run that completes, with the
+event's link as its parameter; the run's placement artifact renders in the Prefect UI (headless Chromium).
+
+Everything is real: Prefect's own local server with its UI (what `mecsplit` starts for users),
+`mecsplit serve` as its own process, segment servers and the gateway as processes on loopback (local
+backend, tiny model), Chromium rendering the UI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TINY_SCENARIO
+
+from flows import pipeline
+from flows.runtime import LocalBackend, clear_local_links, set_local_link
+from flows.state import clear_state, load_state
+from mecsplit.settings import get_settings
+from testbed.scenario import load_scenario
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+REACTION_LIMIT_S = 15.0
+
+
+@pytest.fixture(scope="module")
+def deployed(flows_home: Path, prefect_ui_server: str) -> Iterator[dict[str, Any]]:
+    from flows.reconfigure import deploy_flow
+
+    result = deploy_flow(scenario=str(TINY_SCENARIO), backend="local", measure_tokens=4)
+    yield result
+    state = load_state()
+    if state is not None:
+        pipeline.teardown(LocalBackend(load_scenario(TINY_SCENARIO)), state)
+        clear_state()
+    clear_local_links(get_settings())
+
+
+@pytest.fixture(scope="module")
+def served(
+    deployed: dict[str, Any], prefect_ui_server: str, flows_home: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PREFECT_API_URL": prefect_ui_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log = (flows_home / "serve-test.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mecsplit.cli", "serve", "--scenario", str(TINY_SCENARIO)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_deployment(timeout_s=90)
+        time.sleep(2.0)  # the runner's first poll
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _wait_for_deployment(timeout_s: float) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            try:
+                client.read_deployment_by_name("reconfigure/reconfigure")
+                return
+            except Exception:
+                time.sleep(0.5)
+    raise AssertionError("the reconfigure deployment did not appear")
+
+
+def _completed_run_after(t0: float, timeout_s: float) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["reconfigure"])),
+                flow_run_filter=FlowRunFilter(),
+            )
+            for run in runs:
+                fresh = run.created is not None and run.created.timestamp() >= t0 - 1
+                if fresh and run.state is not None and run.state.is_final():
+                    return run
+            time.sleep(0.25)
+    return None
+
+
+def test_link_degraded_event_triggers_a_completed_reconfigure(served: subprocess.Popen[bytes]) -> None:
+    from prefect.events import emit_event
+
+    set_local_link(get_settings(), "device", "edge", 0.05)
+    t0 = time.time()
+    emit_event(
+        event="mec.link.degraded",
+        resource={"prefect.resource.id": "mec.link.device-edge"},
+        payload={"bw_mbit": 0.05, "previous_bw_mbit": 20.0},
+    )
+    run = _completed_run_after(t0, timeout_s=120)
+    assert run is not None, "no reconfigure run finished"
+    elapsed_s = run.end_time.timestamp() - t0
+    assert run.state.is_completed(), run.state
+    assert run.parameters["resource"] == "mec.link.device-edge"
+    assert run.parameters["reason"] == "mec.link.degraded"
+    assert run.parameters["bw_mbit"] == pytest.approx(0.05)
+    print(
+        f"event -> completed reconfigure run: {elapsed_s:.1f} s (created {run.created.timestamp() - t0:+.1f} s, "
+        f"started {run.start_time.timestamp() - t0:+.1f} s)"
+    )
+    assert elapsed_s <= REACTION_LIMIT_S
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (CI installs it)")
+def test_prefect_ui_renders_the_placement_artifact(deployed: dict[str, Any], prefect_ui_server: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["placement"]))
+        )
+    assert artifacts, "no placement artifact was created"
+    artifact = artifacts[0]
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    nodes = {row["node"] for row in rows}
+    ui = prefect_ui_server.removesuffix("/api")
+    dom = _render(f"{ui}/artifacts/artifact/{artifact.id}")
+    assert "placement" in dom
+    assert all(node in dom for node in nodes), f"placement rows {sorted(nodes)} not rendered"
+    assert "[0," in dom  # the layer range column
+
+
+def _render(url: str) -> str:
+    profile = tempfile.mkdtemp(prefix="mecsplit-chromium-")
+    try:
+        proc = subprocess.run(
+            [
+                "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url,
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
