@@ -143,6 +143,41 @@ def test_half_cpu_share_doubles_per_layer_compute(client: TestbedClient) -> None
     assert 1.6 <= ratio <= 2.4, (full, half)
 
 
+def _docker_state(name: str) -> str:
+    import subprocess
+
+    out = subprocess.run(["docker", "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name],
+                         capture_output=True, text=True)  # fmt: skip
+    return out.stdout.strip()
+
+
+def test_node_memory_limit_is_shared_by_its_containers(client: TestbedClient) -> None:
+    python = client.status()["container_python"]
+    # n1 has 512 MiB: one container holding 300 MiB fits, two do not; the kernel's OOM killer then kills
+    # one of them (its choice) because the limit is the node's, not each container's.
+    hold = (
+        "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+        "print('holding', flush=True); time.sleep(60)"
+    )
+    client.deploy_segment("n1", "mem1", [python, "-c", hold])
+    try:
+        deadline = time.monotonic() + 30
+        while "holding" not in client.segment_logs("n1", "mem1"):
+            assert time.monotonic() < deadline, client.segment_logs("n1", "mem1")
+            time.sleep(0.2)
+        client.deploy_segment("n1", "mem2", [python, "-c", hold])
+        names = ["mecsplitt-n1-mem1", "mecsplitt-n1-mem2"]
+        deadline = time.monotonic() + 30
+        while not any(_docker_state(n) == "exited 137" for n in names):
+            assert time.monotonic() < deadline, [_docker_state(n) for n in names]
+            time.sleep(0.2)
+        states = sorted(_docker_state(n) for n in names)
+        assert states[0] == "exited 137", states  # SIGKILLed by the node's memory limit
+    finally:
+        client.stop_segment("n1", "mem1", timeout_s=1)
+        client.stop_segment("n1", "mem2", timeout_s=1)
+
+
 def test_background_load_takes_the_node_cpu(client: TestbedClient) -> None:
     client.set_load("n2", 50)
     try:
