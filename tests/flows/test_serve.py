@@ -122,8 +122,8 @@ def test_link_degraded_event_triggers_a_completed_reconfigure(served: subprocess
     assert run.parameters["reason"] == "mec.link.degraded"
     assert run.parameters["bw_mbit"] == pytest.approx(0.05)
     print(
-        f"event -> completed reconfigure run: {elapsed_s:.1f} s (created {run.created.timestamp() - t0:+.1f} s, "
-        f"started {run.start_time.timestamp() - t0:+.1f} s)"
+        f"event -> completed reconfigure run: {elapsed_s:.1f} s "
+        f"(created {run.created.timestamp() - t0:+.1f} s, started {run.start_time.timestamp() - t0:+.1f} s)"
     )
     assert elapsed_s <= REACTION_LIMIT_S
 
