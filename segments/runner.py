@@ -31,6 +31,7 @@ from segments import store
 from segments.errors import (
     InputError,
     KVMemoryLimitError,
+    LayerRangeError,
     PositionMismatchError,
     SessionLimitError,
     UnknownSessionError,
@@ -111,12 +112,18 @@ class _Blocks:
 
 
 class _LlamaBlocks(_Blocks):
-    """Llama-family decoders (Llama, SmolLM2): ``model.embed_tokens/layers/norm/rotary_emb``, ``lm_head``."""
+    """Llama-family decoders (Llama, SmolLM2, Qwen2): ``model.embed_tokens/layers/norm/rotary_emb`` + head."""
 
     def __init__(
         self, config: PretrainedConfig, spec: SegmentSpec, is_last: bool, whole: nn.Module, parts: Parts
     ) -> None:
         super().__init__(config, spec, is_last)
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if layer_types != {"full_attention"}:
+            # Sliding-window layers need their own mask and cache layer type; not wired in yet.
+            raise LayerRangeError(
+                f"{spec.model}: layer types {sorted(layer_types)} are not supported; only full attention"
+            )
         inner = whole.model
         self.embed_tokens = (
             _materialise(inner.embed_tokens, parts["embed"], "model.embed_tokens.") if self.is_first else None
@@ -287,7 +294,12 @@ class _BertBlocks(_Blocks):
         return [m for m in [self.embeddings, *self.block_list] if m is not None]
 
 
-_BLOCKS: dict[str, type[_Blocks]] = {"llama": _LlamaBlocks, "gpt2": _GPT2Blocks, "bert": _BertBlocks}
+_BLOCKS: dict[str, type[_Blocks]] = {
+    "llama": _LlamaBlocks,
+    "qwen2": _LlamaBlocks,
+    "gpt2": _GPT2Blocks,
+    "bert": _BertBlocks,
+}
 
 
 class SegmentRunner:

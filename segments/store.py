@@ -329,7 +329,7 @@ def _random_source(preset: models.Preset) -> tuple[PretrainedConfig, Callable[[]
         if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in head:
             # A tied head is the token embedding itself: regenerate it rather than keep 0.5 GB alive.
             embed = _random_part(preset, expected, "embed", std)
-            embed_key = "model.embed_tokens.weight" if preset.arch == "llama" else "transformer.wte.weight"
+            embed_key = "transformer.wte.weight" if preset.arch == "gpt2" else "model.embed_tokens.weight"
             head["lm_head.weight"] = embed[embed_key]
         yield "head", head
 

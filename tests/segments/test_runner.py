@@ -28,7 +28,7 @@ from segments.reference import ReferenceModel
 from segments.runner import SegmentRunner
 from segments.spec import SegmentSpec, split_evenly
 
-TINY = ("gpt2-tiny", "llama-tiny")
+TINY = ("gpt2-tiny", "llama-tiny", "qwen2-tiny")
 STEPS = 6
 
 
