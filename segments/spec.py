@@ -39,7 +39,8 @@ class SegmentSpec:
             raise LayerRangeError(f"first layer must be >= 0, got {first}")
         if end <= first:
             raise LayerRangeError(
-                f"layer range [{first}, {end}) is empty: end must be greater than first (ranges are half-open)"
+                f"layer range [{first}, {end}) is empty: end must be greater than first (ranges are "
+                "half-open)"
             )
 
     @property
@@ -50,8 +51,8 @@ class SegmentSpec:
         """Raise ``LayerRangeError`` unless the range fits a model of ``model_layers`` layers."""
         if self.end > model_layers:
             raise LayerRangeError(
-                f"layer range [{self.first}, {self.end}) exceeds {self.model}, which has {model_layers} layers "
-                f"(valid ends are 1..{model_layers})"
+                f"layer range [{self.first}, {self.end}) exceeds {self.model}, which has {model_layers} "
+                f"layers (valid ends are 1..{model_layers})"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +97,8 @@ def check_chain(specs: tuple[SegmentSpec, ...] | list[SegmentSpec], num_layers: 
             raise LayerRangeError(f"chain mixes models {specs[0].model!r} and {spec.model!r}")
         if spec.first != expected_first:
             raise LayerRangeError(
-                f"chain has a gap or overlap: segment [{spec.first}, {spec.end}) should start at {expected_first}"
+                f"chain has a gap or overlap: segment [{spec.first}, {spec.end}) should start at "
+                f"{expected_first}"
             )
         expected_first = spec.end
     if expected_first != num_layers:
