@@ -82,7 +82,9 @@ class PolicySettings(BaseModel):
 
     default_policy: str = "latency_dp"
     heuristic_width: int = Field(default=24, gt=0, description="beam width of the 'heuristic' policy")
-    heuristic_budget: int = Field(default=300, ge=0, description="exact-search states after the beam")
+    heuristic_budget: int | None = Field(
+        default=None, ge=0, description="exact-search states after the beam (None: 4e6 / (nodes x (L+1)))"
+    )
     replan_horizon_s: float = Field(default=600.0, gt=0, description="gain horizon of a re-plan decision")
     replan_min_gain_ratio: float = Field(default=0.05, ge=0, description="least relative gain to move")
     replan_switch_stall_s: float = Field(default=0.05, ge=0, description="pause of a session at a switch")

@@ -18,7 +18,10 @@ from policies.tables import INF, REL_TOL, Costs, Tables, bottleneck_values, buil
 # Beam width of the incumbent that prunes the exact search, and of the scalable heuristic.
 _INCUMBENT_WIDTH = 4
 HEURISTIC_WIDTH = 24
-HEURISTIC_BUDGET = 300
+# The exact refinement after the beam may expand about this many (node x boundary) cells in all, so its
+# state budget shrinks as instances grow: ~24k states at 5 x 32, ~300 at 200 x 80 (its floor).
+HEURISTIC_WORK_CELLS = 4_000_000
+HEURISTIC_MIN_BUDGET = 300
 
 
 def to_plan(problem: Problem, t: Tables, stages: Sequence[RawStage], policy: str) -> Plan:
@@ -159,7 +162,7 @@ def heuristic(
     *,
     policy: str = "heuristic",
     width: int = HEURISTIC_WIDTH,
-    budget: int = HEURISTIC_BUDGET,
+    budget: int | None = None,
 ) -> Plan:
     """Beam search under the relaxed DP's cost-to-go (polynomial: rounds x width x N x L), then the exact
     search within ``budget`` states. Its gap is measured by ``mecsplit bench policies``."""
@@ -171,10 +174,15 @@ def heuristic(
     if not np.isfinite(lower_bound(costs, enter)):
         raise diagnose(problem)
     found = beam(costs, to_go, width=width)
-    # Anytime refinement: the exact search pruned by the beam's plan, within a fixed state budget; when
-    # it finishes the result is optimal, otherwise the beam's plan stands.
+    if budget is None:
+        budget = max(HEURISTIC_MIN_BUDGET, HEURISTIC_WORK_CELLS // (len(t.names) * (t.num_layers + 1)))
+    # Anytime refinement: the exact search pruned by the beam's plan, within a state budget; when it
+    # finishes the result is optimal, otherwise the beam's plan stands.
     with contextlib.suppress(SearchLimitError):
         found = exact(costs, to_go, incumbent=found, max_expansions=budget)
+    if found is None:
+        # The beam missed every feasible plan (tight memory) and the budget ran out: finish exactly.
+        found = exact(costs, to_go)
     if found is None:
         raise diagnose(problem)
     return to_plan(problem, t, found.stages, policy)
