@@ -62,12 +62,10 @@ class Gateway:
         secret: bytes,
         tokenizer: PreTrainedTokenizerBase,
         model: str,
-        max_context: int | None = None,
     ) -> None:
         self.client = AsyncChainClient(chain, secret)
         self.tokenizer = tokenizer
         self.model = model
-        self.max_context = max_context
         self.live: dict[str, Session] = {}
         eos = tokenizer.eos_token_id
         self.stop_ids: tuple[int, ...] = () if eos is None else (int(eos),)

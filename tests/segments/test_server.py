@@ -253,3 +253,26 @@ def test_raw_error_reply_names_request(chain2: LocalChain) -> None:
     frame = recv_frame(sock)
     assert frame is not None and frame.type == FrameType.ERROR and frame.header["request_id"] == "q1"
     sock.close()
+
+
+def test_dead_hop_fails_fast_and_the_first_hop_stays_healthy(wire_store: Path) -> None:
+    import os
+    import signal
+    import time
+
+    from segments.client import ChainError
+
+    n = num_layers(wire_store, MODEL)
+    with (
+        LocalChain.even(wire_store, MODEL, n, 2) as lc,
+        ChainClient(lc.chain, lc.secret(), timeout_s=30) as c,
+    ):
+        session = Session(tokens=[1, 2, 3])
+        list(c.generate(session, 2))
+        os.kill(lc.pids[1], signal.SIGKILL)
+        lc.processes[1].wait(timeout=30)
+        t0 = time.monotonic()
+        with pytest.raises((ChainError, RemoteError)):
+            list(c.generate(session, 1))
+        assert time.monotonic() - t0 < 10
+        assert c.control(0, "health")[0]["healthy"] is True
