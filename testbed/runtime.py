@@ -47,6 +47,8 @@ class Testbed:
         self.state_dir = state_dir
         self.progress = progress
         self.lock = threading.RLock()
+        # Probes use fixed ports in the nodes' namespaces: one measurement at a time.
+        self._measure_lock = threading.Lock()
         self.plan: TopologyPlan = plan_topology(
             [n.name for n in scenario.nodes], [(lk.a, lk.b) for lk in scenario.links], self.prefix,
             self.tb.data_net, self.tb.mgmt_net,
@@ -289,6 +291,12 @@ class Testbed:
         """
         lp = self._link(a, b)
         self._node(a)
+        with self._measure_lock:
+            return self._measure(lp, a, b, seconds, pings, warmup_s, bin_s)
+
+    def _measure(
+        self, lp: LinkPlan, a: str, b: str, seconds: float, pings: int, warmup_s: float, bin_s: float
+    ) -> dict[str, Any]:
         addr = lp.address_of(b)
         rtt: dict[str, Any] = {}
         if pings > 0:
