@@ -81,8 +81,8 @@ def decide(
     j_new = weighted_objective(problem, cand_metrics)
     per_request = j_cur - j_new
     rate = _requests_per_s(problem, cur_metrics)
-    useful_s = max(0.0, horizon_s - cost.weight_s)
-    gain = per_request * rate * useful_s
+    # Gain over the whole horizon; the part lost while the targets fetch weights is counted as cost.
+    gain = per_request * rate * horizon_s
     forgone = per_request * rate * min(horizon_s, cost.weight_s)
     total = cost.stall_s * problem.workload.concurrent_sessions + max(0.0, forgone)
     cost = cost.model_copy(update={"total_s": total})
