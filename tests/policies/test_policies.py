@@ -164,3 +164,17 @@ def test_problem_rejects_inconsistent_input() -> None:
         Problem.model_validate({**p.model_dump(), "nodes": [n.model_dump() for n in dup]})
     with pytest.raises(ValueError):
         Constraints(max_ttft_s=-1)
+
+
+def test_policies_package_stays_pure() -> None:
+    """No Prefect, Docker, torch, HTTP clients or other mecsplit packages behind ``import policies``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, policies, policies.bench;"
+        "bad = [m for m in ('prefect', 'docker', 'torch', 'httpx', 'mecsplit', 'flows', 'testbed',"
+        " 'segments') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
