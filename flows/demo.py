@@ -112,13 +112,26 @@ def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | 
                 if run.start_time is None or run.start_time.timestamp() < since_s or run.state is None:
                     continue
                 if run.state.is_final():
-                    result = run.state.result(raise_on_failure=False) if run.state.is_completed() else None
+                    result = _result_of(run.state)
                     return {"id": str(run.id), "name": run.name, "state": run.state.name,
                             "parameters": run.parameters, "result": result,
                             "start_s": run.start_time.timestamp(),
                             "end_s": run.end_time.timestamp() if run.end_time else None}  # fmt: skip
             time.sleep(1.0)
     return None
+
+
+def _result_of(state: Any) -> Any:
+    """The run's return value where it was persisted; None where it was not (the state file still says
+    what is deployed)."""
+    from prefect.exceptions import MissingResult
+
+    if not state.is_completed():
+        return None
+    try:
+        return state.result(raise_on_failure=False)
+    except MissingResult:
+        return None
 
 
 def _degrade(
@@ -150,7 +163,7 @@ def run_demo(
     *,
     backend: str = "auto",
     phase_s: float = 40.0,
-    degraded_bw_mbit: float = 0.5,
+    degraded_bw_mbit: float = 0.1,
     max_tokens: int = 16,
     reaction_timeout_s: float = 240.0,
     results_root: Path = Path("results"),

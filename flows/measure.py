@@ -27,20 +27,27 @@ class StreamSample:
 def stream_completion(
     gateway_url: str, prompt: str, max_tokens: int, *, timeout_s: float = 300.0, seed: int = 0
 ) -> StreamSample:
-    """One greedy streamed completion; each SSE chunk is one token's text (held-back bytes excepted)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "seed": seed}  # fmt: skip
+    """One greedy streamed chat completion; each SSE chunk is one token's text (held-back bytes excepted).
+
+    The chat endpoint applies the model's chat template: an instruct model asked a bare prompt often ends
+    at once, which would measure nothing."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "seed": seed}  # fmt: skip
     started_wall = time.time()
     started = time.perf_counter()
     stamps: list[float] = []
     pieces: list[str] = []
-    with httpx.stream("POST", f"{gateway_url}/v1/completions", json=body, timeout=timeout_s) as response:
+    with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=timeout_s) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line.removeprefix("data: "))
-            text = chunk["choices"][0].get("text", "")
+            if "error" in chunk:
+                raise RuntimeError(
+                    f"the gateway at {gateway_url} failed mid-stream: {chunk['error']['message']}"
+                )
+            text = chunk["choices"][0]["delta"].get("content", "") if chunk["choices"] else ""
             if text:
                 stamps.append(time.perf_counter())
                 pieces.append(text)

@@ -51,11 +51,26 @@ def profile_links_task(backend_name: BackendName, scenario_path: str, alive: lis
     )
 
 
+SLO_FIELDS = ("max_ttft_s", "max_tpot_s", "min_throughput_tok_s")
+
+
 @task(name="optimise", timeout_seconds=120)
 def optimise_task(problem: Problem, policy: str) -> Plan:
-    from policies import solve
+    """The policy's plan; where no plan meets the service-level objectives, the best plan without them
+    (serving slower beats not serving), said loudly. Memory and trust stay hard constraints."""
+    from policies import InfeasibleError, solve
 
-    plan = solve(problem, policy)
+    try:
+        plan = solve(problem, policy)
+    except InfeasibleError as exc:
+        constraints = problem.constraints
+        if all(getattr(constraints, f) is None for f in SLO_FIELDS):
+            raise
+        relaxed = problem.model_copy(
+            update={"constraints": constraints.model_copy(update=dict.fromkeys(SLO_FIELDS))}
+        )
+        plan = solve(relaxed, policy)  # still infeasible here: memory or trust binds, and that is raised
+        get_run_logger().warning(f"SLO cannot be met ({exc}); serving the best plan without it")
     _log(f"{policy}: {plan.layout()} predicted tpot {plan.predicted.tpot_s * 1e3:.1f} ms")
     return plan
 
@@ -122,7 +137,7 @@ def _publish(
     )
 
 
-@flow(name="reconfigure", log_prints=True)
+@flow(name="reconfigure", log_prints=True, persist_result=True)
 def reconfigure(
     scenario: str = DEFAULT_SCENARIO,
     reason: str = "manual",

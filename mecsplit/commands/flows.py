@@ -28,7 +28,7 @@ def demo(
         "auto", help="auto (testbed where root+Docker+Mininet work), testbed or local"
     ),
     phase_s: float = typer.Option(40.0, help="seconds of generation before the drop and after the change"),
-    degraded_bw_mbit: float = typer.Option(0.5, help="bandwidth the source's link drops to (Mbit/s)"),
+    degraded_bw_mbit: float = typer.Option(0.1, help="bandwidth the source's link drops to (Mbit/s)"),
     max_tokens: int = typer.Option(16, help="tokens per request"),
 ) -> None:
     """The full demo: deploy the default scenario, generate, drop a link, watch the triggered re-split."""
