@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from store_helpers import StoreFor
 
 from segments import store
@@ -47,6 +48,7 @@ def probe_rss(store_dir: Path, first: int, end: int) -> dict[str, int]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # prepares gpt2-124m (~20 s) unless the user's store has it, then two processes
 def test_rss_grows_with_layer_count(model_store: StoreFor) -> None:
     store_dir = model_store(MODEL)
     manifest = store.read_manifest(store_dir, MODEL)
