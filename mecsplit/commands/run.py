@@ -250,20 +250,27 @@ def verify_cmd(
 # ---------------------------------------------------------------------------------------------- bench
 
 
-def _decode_latencies_whole(runner: Any, prompt: list[int], tokens: int, session: str) -> list[float]:
+def _decode_latencies_local(runners: list[Any], prompt: list[int], tokens: int, session: str) -> list[float]:
+    """Decode through segment runners in this process (one runner: the whole model), no wire."""
     import torch
 
-    logits = runner.forward(session, torch.tensor([prompt]), 0)
+    def forward(x: torch.Tensor, position: int) -> torch.Tensor:
+        for runner in runners:
+            x = runner.forward(session, x, position)
+        return x
+
+    logits = forward(torch.tensor([prompt]), 0)
     position = len(prompt)
     out: list[float] = []
     for _ in range(tokens):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         t0 = time.perf_counter()
-        logits = runner.forward(session, nxt, position)
+        logits = forward(nxt, position)
         int(logits[:, -1].argmax())  # the chain's last hop picks the token too
         out.append(time.perf_counter() - t0)
         position += 1
-    runner.drop_session(session)
+    for runner in runners:
+        runner.drop_session(session)
     return out
 
 
@@ -320,15 +327,21 @@ def bench_overhead_cmd(
     prompt = [(7 * i + 11) % 1000 + 1 for i in range(prompt_tokens)]
     chain_runs: list[float] = []
     whole_runs: list[float] = []
-    # The baseline: the same segment code over the whole range, in this process, no wire.
-    whole = SegmentRunner(store_dir, SegmentSpec(model, 0, n), max_sessions=4, max_kv_bytes=1 << 32)
+    # The baseline: the same segment code over the whole range, in this process, no wire. The same K
+    # segments in this process, no wire, tell the cost of splitting apart from the cost of the wire.
+    limits = {"max_sessions": 4, "max_kv_bytes": 1 << 32}
+    whole = [SegmentRunner(store_dir, SegmentSpec(model, 0, n), **limits)]
+    split = [SegmentRunner(store_dir, spec, **limits) for spec in specs]
+    split_runs: list[float] = []
     with LocalChain(store_dir, specs, threads=n_threads) as lc, ChainClient(lc.chain, lc.secret()) as client:
         _decode_latencies_chain(client, prompt, 4, "warmup")  # connections, allocator, caches
-        _decode_latencies_whole(whole, prompt, 4, "warmup")
-        # Alternate the two so that load from other processes on the machine hits both alike.
+        _decode_latencies_local(whole, prompt, 4, "warmup")
+        _decode_latencies_local(split, prompt, 4, "warmup")
+        # Interleave so that load from other processes on the machine hits all three alike.
         for run in range(runs):
             chain_runs.append(statistics.median(_decode_latencies_chain(client, prompt, tokens, f"c{run}")))
-            whole_runs.append(statistics.median(_decode_latencies_whole(whole, prompt, tokens, f"w{run}")))
+            whole_runs.append(statistics.median(_decode_latencies_local(whole, prompt, tokens, f"w{run}")))
+            split_runs.append(statistics.median(_decode_latencies_local(split, prompt, tokens, f"s{run}")))
         stats = client.stats()
     chain_ms = statistics.median(chain_runs) * 1000
     whole_ms = statistics.median(whole_runs) * 1000
@@ -344,6 +357,8 @@ def bench_overhead_cmd(
         "ratio": round(chain_ms / whole_ms, 4),
         "transfers_per_token": transfers,
         "per_hop_overhead_ms": round((chain_ms - whole_ms) / transfers, 4),
+        "split_in_process_ms_per_token": round(statistics.median(split_runs) * 1000, 3),
+        "wire_overhead_per_hop_ms": round((chain_ms - statistics.median(split_runs) * 1000) / transfers, 4),
         "chain_run_medians_ms": [round(x * 1000, 3) for x in chain_runs],
         "whole_run_medians_ms": [round(x * 1000, 3) for x in whole_runs],
         "segment_busy_s": [round(s["busy_s"], 3) for s in stats],
