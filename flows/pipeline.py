@@ -262,6 +262,17 @@ def chain_dict(model: str, endpoints: list[Endpoint]) -> dict[str, Any]:
     return {"model": model, "hops": hops}
 
 
+def chain_health(gateway_url: str) -> tuple[bool, str]:
+    """Whether every hop of the gateway's chain answers; (False, why) when one does not."""
+    try:
+        response = httpx.get(f"{gateway_url}/admin/health", timeout=15)
+    except httpx.HTTPError as exc:
+        return False, f"gateway unreachable: {exc}"
+    if response.status_code == 200:
+        return True, "all hops answer"
+    return False, str(response.json().get("error", response.text))
+
+
 def set_gateway_chain(gateway_url: str, chain: dict[str, Any], *, mode: str) -> dict[str, Any]:
     response = httpx.post(f"{gateway_url}/admin/chain", json={"chain": chain, "mode": mode}, timeout=300)
     response.raise_for_status()

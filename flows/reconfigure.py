@@ -110,9 +110,23 @@ def deploy_task(
 
 
 @task(name="measure", retries=1, timeout_seconds=600)
-def measure_task(gateway_url: str, tokens: int) -> dict[str, float]:
-    sample = stream_completion(gateway_url, MEASURE_PROMPT, tokens)
+def measure_task(gateway_url: str, tokens: int) -> dict[str, float] | None:
+    """One streamed completion through the gateway; None (and a warning) where it fails: the
+    reconfiguration itself is done, and a broken chain is the next run's to repair."""
+    try:
+        sample = stream_completion(gateway_url, MEASURE_PROMPT, tokens)
+    except Exception as exc:
+        get_run_logger().warning(f"measurement failed: {exc}")
+        return None
     return {"ttft_s": sample.ttft_s, "tpot_s": sample.tpot_s, "throughput_tok_s": 1.0 / sample.tpot_s}
+
+
+@task(name="check-chain", timeout_seconds=60)
+def check_chain_task(gateway_url: str) -> tuple[bool, str]:
+    healthy, detail = pipeline.chain_health(gateway_url)
+    if not healthy:
+        get_run_logger().warning(f"the deployed chain is broken: {detail}")
+    return healthy, detail
 
 
 def _plan_of(state: DeploymentState | None) -> Plan | None:
@@ -164,10 +178,16 @@ def reconfigure(
     )
     candidate = optimise_task(problem, policy)
     before = _plan_of(current)
-    decision = decide_task(problem, before, candidate, horizon_s)
+    healthy, detail = check_chain_task(current.gateway_url)
     deployed: dict[str, Any] | None = None
-    if decision["adopt"] and before is not None and candidate.layout() != before.layout():
-        deployed = deploy_task(current.backend, scenario, current.model, candidate, switch_mode)
+    if not healthy:
+        # A dead hop holds KV that cannot be exported: rebuild every session by replaying its history.
+        decision = {"adopt": True, "reason": f"the deployed chain is broken ({detail}): rebuilt by replay"}
+        deployed = deploy_task(current.backend, scenario, current.model, candidate, "replay")
+    else:
+        decision = decide_task(problem, before, candidate, horizon_s)
+        if decision["adopt"] and before is not None and candidate.layout() != before.layout():
+            deployed = deploy_task(current.backend, scenario, current.model, candidate, switch_mode)
     after = candidate if deployed is not None else before
     assert after is not None
     measured = measure_task(current.gateway_url, measure_tokens) if measure_tokens > 0 else None

@@ -16,6 +16,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from segments.auth import load_secret
 from segments.client import Chain
@@ -32,6 +33,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def add_health_route(app: Any, gateway: Any, timeout_s: float = 5.0) -> None:
+    """``GET /admin/health``: 200 with every hop's stats, or 503 naming what is unreachable (a dead
+    segment leaves the chain unusable; the reconfigure flow then rebuilds it by replay)."""
+    from fastapi.responses import JSONResponse
+
+    @app.get("/admin/health")
+    async def health() -> Any:
+        try:
+            hops = await asyncio.wait_for(gateway.client.stats(), timeout_s)
+        except Exception as exc:  # any failure means: this chain cannot serve
+            return JSONResponse({"ok": False, "error": f"{type(exc).__name__}: {exc}"}, status_code=503)
+        return {"ok": True, "hops": hops}
+
+
 async def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -42,10 +57,12 @@ async def _serve(args: argparse.Namespace) -> int:
     gateway = Gateway(
         chain, load_secret(args.secret_file), load_tokenizer(args.store, args.model), args.model
     )
+    app = create_app(gateway)
+    add_health_route(app, gateway)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
-    server = uvicorn.Server(uvicorn.Config(create_app(gateway), log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():

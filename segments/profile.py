@@ -6,7 +6,7 @@ give those parts' extra cost by difference. Layers of one model share their shap
 stands for all of them (the sample of layers is kept in the output, to show their spread).
 
 ``python -m segments.profile --store DIR --model M --context 32 --json`` prints one JSON object:
-``layer_decode_s`` (one token through one layer with ``context`` tokens cached),
+``layer_decode_s`` (one token through one layer with ``context`` tokens cached, mean over a sustained run),
 ``layer_prefill_s_per_token``, ``embed_decode_s``, ``head_decode_s`` (per decode step) and the memory facts
 of the model.
 """
@@ -46,32 +46,43 @@ class ComputeProfile:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def _time_decode_s(runner: SegmentRunner, context: int, steps: int) -> tuple[float, float]:
-    """(median seconds of one decode step, prefill seconds per token) for this runner alone."""
+def _time_decode_s(runner: SegmentRunner, context: int, min_time_s: float) -> tuple[float, float]:
+    """(mean seconds of one decode step, prefill seconds per token) for this runner alone.
+
+    Decode steps repeat for at least ``min_time_s`` of wall time, each on a cache of ``context`` tokens
+    (truncated back after every step), and the mean is taken: a CPU quota (cgroup CFS) lets a short burst
+    run at full speed and throttles only over whole periods (100 ms), so a median of a few millisecond
+    steps would miss a node's CPU share entirely.
+    """
     if runner.is_first:
         prompt = torch.arange(context, dtype=torch.int64).remainder(runner.info.vocab_size).unsqueeze(0)
-        token = lambda: torch.tensor([[7]], dtype=torch.int64)  # noqa: E731
+        token = torch.tensor([[7]], dtype=torch.int64)
     else:
         gen = torch.Generator().manual_seed(0)
         prompt = torch.randn(1, context, runner.info.hidden_size, generator=gen)
-        one = torch.randn(1, 1, runner.info.hidden_size, generator=gen)
-        token = lambda: one  # noqa: E731
+        token = torch.randn(1, 1, runner.info.hidden_size, generator=gen)
     runner.forward("warmup", prompt, 0)  # first call pays one-off allocation costs
     runner.drop_session("warmup")
+    prefills = 0
     started = time.perf_counter()
-    runner.forward("profile", prompt, 0)
-    prefill_s = (time.perf_counter() - started) / context
-    samples = []
-    for step in range(steps):
-        started = time.perf_counter()
-        runner.forward("profile", token(), context + step)
-        samples.append(time.perf_counter() - started)
+    while prefills < 2 or time.perf_counter() - started < min_time_s / 2:
+        runner.drop_session("profile")
+        runner.forward("profile", prompt, 0)
+        prefills += 1
+    prefill_s = (time.perf_counter() - started) / (prefills * context)
+    steps = 0
+    started = time.perf_counter()
+    while steps < 3 or time.perf_counter() - started < min_time_s:
+        runner.forward("profile", token, context)
+        runner.truncate("profile", context)
+        steps += 1
+    decode_s = (time.perf_counter() - started) / steps
     runner.drop_session("profile")
-    return statistics.median(samples), prefill_s
+    return decode_s, prefill_s
 
 
 def measure(
-    store_dir: Path, model: str, *, context: int = 32, steps: int = 16, threads: int = 1
+    store_dir: Path, model: str, *, context: int = 32, min_time_s: float = 0.5, threads: int = 1
 ) -> ComputeProfile:
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -84,20 +95,20 @@ def measure(
     n = probe.info.num_layers
     if probe.is_encoder:
         raise ValueError(f"{model} is an encoder: decode profiling applies to causal LMs")
-    first_decode_s, _ = _time_decode_s(probe, context, steps)
+    first_decode_s, _ = _time_decode_s(probe, context, min_time_s)
     del probe
     # Middle layers sampled evenly (at most 3): one layer each, neither embeddings nor head.
     middle = sorted({max(1, min(n - 2, i)) for i in (n // 4, n // 2, (3 * n) // 4)}) if n > 2 else []
     decode, prefill, kv_per_layer, weight_per_layer = [], [], 0, 0
     for layer in middle:
         mid = runner(layer, layer + 1)
-        d, p = _time_decode_s(mid, context, steps)
+        d, p = _time_decode_s(mid, context, min_time_s)
         decode.append(d)
         prefill.append(p)
         kv_per_layer, weight_per_layer = mid.kv_bytes_per_token, mid.weight_bytes
         del mid
     last = runner(n - 1, n)
-    last_decode_s, last_prefill = _time_decode_s(last, context, steps)
+    last_decode_s, last_prefill = _time_decode_s(last, context, min_time_s)
     if not decode:  # a model of one or two layers: no middle layer to isolate
         decode, prefill = [last_decode_s], [last_prefill]
         kv_per_layer, weight_per_layer = last.kv_bytes_per_token, last.weight_bytes
@@ -123,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, required=True, help="segment store directory")
     parser.add_argument("--model", required=True, help="prepared model name")
     parser.add_argument("--context", type=int, default=32, help="tokens in the KV cache while decoding")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per layer (median)")
+    parser.add_argument(
+        "--min-time-s", type=float, default=0.5, help="decode wall time per measured segment (mean over it)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     args = parser.parse_args(argv)
-    profile = measure(args.store, args.model, context=args.context, steps=args.steps, threads=args.threads)
+    profile = measure(
+        args.store, args.model, context=args.context, min_time_s=args.min_time_s, threads=args.threads
+    )
     sys.stdout.write(profile.to_json() + "\n")
     return 0
 
