@@ -77,8 +77,8 @@ def profile_nodes(
     settings: Settings | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-node compute profiles, measured where the cached one is older than ``max_age_s`` (or the node
-    is in ``refresh``, e.g. the node an overload event named). Nodes are profiled in parallel: each
-    profile runs on its own node, so they do not compete (on the local backend they share the host)."""
+    is in ``refresh``, e.g. the node an overload event named). Nodes are profiled one at a time: emulated
+    nodes share the host's cores, and a request's pipeline computes on one node at a time too."""
     settings = settings or get_settings()
     cache_path = settings.run_dir / f"profiles-{backend.name}-{model}-{context}.json"
     cache: dict[str, dict[str, Any]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -97,10 +97,8 @@ def profile_nodes(
         )
         return {**profile, "measured_at_s": time.time()}
 
-    workers = 1 if backend.name == "local" else max(1, len(stale))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for node, profile in zip(stale, pool.map(one, stale), strict=True):
-            cache[node] = profile
+    for node in stale:
+        cache[node] = one(node)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cache_path.write_text(json.dumps(cache, sort_keys=True))
     for node in sorted(set(nodes) - set(stale)):

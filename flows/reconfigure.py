@@ -217,7 +217,9 @@ def deploy_flow(
     """First deployment: profile -> optimise -> deploy -> measure (no hysteresis: nothing runs yet)."""
     sc = load_scenario(Path(scenario))
     model = model or sc.model
-    profiles = profile_nodes_task(backend, scenario, model, [])
+    # A first deployment measures every node: cached profiles may come from another testbed.
+    all_nodes = [n.name for n in sc.nodes]
+    profiles = profile_nodes_task(backend, scenario, model, all_nodes)
     probes = profile_links_task(backend, scenario, sorted(profiles))
     problem = pipeline.build_problem(
         sc, pipeline.model_facts(get_settings(), model, profiles), profiles, probes
