@@ -158,7 +158,7 @@ def _max_layers(problem: Problem, node: str) -> int:
 
 
 def pipeedge(problem: Problem) -> Plan:
-    return throughput_dp(problem, policy="pipeedge", source_hops=False)
+    return throughput_dp(problem, policy="pipeedge", source_hops=False, strict=False)
 
 
 def edgeshard(problem: Problem) -> Plan:

@@ -47,13 +47,26 @@ def lower_bound(costs: Costs, enter: np.ndarray) -> float:
     return float(np.min(costs.start + enter[:, 0]))
 
 
+def capacity(costs: Costs) -> np.ndarray:
+    """Most layers each node can run in one stage (0 if none): a node serves once, so the nodes still
+    unused must together be able to cover the layers still left."""
+    n_bound = costs.stage.shape[1]
+    span = np.arange(n_bound)[None, :] - np.arange(n_bound)[:, None]
+    return np.max(np.where(np.isfinite(costs.stage), span[None], 0), axis=(1, 2))
+
+
 def _children(
-    costs: Costs, to_go: np.ndarray, i: int, n: int, used: np.ndarray, g: float
+    costs: Costs, to_go: np.ndarray, cap: np.ndarray, i: int, n: int, used: np.ndarray, g: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cost so far and bound of every (next node, end) move; ``inf`` where not allowed."""
+    """Cost so far and bound of every (next node, end) move; ``inf`` where not allowed or where the
+    nodes left could not cover the remaining layers."""
     hop = costs.start if n < 0 else costs.hop[n, :, i]
     g_next = g + hop[:, None] + costs.stage[:, i, :]
     g_next[used] = INF
+    L = to_go.shape[1] - 1
+    left = cap[~used].sum() - cap  # capacity of the other unused nodes after taking m
+    short = left[:, None] < (L - np.arange(L + 1))[None, :]
+    g_next[short] = INF
     return g_next, g_next + to_go
 
 
@@ -69,6 +82,7 @@ def exact(
     n_nodes, n_bound = to_go.shape
     L = n_bound - 1
     bound = incumbent.value if incumbent is not None else INF
+    cap = capacity(costs)
     tie = 0
     heap: list[tuple[float, int, int, int, int, float, tuple[RawStage, ...]]] = [(0.0, 0, 0, -1, 0, 0.0, ())]
     closed: set[tuple[int, int, int]] = set()
@@ -89,7 +103,7 @@ def exact(
                 f"exact search passed {max_expansions} states; use policy 'heuristic' at this size"
             )
         used = np.array([(mask >> k) & 1 == 1 for k in range(n_nodes)])
-        g_next, f_next = _children(costs, to_go, i, n, used, g)
+        g_next, f_next = _children(costs, to_go, cap, i, n, used, g)
         ms, es = np.nonzero(f_next < bound)
         for m, e in zip(ms.tolist(), es.tolist(), strict=True):
             tie += 1
@@ -106,6 +120,7 @@ def beam(costs: Costs, to_go: np.ndarray, *, width: int) -> Found | None:
     L = n_bound - 1
     frontier: list[tuple[float, int, int, int, tuple[RawStage, ...]]] = [(0.0, 0, -1, 0, ())]
     best: Found | None = None
+    cap = capacity(costs)
     expansions = 0
     while frontier:
         cand_f: list[np.ndarray] = []
@@ -114,7 +129,7 @@ def beam(costs: Costs, to_go: np.ndarray, *, width: int) -> Found | None:
         for k, (g, i, n, mask, _stages) in enumerate(frontier):
             expansions += 1
             used = np.array([(mask >> j) & 1 == 1 for j in range(n_nodes)])
-            g_next, f_next = _children(costs, to_go, i, n, used, g)
+            g_next, f_next = _children(costs, to_go, cap, i, n, used, g)
             cand_f.append(f_next.ravel())
             cand_g.append(g_next.ravel())
             owner.append(k)

@@ -22,6 +22,8 @@ HEURISTIC_WIDTH = 24
 # state budget shrinks as instances grow: ~24k states at 5 x 32, ~300 at 200 x 80 (its floor).
 HEURISTIC_WORK_CELLS = 4_000_000
 HEURISTIC_MIN_BUDGET = 300
+# States the throughput search may spend deciding one candidate bottleneck value.
+THROUGHPUT_BUDGET = 50_000
 
 
 def to_plan(problem: Problem, t: Tables, stages: Sequence[RawStage], policy: str) -> Plan:
@@ -102,10 +104,16 @@ def _latency_weights(problem: Problem) -> tuple[float, float, float, float]:
     return (o.ttft, problem.tpot_weight(), 0.0, o.privacy)
 
 
-def throughput_dp(problem: Problem, *, policy: str = "throughput_dp", source_hops: bool = True) -> Plan:
+def throughput_dp(
+    problem: Problem, *, policy: str = "throughput_dp", source_hops: bool = True, strict: bool = True
+) -> Plan:
     """Exact minimum bottleneck (max over stages and hops of busy time per token = 1/throughput), ties
-    broken by the least latency objective. Binary search over the candidate bottleneck values, each
-    tested by the exact search restricted to stages and hops within that value."""
+    broken by the least latency objective. Binary search over the candidate bottleneck values; each value
+    is decided by the relaxation (no plan if it has none), a beam witness (a plan exists), or else the
+    exact search within ``THROUGHPUT_BUDGET`` states (``SearchLimitError`` if that cannot decide). The
+    tie-break is exact when the final search fits the same budget, else the witness stands. With
+    ``strict=False`` an undecided value counts as infeasible: the plan is feasible but its bottleneck may
+    exceed the optimum (what the PipeEdge baseline does at sizes where the exact search cannot decide)."""
     if needs_milp(problem) and source_hops:
         from policies.milp import milp
 
@@ -113,32 +121,46 @@ def throughput_dp(problem: Problem, *, policy: str = "throughput_dp", source_hop
     t = build(problem)
     base = objective_costs(problem, t, source_hops=source_hops)
     values = bottleneck_values(t, base, include_source_hops=source_hops)
-    if values.size == 0 or search_exact(base) is None:
-        raise diagnose(problem)
+
+    def costs_at(cap: float) -> Costs:
+        return objective_costs(problem, t, cap_s=min(cap, _floor(problem)), source_hops=source_hops)
 
     def relaxed_ok(cap: float) -> bool:
-        costs = objective_costs(problem, t, cap_s=min(cap, _floor(problem)), source_hops=source_hops)
+        costs = costs_at(cap)
         _to_go, enter = relaxed_to_go(costs)
         return bool(np.isfinite(lower_bound(costs, enter)))
 
-    def exact_at(cap: float) -> Found | None:
-        return search_exact(
-            objective_costs(problem, t, cap_s=min(cap, _floor(problem)), source_hops=source_hops)
-        )
+    def witness(cap: float) -> Found | None:
+        costs = costs_at(cap)
+        to_go, enter = relaxed_to_go(costs)
+        if not np.isfinite(lower_bound(costs, enter)):
+            return None
+        found = beam(costs, to_go, width=HEURISTIC_WIDTH)
+        if found is not None:
+            return found
+        try:
+            return exact(costs, to_go, max_expansions=THROUGHPUT_BUDGET)
+        except SearchLimitError:
+            if strict:
+                raise
+            return None
 
+    if values.size == 0 or (found_hi := witness(float(values[-1]))) is None:
+        raise diagnose(problem)
     # The relaxation is monotone and cheap: its threshold is a lower bound on the true one.
     lo = _first_true(values, relaxed_ok, 0)
     hi = values.size - 1
-    found_hi = exact_at(float(values[hi]))
     while lo < hi:
         mid = (lo + hi) // 2
-        found = exact_at(float(values[mid]))
+        found = witness(float(values[mid]))
         if found is not None:
             hi, found_hi = mid, found
         else:
             lo = mid + 1
-    if found_hi is None:
-        raise diagnose(problem)
+    costs = costs_at(float(values[hi]))
+    to_go, _enter = relaxed_to_go(costs)
+    with contextlib.suppress(SearchLimitError):
+        found_hi = exact(costs, to_go, incumbent=found_hi, max_expansions=THROUGHPUT_BUDGET) or found_hi
     return to_plan(problem, t, found_hi.stages, policy)
 
 
