@@ -75,7 +75,7 @@ def exact(
     to_go: np.ndarray,
     *,
     incumbent: Found | None = None,
-    max_expansions: int = 2_000_000,
+    max_expansions: int = 200_000,
 ) -> Found | None:
     """Optimal plan (or ``None`` if there is none). ``incumbent`` only prunes; it is returned if nothing
     strictly better exists."""
