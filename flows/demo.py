@@ -111,6 +111,8 @@ def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | 
             for run in runs:
                 if run.start_time is None or run.start_time.timestamp() < since_s or run.state is None:
                     continue
+                if run.parameters.get("reason") != "mec.link.degraded":
+                    continue  # a run some other event queued; the demo follows the link drop
                 if run.state.is_final():
                     result = _result_of(run.state)
                     return {"id": str(run.id), "name": run.name, "state": run.state.name,

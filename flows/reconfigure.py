@@ -129,6 +129,11 @@ def check_chain_task(gateway_url: str) -> tuple[bool, str]:
     return healthy, detail
 
 
+def _switch_mode(decision: dict[str, Any]) -> str:
+    kv_mode = decision.get("cost", {}).get("kv_mode", "move")
+    return "replay" if kv_mode == "recompute" else "push"
+
+
 def _plan_of(state: DeploymentState | None) -> Plan | None:
     return None if state is None else Plan.model_validate(state.plan)
 
@@ -159,10 +164,14 @@ def reconfigure(
     bw_mbit: float | None = None,
     policy: str = "latency_dp",
     horizon_s: float = 60.0,
-    switch_mode: str = "kv",
+    switch_mode: str = "auto",
     measure_tokens: int = 8,
 ) -> dict[str, Any]:
-    """Profile nodes and links, re-solve the placement, and redeploy only if the gain beats the cost."""
+    """Profile nodes and links, re-solve the placement, and redeploy only if the gain beats the cost.
+
+    ``switch_mode`` auto moves live sessions the way the decision priced cheaper: their KV pushed from
+    the old segments to the new ones (``push``), or rebuilt from the token history (``replay``), which
+    wins when the KV would have to cross a slow link."""
     started = time.monotonic()
     current = load_state()
     if current is None:
@@ -187,7 +196,8 @@ def reconfigure(
     else:
         decision = decide_task(problem, before, candidate, horizon_s)
         if decision["adopt"] and before is not None and candidate.layout() != before.layout():
-            deployed = deploy_task(current.backend, scenario, current.model, candidate, switch_mode)
+            mode = _switch_mode(decision) if switch_mode == "auto" else switch_mode
+            deployed = deploy_task(current.backend, scenario, current.model, candidate, mode)
     after = candidate if deployed is not None else before
     assert after is not None
     measured = measure_task(current.gateway_url, measure_tokens) if measure_tokens > 0 else None

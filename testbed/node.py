@@ -194,6 +194,18 @@ class NodeCgroup:
         """Total CPU time used by everything on the node (all its containers and its load)."""
         return int((self.path(ACCT_CONTROLLER) / "cpuacct.usage").read_text())
 
+    def foreign_cpu_usage_ns(self) -> int:
+        """CPU time of the node not spent in its containers: the background load (whose processes sit in
+        the node's own cpuacct group) and anything else that is not a model segment. A node busy
+        running its segments is doing its job; only this part means someone else is taking its CPU."""
+        acct = self.path(ACCT_CONTROLLER)
+        containers = sum(
+            int((child / "cpuacct.usage").read_text())
+            for child in acct.iterdir()
+            if child.is_dir() and len(child.name) == 64 and (child / "cpuacct.usage").exists()
+        )
+        return max(0, self.cpu_usage_ns() - containers)
+
     def memory_usage_bytes(self) -> int:
         return int((self.path(MEM_CONTROLLER) / "memory.usage_in_bytes").read_text())
 

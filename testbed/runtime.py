@@ -425,8 +425,9 @@ class Testbed:
                 log.warning("monitor: %s", exc)
 
     def _cpu_ns(self, node: str) -> int:
+        # Overload means CPU taken from the node by others, not the node computing its own segments.
         try:
-            return self.containers[node].cgroup.cpu_usage_ns()
+            return self.containers[node].cgroup.foreign_cpu_usage_ns()
         except OSError:
             return 0
 
