@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -93,6 +94,7 @@ def generate_cmd(
     from segments.launch import LocalChain
     from segments.sampling import SamplingParams
 
+    _exit_cleanly_on_sigterm()
     model = model or Settings().segments.default_model
     store_dir = _store_dir(store)
     try:
@@ -207,6 +209,7 @@ def verify_cmd(
     from segments.launch import LocalChain
     from segments.store import read_manifest
 
+    _exit_cleanly_on_sigterm()
     model = model or Settings().segments.default_model
     store_dir = _store_dir(store)
     # The reference runs here with the segments' thread count: matmul reductions split over a different
@@ -316,6 +319,7 @@ def bench_overhead_cmd(
     from segments.runner import SegmentRunner
     from segments.spec import SegmentSpec
 
+    _exit_cleanly_on_sigterm()
     store_dir = _store_dir(store)
     n_threads = _threads(threads)
     torch.set_num_threads(n_threads)
@@ -407,7 +411,19 @@ def gateway_cmd(
                 }
             )
         )
+        # uvicorn re-raises SIGTERM after its own shutdown; our handler then turns it into SystemExit.
+        _exit_cleanly_on_sigterm()
         uvicorn.run(create_app(gateway), host=host, port=port, log_level="warning")
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM becomes SystemExit, so the LocalChain with-block stops the segment processes and removes
+    the chain's temporary secret instead of the process vanishing mid-way."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
