@@ -195,16 +195,14 @@ class NodeCgroup:
         return int((self.path(ACCT_CONTROLLER) / "cpuacct.usage").read_text())
 
     def foreign_cpu_usage_ns(self) -> int:
-        """CPU time of the node not spent in its containers: the background load (whose processes sit in
-        the node's own cpuacct group) and anything else that is not a model segment. A node busy
-        running its segments is doing its job; only this part means someone else is taking its CPU."""
-        acct = self.path(ACCT_CONTROLLER)
-        containers = sum(
-            int((child / "cpuacct.usage").read_text())
-            for child in acct.iterdir()
-            if child.is_dir() and len(child.name) == 64 and (child / "cpuacct.usage").exists()
-        )
-        return max(0, self.cpu_usage_ns() - containers)
+        """CPU time taken by the node's background load (other tenants), not by its own segments: a node
+        busy computing its segments is doing its job; only this part means someone else takes its CPU.
+        The load's accounting group lives as long as the node, so the counter never goes backwards."""
+        usage = self.load_acct_path() / "cpuacct.usage"
+        return int(usage.read_text()) if usage.exists() else 0
+
+    def load_acct_path(self) -> Path:
+        return self.path(ACCT_CONTROLLER) / "load"
 
     def memory_usage_bytes(self) -> int:
         return int((self.path(MEM_CONTROLLER) / "memory.usage_in_bytes").read_text())
@@ -378,9 +376,12 @@ class BackgroundLoad:
         (path / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
         (path / "cpu.cfs_quota_us").write_text(str(quota_us))
         # cpu and cpuacct are separate hierarchies here: join the load's cpu cgroup and the node's
-        # cpuacct cgroup so that the node's measured usage includes its background load.
+        # `load` cpuacct child, so that the node's usage includes its background load and the load's
+        # own share can be told apart from the segments' (the overload events use it).
         cpu_procs = path / "cgroup.procs"
-        acct_procs = self.cgroup.path(ACCT_CONTROLLER) / "cgroup.procs"
+        acct = self.cgroup.load_acct_path()
+        acct.mkdir(exist_ok=True)
+        acct_procs = acct / "cgroup.procs"
         script = (
             f'echo $$ > "{cpu_procs}" && echo $$ > "{acct_procs}" && exec /bin/sh -c "while :; do :; done"'
         )
