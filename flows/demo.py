@@ -10,89 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flows import results
-from flows.measure import StreamSample, stream_completion
 from flows.prefect_server import PrefectServer, ensure_server
-from flows.runtime import RuntimeFailure, backend_for, clear_local_links, set_local_link, stop_pid
-from flows.state import BackendName, clear_state, load_state
-from mecsplit.settings import Settings, get_settings
-from testbed.scenario import Scenario, load_scenario
-
-PROMPTS = (
-    "Explain in two sentences why edge computing lowers latency.",
-    "Write a short haiku about a city at night.",
-    "List three uses of a bandwidth trace.",
+from flows.runtime import RuntimeFailure, clear_local_links, set_local_link
+from flows.state import BackendName, load_state
+from flows.workload import (
+    ChatSession,
+    choose_backend,
+    prepare_model,
+    say,
+    serve_process,
+    stop_process,
+    teardown,
 )
-
-
-def say(message: str) -> None:
-    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def choose_backend(requested: str) -> BackendName:
-    from testbed.doctor import run_checks
-
-    if requested in ("local", "testbed"):
-        return requested  # type: ignore[return-value]
-    missing = [c.name for c in run_checks() if c.required and not c.ok]
-    if missing:
-        say(
-            f"this machine lacks {', '.join(missing)}: running the root-free local backend instead "
-            "(segments as processes on loopback, links not shaped; `mecsplit testbed doctor` tells more)"
-        )
-        return "local"
-    return "testbed"
-
-
-@dataclass
-class Generator:
-    """Streams completions one after another through the gateway, recording every token's latency."""
-
-    gateway_url: str
-    max_tokens: int
-    samples: list[StreamSample] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="demo-generator", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        i = 0
-        while not self._stop.is_set():
-            try:
-                self.samples.append(
-                    stream_completion(self.gateway_url, PROMPTS[i % len(PROMPTS)], self.max_tokens)
-                )
-            except Exception as exc:  # recorded and shown in the summary: a lost request is a finding
-                self.errors.append(f"{time.time():.3f} {type(exc).__name__}: {exc}")
-                time.sleep(0.5)
-            i += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=300)
-
-
-def _serve_process(settings: Settings, server: PrefectServer, scenario_path: Path) -> subprocess.Popen[bytes]:
-    log = (settings.run_dir / "serve.log").open("wb")
-    env = {**os.environ, **server.env(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "mecsplit.cli", "serve", "--scenario", str(scenario_path)],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-    )  # fmt: skip
+from mecsplit.settings import get_settings
+from testbed.scenario import Scenario, load_scenario
 
 
 def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | None:
@@ -173,7 +109,7 @@ def run_demo(
     settings = get_settings()
     scenario = load_scenario(scenario_path)
     say(f"scenario {scenario.name}: {len(scenario.nodes)} nodes, model {scenario.model}")
-    _prepare_model(scenario.model, settings)
+    prepare_model(scenario.model, settings)
     server = ensure_server(settings)
     os.environ.update(server.env())
     say(f"Prefect API {server.api_url} (UI {server.ui_url})")
@@ -181,8 +117,8 @@ def run_demo(
     if load_state() is not None:
         raise RuntimeFailure("a deployment is already running: `mecsplit down` first")
     clear_local_links(settings)
-    serve_proc: subprocess.Popen[bytes] | None = None
-    generator: Generator | None = None
+    serve_proc = None
+    generator: ChatSession | None = None
     timeline: list[dict[str, Any]] = []
     try:
         if chosen == "testbed":
@@ -196,8 +132,8 @@ def run_demo(
         first = deploy_flow(scenario=str(scenario_path), backend=chosen, model=scenario.model)
         timeline.append({"t_s": time.time(), "event": "deployed", "plan": first["plan"]})
         say(f"plan: {first['plan']}  (predicted {first['predicted_tpot_s'] * 1e3:.0f} ms/token)")
-        serve_proc = _serve_process(settings, server, scenario_path)
-        generator = Generator(first["gateway_url"], max_tokens)
+        serve_proc = serve_process(settings, server, scenario_path)
+        generator = ChatSession(first["gateway_url"], max_tokens)
         generator.start()
         say(f"generating for {phase_s:.0f} s before the bandwidth drop")
         time.sleep(phase_s)
@@ -230,35 +166,5 @@ def run_demo(
     finally:
         if generator is not None:
             generator.stop()
-        if serve_proc is not None:
-            stop_pid(serve_proc.pid)
-        _teardown(chosen, scenario)
-
-
-def _prepare_model(model: str, settings: Settings) -> None:
-    from segments import store
-
-    if store.is_prepared(settings.store_dir, model):
-        return
-    say(f"preparing {model} into the segment store (once)")
-    store.prepare(model, settings.store_dir, progress=True)
-
-
-def _teardown(backend: BackendName, scenario: Scenario) -> None:
-    from flows import pipeline
-
-    state = load_state()
-    if state is not None:
-        say("stopping segments and the gateway")
-        try:
-            pipeline.teardown(backend_for(state.backend, scenario), state)
-        finally:
-            clear_state()
-    if backend == "testbed":
-        from testbed.api import TestbedClient
-
-        say("tearing the testbed down")
-        with TestbedClient() as client:
-            client.down()
-    clear_local_links(get_settings())
-    shutil.rmtree(get_settings().run_dir / "local", ignore_errors=True)
+        stop_process(serve_proc)
+        teardown(chosen, scenario)

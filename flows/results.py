@@ -95,7 +95,7 @@ def summarise(
     return {"headline": headline, "errors": list(errors), "timeline": timeline}
 
 
-def _meta() -> dict[str, Any]:
+def meta() -> dict[str, Any]:
     versions = {}
     for dist in ("mecsplit", "torch", "transformers", "prefect", "docker", "pandas", "scipy"):
         try:
@@ -124,20 +124,47 @@ def write_run(
     samples: Sequence[StreamSample],
     timeline: list[dict[str, Any]],
 ) -> Path:
-    import pandas as pd
-
     run_dir = root / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=False)
     shutil.copy(scenario_path, run_dir / "scenario.yaml")
-    (run_dir / "meta.json").write_text(json.dumps(_meta(), indent=2))
+    (run_dir / "meta.json").write_text(json.dumps(meta(), indent=2))
     (run_dir / "timeline.json").write_text(json.dumps(timeline, indent=2, default=str))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    rows = token_rows(samples)
-    pd.DataFrame(rows, columns=["request", "t_s", "kind", "latency_s"]).to_parquet(
-        run_dir / "samples.parquet"
-    )
-    _plot(rows, timeline, run_dir / "latency.png")
+    write_samples(run_dir / "samples.parquet", samples)
+    _plot(token_rows(samples), timeline, run_dir / "latency.png")
     return run_dir
+
+
+def write_samples(path: Path, samples: Sequence[StreamSample]) -> None:
+    import pandas as pd
+
+    columns = ["request", "t_s", "kind", "latency_s"]
+    pd.DataFrame(token_rows(samples), columns=columns).to_parquet(path)
+
+
+def plot_policies(run_dir: Path) -> None:
+    """latency.png of an experiment: per-token latency over time, one series per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    fig, ax = plt.subplots(figsize=(9, 3.5), dpi=100)
+    for path in sorted(run_dir.glob("*/samples.parquet")):
+        frame = pd.read_parquet(path)
+        tokens = frame[frame["kind"] == "token"]
+        if len(tokens):
+            t0 = frame["t_s"].min()
+            ax.plot(tokens["t_s"] - t0, tokens["latency_s"] * 1e3, ".", markersize=2, label=path.parent.name)
+    ax.set_xlabel("time since the workload started (s)")
+    ax.set_ylabel("per-token latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "latency.png")
+    plt.close(fig)
 
 
 def _plot(rows: list[dict[str, Any]], timeline: list[dict[str, Any]], path: Path) -> None:

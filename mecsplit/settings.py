@@ -29,7 +29,7 @@ class SegmentSettings(BaseModel):
     max_kv_bytes: int = Field(default=4 * 1024**3, gt=0)
     threads: int = Field(default=1, gt=0, description="torch threads per segment process")
     gateway_port: int = Field(
-        default=8000, ge=0, lt=65536, description="OpenAI-compatible gateway port (0: any free port, local backend)"
+        default=8000, ge=0, lt=65536, description="OpenAI-compatible gateway port (0: any free port)"
     )
 
 

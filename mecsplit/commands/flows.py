@@ -100,6 +100,32 @@ def down() -> None:
     typer.echo(f"stopped {len(state.segments)} segments and the gateway")
 
 
+experiment_app = typer.Typer(help="Experiments: a scenario under several policies, side by side.",
+                              no_args_is_help=True)  # fmt: skip
+
+
+@experiment_app.command("run")
+def experiment_run(
+    scenario: Path = SCENARIO_OPTION,
+    policies: str = typer.Option(
+        "adaptive,static", help="comma-separated: adaptive, static, or any `mecsplit plan` policy"
+    ),
+    backend: str = typer.Option("auto", help="auto, testbed or local (local: no timeline replay)"),
+    duration_s: float | None = typer.Option(None, help="workload seconds per policy (default: scenario's)"),
+    as_json: bool = typer.Option(False, "--json", help="print only the summary JSON"),
+) -> None:
+    """Run the scenario's workload and timeline under each policy; write results/<run>/ and compare."""
+    from flows.experiment import experiment
+
+    _use_prefect_server()
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    if not names:
+        raise typer.BadParameter("give at least one policy", param_hint="--policies")
+    summary = experiment(scenario=str(scenario), policies=names, backend=backend, duration_s=duration_s)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+
+
 @prefect_app.command("up")
 def prefect_up() -> None:
     """Start (or find) the Prefect server and print its UI address."""
@@ -122,3 +148,4 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("serve")(serve)
     app.command("down")(down)
     app.add_typer(prefect_app, name="prefect")
+    app.add_typer(experiment_app, name="experiment")
