@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from flows.state import BackendName, Endpoint
@@ -145,6 +146,8 @@ class LocalBackend:
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **env}, start_new_session=True,
             )  # fmt: skip
+        with (self.log_dir / PID_REGISTRY).open("a") as registry:
+            registry.write(f"{proc.pid}\n")
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             message = _ready_message(log_path.read_text(errors="replace"))
@@ -179,6 +182,29 @@ class LocalBackend:
 
     def alive_nodes(self) -> list[str]:
         return [n.name for n in self.scenario.nodes if n.joins_at_s is None]
+
+
+PID_REGISTRY = "pids.txt"
+
+
+def stop_local_processes(settings: Settings) -> int:
+    """Stop every process the local backend started (recorded by PID as it started them) that still
+    runs one of mecsplit's own modules; a flow run killed mid-deploy can leave such orphans, which no
+    deployment state names. Returns how many were stopped."""
+    registry = settings.run_dir / "local" / PID_REGISTRY
+    if not registry.exists():
+        return 0
+    stopped = 0
+    for pid in {int(line) for line in registry.read_text().split()}:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"segments." in cmdline:  # the PID was not reused by something else
+            stop_pid(pid)
+            stopped += 1
+    registry.unlink()
+    return stopped
 
 
 def link_key(a: str, b: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flows.measure import StreamSample, stream_completion
 from flows.prefect_server import PrefectServer
-from flows.runtime import backend_for, clear_local_links, stop_pid
+from flows.runtime import backend_for, clear_local_links, stop_local_processes, stop_pid
 from flows.state import BackendName, clear_state, load_state
 from mecsplit.settings import Settings, get_settings
 from testbed.scenario import Scenario
@@ -129,4 +129,5 @@ def teardown(backend: BackendName, scenario: Scenario) -> None:
         except TestbedNotRunningError:
             pass
     clear_local_links(get_settings())
+    stop_local_processes(get_settings())
     shutil.rmtree(get_settings().run_dir / "local", ignore_errors=True)

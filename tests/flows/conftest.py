@@ -26,6 +26,9 @@ def flows_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     get_settings.cache_clear()
     store.prepare("llama-tiny", get_settings().store_dir, progress=False)
     yield home
+    from flows.runtime import stop_local_processes
+
+    stop_local_processes(get_settings())  # whatever a failed test left running, by recorded PID
     if saved is None:
         os.environ.pop("MECSPLIT_HOME", None)
     else:

@@ -24,7 +24,7 @@ import pytest
 from conftest import TINY_SCENARIO
 
 from flows import pipeline
-from flows.runtime import LocalBackend, clear_local_links, set_local_link
+from flows.runtime import LocalBackend, clear_local_links, set_local_link, stop_local_processes
 from flows.state import clear_state, load_state
 from mecsplit.settings import get_settings
 from testbed.scenario import load_scenario
@@ -45,6 +45,7 @@ def deployed(flows_home: Path, prefect_ui_server: str) -> Iterator[dict[str, Any
         pipeline.teardown(LocalBackend(load_scenario(TINY_SCENARIO)), state)
         clear_state()
     clear_local_links(get_settings())
+    stop_local_processes(get_settings())  # segments of a served run that was stopped mid-deploy
 
 
 @pytest.fixture(scope="module")
