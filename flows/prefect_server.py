@@ -44,8 +44,12 @@ def _state_file(settings: Settings) -> Path:
 def server_env(settings: Settings) -> dict[str, str]:
     """Environment for the embedded server process: its own home, no telemetry (machines are offline)."""
     home = settings.home / "prefect"
+    port = settings.flows.prefect_port
     return {
         "PREFECT_HOME": str(home),
+        # The UI asks its settings endpoint where the API is; without this it says port 4200 whatever
+        # port the server runs on.
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
     }
