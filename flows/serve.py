@@ -82,10 +82,41 @@ def build_deployment(
     )
 
 
+def cancel_stale_runs() -> int:
+    """Cancel reconfigure runs still waiting from an earlier `serve`: they answer events about a network
+    that may no longer exist, and with the concurrency limit of one they would hold up the runs that the
+    current network's events trigger. Returns how many were cancelled."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    waiting = [StateType.SCHEDULED, StateType.PENDING]
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT_NAME])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=waiting))
+            ),
+        )
+        for run in runs:
+            client.set_flow_run_state(run.id, Cancelled(message="stale: queued before this serve started"))
+    return len(runs)
+
+
 def serve_forever(scenario: str, *, interval_s: float | None = None, cron: str | None = None) -> None:
     """Block serving the deployment (runs each flow run in a subprocess, as Prefect does)."""
     from prefect import serve
 
     # Poll every second so an event-triggered run starts within a few seconds (default: 10 s).
     os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+    cancelled = cancel_stale_runs()
+    if cancelled:
+        print(f"cancelled {cancelled} reconfigure runs left waiting by an earlier serve")
     serve(build_deployment(scenario, interval_s=interval_s, cron=cron), print_starting_message=True)
