@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -237,7 +238,7 @@ def deploy(
         progress(f"stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}")
         backend.stop_segment(endpoint)
     state = DeploymentState(
-        scenario=scenario_path, model=model, backend=backend.name, revision=revision,
+        scenario=str(Path(scenario_path).resolve()), model=model, backend=backend.name, revision=revision,
         plan=plan.model_dump(mode="json"), segments=tuple(endpoints), gateway_url=gateway_url,
         gateway_handle=gateway_handle, secret=secret, updated_at_s=time.time(),
     )  # fmt: skip
