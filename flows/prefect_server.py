@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from mecsplit.process import pid_alive, stop_pid
 from mecsplit.settings import Settings, get_settings
 
 
@@ -63,23 +63,13 @@ def api_healthy(api_url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_state(settings: Settings) -> PrefectServer | None:
     path = _state_file(settings)
     if not path.exists():
         return None
     data = json.loads(path.read_text())
     server = PrefectServer(api_url=data["api_url"], ui_url=data["ui_url"], pid=data["pid"])
-    if server.pid is not None and _pid_alive(server.pid) and api_healthy(server.api_url):
+    if server.pid is not None and pid_alive(server.pid) and api_healthy(server.api_url):
         return server
     return None
 
@@ -146,12 +136,6 @@ def stop_server(settings: Settings | None = None, *, timeout_s: float = 15.0) ->
         return False
     pid = json.loads(path.read_text()).get("pid")
     path.unlink()
-    if pid is None or not _pid_alive(pid):
+    if pid is None or not pid_alive(pid):
         return False
-    os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _pid_alive(pid):
-        time.sleep(0.2)
-    if _pid_alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-    return True
+    return stop_pid(pid, timeout_s, group=True)

@@ -13,10 +13,8 @@ the optimiser, the Prefect flows) is the same as on the testbed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flows.state import BackendName, Endpoint
+from mecsplit.process import stop_pid
 from mecsplit.settings import Settings, get_settings
 from testbed.scenario import Scenario
 
@@ -229,28 +228,6 @@ def set_local_link(settings: Settings, a: str, b: str, bw_mbit: float) -> None:
 
 def clear_local_links(settings: Settings) -> None:
     _overrides_path(settings).unlink(missing_ok=True)
-
-
-def stop_pid(pid: int, timeout_s: float = 15.0) -> None:
-    """SIGTERM a process this project started (recorded PID), SIGKILL it if it outlives the timeout."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            finished, _ = os.waitpid(pid, os.WNOHANG)
-            if finished:
-                return
-        except ChildProcessError:  # started by an earlier flow run, not our child: poll its existence
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------- testbed

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from flows.measure import StreamSample, stream_completion
 from flows.prefect_server import PrefectServer
-from flows.runtime import backend_for, clear_local_links, stop_local_processes, stop_pid
+from flows.runtime import backend_for, clear_local_links, stop_local_processes
 from flows.state import BackendName, clear_state, load_state
+from mecsplit.process import stop_pid
 from mecsplit.settings import Settings, get_settings
 from testbed.scenario import Scenario
 

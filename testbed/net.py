@@ -208,19 +208,7 @@ def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[
 
 def allow_bridge_forwarding(bridge: str, comment: str) -> None:
     """Docker sets FORWARD DROP and br_netfilter makes bridged frames pass it: let our bridge through."""
-    rule = [
-        "DOCKER-USER",
-        "-i",
-        bridge,
-        "-o",
-        bridge,
-        "-m",
-        "comment",
-        "--comment",
-        comment,
-        "-j",
-        "ACCEPT",
-    ]
+    rule = _forward_rule("DOCKER-USER", bridge, comment)
     if _run(["iptables", "-w", "-C", *rule], check=False).returncode != 0:
         chain = (
             "DOCKER-USER"
@@ -230,21 +218,14 @@ def allow_bridge_forwarding(bridge: str, comment: str) -> None:
         _run(["iptables", "-w", "-I", chain, *rule[1:]])
 
 
+def _forward_rule(chain: str, bridge: str, comment: str) -> list[str]:
+    """iptables arguments of the rule that lets frames through our bridge (tagged with our comment)."""
+    return [chain, "-i", bridge, "-o", bridge, "-m", "comment", "--comment", comment, "-j", "ACCEPT"]
+
+
 def remove_bridge_forwarding(bridge: str, comment: str) -> None:
     for chain in ("DOCKER-USER", "FORWARD"):
-        rule = [
-            chain,
-            "-i",
-            bridge,
-            "-o",
-            bridge,
-            "-m",
-            "comment",
-            "--comment",
-            comment,
-            "-j",
-            "ACCEPT",
-        ]
+        rule = _forward_rule(chain, bridge, comment)
         while _run(["iptables", "-w", "-C", *rule], check=False).returncode == 0:
             _run(["iptables", "-w", "-D", *rule])
 
