@@ -166,8 +166,13 @@ def reconfigure(
     horizon_s: float = 60.0,
     switch_mode: str = "auto",
     measure_tokens: int = 8,
+    failover_only: bool = False,
 ) -> dict[str, Any]:
     """Profile nodes and links, re-solve the placement, and redeploy only if the gain beats the cost.
+
+    ``failover_only`` (what the experiments give static plans and baselines): re-plan only when the
+    deployed chain is broken (a dead hop), with the same ``policy`` on the surviving nodes; otherwise keep
+    the plan whatever the network does.
 
     ``switch_mode`` auto moves live sessions the way the decision priced cheaper: their KV pushed from
     the old segments to the new ones (``push``), or rebuilt from the token history (``replay``), which
@@ -176,6 +181,14 @@ def reconfigure(
     current = load_state()
     if current is None:
         raise RuntimeError("nothing is deployed: run `mecsplit deploy --scenario F` (or the demo) first")
+    if failover_only and check_chain_task(current.gateway_url)[0]:
+        _log(f"reconfigure (failover only): {reason} {resource or ''}: the chain is healthy, plan kept")
+        kept = Plan.model_validate(current.plan)
+        layout = [list(x) for x in kept.layout()]
+        return {"reason": reason, "resource": resource, "adopted": False,
+                "decision": {"adopt": False, "reason": "failover only and the deployed chain is healthy"},
+                "before": layout, "after": layout, "predicted_tpot_s": kept.predicted.tpot_s,
+                "measured": None, "deploy": None, "wall_s": time.monotonic() - started}  # fmt: skip
     sc = load_scenario(Path(scenario))
     _log(f"reconfigure: {reason} {resource or ''} {'' if bw_mbit is None else f'bw={bw_mbit} Mbit/s'}")
     # A node event invalidates that node's compute profile; a link event leaves compute profiles valid.
@@ -193,6 +206,8 @@ def reconfigure(
         # A dead hop holds KV that cannot be exported: rebuild every session by replaying its history.
         decision = {"adopt": True, "reason": f"the deployed chain is broken ({detail}): rebuilt by replay"}
         deployed = deploy_task(current.backend, scenario, current.model, candidate, "replay")
+    elif failover_only:
+        decision = {"adopt": False, "reason": "failover only and the deployed chain is healthy"}
     else:
         decision = decide_task(problem, before, candidate, horizon_s)
         if decision["adopt"] and before is not None and candidate.layout() != before.layout():

@@ -62,7 +62,12 @@ def build_triggers(scenario: str) -> list[DeploymentEventTrigger]:
 
 
 def build_deployment(
-    scenario: str, *, interval_s: float | None = None, cron: str | None = None
+    scenario: str,
+    *,
+    interval_s: float | None = None,
+    cron: str | None = None,
+    policy: str = "latency_dp",
+    failover_only: bool = False,
 ) -> RunnerDeployment:
     from flows.reconfigure import reconfigure
 
@@ -72,7 +77,13 @@ def build_deployment(
         name=DEPLOYMENT_NAME,
         interval=interval_s,
         cron=cron,
-        parameters={"scenario": scenario, "reason": "schedule"},
+        # Triggered runs get these too: Prefect merges a trigger's parameters over the deployment's.
+        parameters={
+            "scenario": scenario,
+            "reason": "schedule",
+            "policy": policy,
+            "failover_only": failover_only,
+        },
         triggers=build_triggers(scenario),
         concurrency_limit=ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
@@ -110,7 +121,14 @@ def cancel_stale_runs() -> int:
     return len(runs)
 
 
-def serve_forever(scenario: str, *, interval_s: float | None = None, cron: str | None = None) -> None:
+def serve_forever(
+    scenario: str,
+    *,
+    interval_s: float | None = None,
+    cron: str | None = None,
+    policy: str = "latency_dp",
+    failover_only: bool = False,
+) -> None:
     """Block serving the deployment (runs each flow run in a subprocess, as Prefect does)."""
     from prefect import serve
 
@@ -119,4 +137,7 @@ def serve_forever(scenario: str, *, interval_s: float | None = None, cron: str |
     cancelled = cancel_stale_runs()
     if cancelled:
         print(f"cancelled {cancelled} reconfigure runs left waiting by an earlier serve")
-    serve(build_deployment(scenario, interval_s=interval_s, cron=cron), print_starting_message=True)
+    deployment = build_deployment(
+        scenario, interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only
+    )
+    serve(deployment, print_starting_message=True)

@@ -74,6 +74,10 @@ def serve(
     scenario: Path = SCENARIO_OPTION,
     interval_s: float | None = typer.Option(None, help="also reconfigure every N seconds"),
     cron: str | None = typer.Option(None, help="also reconfigure on this cron schedule"),
+    policy: str = typer.Option("latency_dp", help="placement policy the runs re-plan with"),
+    failover_only: bool = typer.Option(
+        False, "--failover-only", help="re-plan only when the deployed chain is broken (a dead hop)"
+    ),
 ) -> None:
     """Serve the reconfigure deployment: on its schedule and on mec.link.degraded, mec.node.overloaded and
     mec.node.failed events (one reconfiguration at a time). Blocks; Ctrl-C stops it."""
@@ -81,7 +85,7 @@ def serve(
 
     ui = _use_prefect_server()
     typer.echo(f"serving reconfigure for {scenario}; Prefect UI: {ui}")
-    serve_forever(str(scenario), interval_s=interval_s, cron=cron)
+    serve_forever(str(scenario), interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only)
 
 
 def down() -> None:
