@@ -142,29 +142,128 @@ def write_samples(path: Path, samples: Sequence[StreamSample]) -> None:
     pd.DataFrame(token_rows(samples), columns=columns).to_parquet(path)
 
 
-def plot_policies(run_dir: Path) -> None:
-    """latency.png of an experiment: per-token latency over time, one series per policy."""
+TIMELINE_COLOURS = {"fail": "red", "restore": "green", "join": "green", "cpu_load": "orange",
+                    "set_link": "purple", "trace": "grey"}  # fmt: skip
+
+
+def plot_policies(run_dir: Path, timeline: Sequence[dict[str, Any]] = ()) -> None:
+    """latency.png of an experiment: per-token latency over time, one panel per policy (dots: tokens;
+    line: rolling median of 15), the scenario's timeline events as dashed lines and each policy's adopted
+    reconfigurations as solid green lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    fig, ax = plt.subplots(figsize=(9, 3.5), dpi=100)
-    for path in sorted(run_dir.glob("*/samples.parquet")):
+    paths = sorted(run_dir.glob("*/samples.parquet"), key=lambda p: _policy_order(run_dir, p.parent.name))
+    if not paths:
+        return
+    fig, axes = plt.subplots(len(paths), 1, figsize=(10, 1.9 * len(paths) + 0.6), dpi=100, sharex=True,
+                             sharey=True, squeeze=False)  # fmt: skip
+    for ax, path in zip(axes[:, 0], paths, strict=True):
+        policy = path.parent.name
         frame = pd.read_parquet(path)
-        tokens = frame[frame["kind"] == "token"]
+        meta_path = path.parent / "policy.json"
+        info = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        t0 = info.get("t0_wall_s", frame["t_s"].min() if len(frame) else 0.0)
+        tokens = frame[frame["kind"] == "token"].sort_values("t_s")
         if len(tokens):
-            t0 = frame["t_s"].min()
-            ax.plot(tokens["t_s"] - t0, tokens["latency_s"] * 1e3, ".", markersize=2, label=path.parent.name)
-    ax.set_xlabel("time since the workload started (s)")
-    ax.set_ylabel("per-token latency (ms)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            x = tokens["t_s"] - t0
+            y = tokens["latency_s"] * 1e3
+            ax.plot(x, y, ".", markersize=2, alpha=0.5)
+            ax.plot(x, y.rolling(15, min_periods=1).median(), "-", linewidth=1)
+        for item in timeline:
+            ax.axvline(item["at_s"], color=TIMELINE_COLOURS.get(item["kind"], "grey"), linestyle="--",
+                       alpha=0.5, linewidth=0.8)  # fmt: skip
+        for change in info.get("plan_changes", []):
+            ax.axvline(change["t_s"], color="green", alpha=0.8, linewidth=1.2)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.set_ylabel(f"{policy}\n(ms)", fontsize=8)
+    for item in timeline:
+        if item["kind"] != "trace":
+            axes[0, 0].annotate(f"{item['kind']} {item['what']}", (item["at_s"], 1.02), fontsize=7,
+                                xycoords=("data", "axes fraction"), rotation=20)  # fmt: skip
+    axes[-1, 0].set_xlabel("time since the workload and the timeline started (s)")
+    fig.suptitle("per-token latency (dashed: timeline events; solid green: adopted reconfigurations)",
+                 fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(run_dir / "latency.png")
     plt.close(fig)
+
+
+BAR_FIGURES = (
+    ("mean_tpot_ms", "mean per-token (ms)"),
+    ("p95_tpot_ms", "p95 per-token (ms)"),
+    ("mean_ttft_ms", "mean TTFT (ms)"),
+    ("p95_ttft_ms", "p95 TTFT (ms)"),
+    ("throughput_tok_s", "throughput (tok/s)"),
+    ("total_stall_s", "total stall (s)"),
+    ("reconfigurations", "reconfigurations"),
+    ("tokens_lost", "tokens lost"),
+)
+
+
+def plot_policy_bars(run_dir: Path, per_policy: dict[str, dict[str, Any]]) -> None:
+    """bars.png of an experiment: each per-policy figure as a bar chart, policies in run order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_policy)
+    fig, axes = plt.subplots(2, 4, figsize=(13, 5.5), dpi=100)
+    for ax, (key, label) in zip(axes.flat, BAR_FIGURES, strict=True):
+        values = [per_policy[p].get(key) or 0 for p in names]
+        bars = ax.bar(range(len(names)), values, color=["tab:green" if p == "adaptive" else "tab:blue"
+                                                         for p in names])  # fmt: skip
+        ax.bar_label(bars, fmt="%.4g", fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "bars.png")
+    plt.close(fig)
+
+
+def _policy_order(run_dir: Path, policy: str) -> int:
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        names = list(json.loads(summary.read_text()).get("policies", {}))
+        if policy in names:
+            return names.index(policy)
+    return 1_000
+
+
+TABLE_COLUMNS = (
+    ("mean_tpot_ms", "tpot mean"),
+    ("p95_tpot_ms", "tpot p95"),
+    ("mean_ttft_ms", "ttft mean"),
+    ("p95_ttft_ms", "ttft p95"),
+    ("throughput_tok_s", "tok/s"),
+    ("reconfigurations", "reconf"),
+    ("total_stall_s", "stall s"),
+    ("tokens_lost", "lost"),
+)
+
+
+def policy_table(summary: dict[str, Any]) -> str:
+    """The experiment's summary as a Markdown table (per-token and TTFT in ms), with the comparison."""
+    head = "| policy | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    for name, stats in summary["policies"].items():
+        cells = ["-" if stats.get(k) is None else f"{stats[k]:g}" for k, _ in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    cmp = summary.get("adaptive_vs_best_static")
+    if cmp:
+        lines.append(
+            f"\nadaptive vs best static-like ({cmp['best_static']}): {cmp['speedup_mean_tpot']:.2f}x on mean "
+            f"per-token latency ({cmp['best_static_mean_tpot_ms']:g} -> {cmp['adaptive_mean_tpot_ms']:g} ms; "
+            f"goal {cmp['goal']:g}x {'met' if cmp['goal_met'] else 'not met'})"
+        )
+    lines.append(f"results: {summary.get('results_dir', '')}")
+    return "\n".join(lines)
 
 
 def _plot(rows: list[dict[str, Any]], timeline: list[dict[str, Any]], path: Path) -> None:

@@ -3,6 +3,8 @@ reconfigure deployment, chat sessions that stream through the gateway, and a cle
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import shutil
 import subprocess
@@ -12,7 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flows.measure import StreamSample, stream_completion
+import httpx
+
+from flows.measure import StreamSample
 from flows.prefect_server import PrefectServer
 from flows.runtime import backend_for, clear_local_links, stop_local_processes
 from flows.state import BackendName, clear_state, load_state
@@ -56,18 +60,94 @@ def prepare_model(model: str, settings: Settings) -> None:
     store.prepare(model, settings.store_dir, progress=True)
 
 
+@dataclass(frozen=True)
+class RequestRecord:
+    """One chat request as its user saw it, failed or not: what it asked for and what it got."""
+
+    started_at_s: float  # wall clock (time.time) at request start
+    asked: int  # max_tokens
+    ttft_s: float | None  # None: not even a first token arrived
+    token_gaps_s: tuple[float, ...]  # gap before each streamed token after the first
+    received: int  # tokens generated (the gateway's usage count; streamed chunks where it sent none)
+    finish: str | None  # "length" or "stop" (end of sequence) when the stream ended normally
+    error: str | None = None
+
+    @property
+    def lost(self) -> int:
+        """Tokens asked for and never delivered: none when the model ended the answer itself (``stop``)."""
+        if self.error is None and self.finish == "stop":
+            return 0
+        return max(0, self.asked - self.received)
+
+    def sample(self) -> StreamSample | None:
+        if self.ttft_s is None:
+            return None
+        return StreamSample(
+            ttft_s=self.ttft_s, token_gaps_s=self.token_gaps_s, tokens=len(self.token_gaps_s) + 1, text="",
+            started_at_s=self.started_at_s,
+        )  # fmt: skip
+
+
+def stream_request(
+    gateway_url: str, prompt: str, max_tokens: int, *, timeout_s: float = 300.0
+) -> RequestRecord:
+    """One greedy streamed chat completion, recorded whatever happens (never raises): a request that fails
+    midway keeps the tokens it got, so the tokens it lost can be counted."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    started_wall = time.time()
+    started = time.perf_counter()
+    stamps: list[float] = []
+    finish: str | None = None
+    usage: int | None = None
+    error: str | None = None
+    try:
+        with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=timeout_s) as resp:
+            resp.raise_for_status()
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line.removeprefix("data: "))
+                if "error" in chunk:
+                    raise RuntimeError(f"the gateway failed mid-stream: {chunk['error']['message']}")
+                if chunk.get("usage"):
+                    usage = int(chunk["usage"]["completion_tokens"])
+                for choice in chunk.get("choices") or ():
+                    if choice["delta"].get("content"):
+                        stamps.append(time.perf_counter())
+                    finish = choice.get("finish_reason") or finish
+        if finish is None:
+            raise RuntimeError("the stream ended without a finish reason")
+    except Exception as exc:  # recorded and reported: a failed request is a finding
+        error = f"{started_wall:.3f} {type(exc).__name__}: {exc}"
+        finish = None
+    return RequestRecord(
+        started_at_s=started_wall, asked=max_tokens, ttft_s=stamps[0] - started if stamps else None,
+        token_gaps_s=tuple(b - a for a, b in itertools.pairwise(stamps)),
+        received=len(stamps) if usage is None or error is not None else usage, finish=finish, error=error,
+    )  # fmt: skip
+
+
 @dataclass
 class ChatSession:
     """One user: streams chat completions one after another through the gateway, recording every
-    token's latency; a request that fails is recorded, never retried silently."""
+    token's latency; a request that fails is recorded, never retried silently. ``stop`` lets the request
+    in flight finish, so the last one is complete and none is cut short by the experiment itself."""
 
     gateway_url: str
     max_tokens: int
     first_prompt: int = 0
-    samples: list[StreamSample] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    records: list[RequestRecord] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+
+    @property
+    def samples(self) -> list[StreamSample]:
+        return [s for r in self.records if (s := r.sample()) is not None]
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.error for r in self.records if r.error is not None]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mecsplit-chat", daemon=True)
@@ -76,12 +156,9 @@ class ChatSession:
     def _run(self) -> None:
         i = self.first_prompt
         while not self._stop.is_set():
-            try:
-                self.samples.append(
-                    stream_completion(self.gateway_url, PROMPTS[i % len(PROMPTS)], self.max_tokens)
-                )
-            except Exception as exc:  # recorded and reported: a lost request is a finding
-                self.errors.append(f"{time.time():.3f} {type(exc).__name__}: {exc}")
+            record = stream_request(self.gateway_url, PROMPTS[i % len(PROMPTS)], self.max_tokens)
+            self.records.append(record)
+            if record.error is not None:
                 time.sleep(0.5)
             i += 1
 
@@ -92,20 +169,27 @@ class ChatSession:
 
 
 def serve_process(
-    settings: Settings, server: PrefectServer, scenario_path: Path, log_name: str = "serve.log"
+    settings: Settings,
+    server: PrefectServer,
+    scenario_path: Path,
+    log_name: str = "serve.log",
+    *,
+    policy: str = "latency_dp",
+    failover_only: bool = False,
 ) -> subprocess.Popen[bytes]:
     """`mecsplit serve` in its own process (Prefect runs each triggered flow run as a subprocess of it)."""
     log = (settings.run_dir / log_name).open("wb")
     env = {**os.environ, **server.env(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    args = ["serve", "--scenario", str(scenario_path), "--policy", policy]
     return subprocess.Popen(
-        [sys.executable, "-m", "mecsplit.cli", "serve", "--scenario", str(scenario_path)],
+        [sys.executable, "-m", "mecsplit.cli", *args, *(["--failover-only"] if failover_only else [])],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
     )  # fmt: skip
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
     if proc is not None:
-        stop_pid(proc.pid)
+        stop_pid(proc.pid, group=True)  # with the flow runs it started
 
 
 def teardown(backend: BackendName, scenario: Scenario) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import typer
@@ -125,9 +127,15 @@ def experiment_run(
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise typer.BadParameter("give at least one policy", param_hint="--policies")
-    summary = experiment(scenario=str(scenario), policies=names, backend=backend, duration_s=duration_s)
+    # With --json stdout carries the summary only: progress lines go to stderr with Prefect's logs.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        summary = experiment(scenario=str(scenario), policies=names, backend=backend, duration_s=duration_s)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
+        return
+    from flows.results import policy_table
+
+    typer.echo(policy_table(summary))
 
 
 @prefect_app.command("up")

@@ -1,0 +1,103 @@
+"""The experiment's figures on synthetic requests: exact numbers, no network, no Prefect server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows import results
+from flows.experiment import compare, policy_stats
+from flows.workload import RequestRecord
+
+
+def _request(gaps: list[float], *, ttft: float = 0.5, asked: int | None = None, finish: str | None = "length",
+             error: str | None = None, start: float = 1000.0) -> RequestRecord:  # fmt: skip
+    received = len(gaps) + 1
+    return RequestRecord(
+        started_at_s=start, asked=asked or received, ttft_s=ttft, token_gaps_s=tuple(gaps), received=received,
+        finish=finish, error=error,
+    )  # fmt: skip
+
+
+def test_policy_stats_exact_figures() -> None:
+    # 3 requests: two steady (gaps 0.1 s), one with a 1.0 s stall and one with a 0.25 s gap (> 2 x 0.1).
+    records = [
+        _request([0.1, 0.1, 0.1, 0.1], ttft=0.4),
+        _request([0.1, 1.0, 0.1, 0.1], ttft=0.6),
+        _request([0.1, 0.25, 0.1, 0.1], ttft=0.8, asked=8, finish="stop"),  # ended by the model: 0 lost
+    ]
+    stats = policy_stats(records, window_s=10.0)
+    assert stats["requests"] == 3
+    assert stats["tokens"] == 15
+    assert stats["tokens_asked"] == 18
+    assert stats["tokens_lost"] == 0
+    assert stats["failed_requests"] == 0
+    assert stats["median_tpot_ms"] == 100.0
+    assert stats["mean_tpot_ms"] == pytest.approx(2.25 / 12 * 1e3, abs=0.01)  # 187.5
+    assert stats["p95_tpot_ms"] == 1000.0  # nearest rank: 12 gaps, index 11
+    assert stats["mean_ttft_ms"] == 600.0
+    assert stats["p95_ttft_ms"] == 800.0
+    assert stats["throughput_tok_s"] == 1.5
+    assert stats["stalls"] == 2
+    assert stats["total_stall_s"] == pytest.approx((1.0 - 0.1) + (0.25 - 0.1))
+    assert stats["longest_gap_ms"] == 1000.0
+
+
+def test_lost_tokens_count_failed_and_cut_requests() -> None:
+    ok = _request([0.1] * 7)  # 8 of 8
+    cut = _request([0.1, 0.1], asked=8, finish=None, error="RuntimeError: chain failed")  # 3 of 8
+    nothing = RequestRecord(started_at_s=0.0, asked=8, ttft_s=None, token_gaps_s=(), received=0, finish=None,
+                            error="ConnectError")  # fmt: skip
+    short = _request([0.1], asked=8, finish="length")  # ended without error but short: counted as lost
+    stats = policy_stats([ok, cut, nothing, short], window_s=4.0)
+    assert stats["tokens_lost"] == 5 + 8 + 6
+    assert stats["failed_requests"] == 2
+    assert stats["tokens"] == 8 + 3 + 0 + 2
+    assert stats["mean_ttft_ms"] == 500.0  # the request with no token has no TTFT
+    assert nothing.sample() is None
+
+
+def test_empty_policy_has_every_field() -> None:
+    stats = policy_stats([], window_s=5.0)
+    assert stats["tokens"] == 0 and stats["tokens_lost"] == 0
+    assert stats["mean_tpot_ms"] is None and stats["total_stall_s"] == 0.0
+
+
+def test_compare_picks_best_static_like_policy() -> None:
+    per_policy = {
+        "adaptive": {"mean_tpot_ms": 100.0},
+        "static": {"mean_tpot_ms": 150.0},
+        "exo": {"mean_tpot_ms": 120.0},
+        "petals": {"mean_tpot_ms": None},  # no tokens: not a candidate
+    }
+    cmp = compare(per_policy)
+    assert cmp is not None
+    assert cmp["best_static"] == "exo"
+    assert cmp["speedup_mean_tpot"] == 1.2
+    assert cmp["goal_met"] is False
+    assert compare({"static": {"mean_tpot_ms": 1.0}}) is None
+    assert compare({"adaptive": {"mean_tpot_ms": 50.0}, "static": {"mean_tpot_ms": 80.0}})["goal_met"] is True
+
+
+def test_plots_and_table_from_synthetic_run(tmp_path: Path) -> None:
+    per_policy = {}
+    for name, gap in (("adaptive", 0.1), ("static", 0.2)):
+        records = [_request([gap] * 5, start=1000.0 + i) for i in range(4)]
+        (tmp_path / name).mkdir()
+        results.write_samples(tmp_path / name / "samples.parquet", [r.sample() for r in records])
+        stats = {**policy_stats(records, 10.0), "reconfigurations": 1 if name == "adaptive" else 0}
+        (tmp_path / name / "policy.json").write_text(
+            json.dumps({"t0_wall_s": 999.0, "stats": stats, "plan_changes": [{"t_s": 2.0}]})
+        )
+        per_policy[name] = stats
+    summary = {"policies": per_policy, "adaptive_vs_best_static": compare(per_policy), "results_dir": "r"}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    results.plot_policies(tmp_path, [{"at_s": 3.0, "kind": "fail", "what": "rsu1"}])
+    results.plot_policy_bars(tmp_path, per_policy)
+    assert (tmp_path / "latency.png").stat().st_size > 10_000
+    assert (tmp_path / "bars.png").stat().st_size > 10_000
+    table = results.policy_table(summary)
+    assert "| adaptive | 100 | 100 |" in table
+    assert "2.00x" in table and "goal 1.3x met" in table
