@@ -121,14 +121,19 @@ def experiment_run(
     as_json: bool = typer.Option(False, "--json", help="print only the summary JSON"),
 ) -> None:
     """Run the scenario's workload and timeline under each policy; write results/<run>/ and compare."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.experiment import experiment
 
-    _use_prefect_server()
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise typer.BadParameter("give at least one policy", param_hint="--policies")
+    _use_prefect_server()
+    # Prefect read its settings when it was imported: without this the flow would run on a temporary
+    # server, apart from the one the served deployment and the testbed's events use.
+    api = temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"]})
     # With --json stdout carries the summary only: progress lines go to stderr with Prefect's logs.
-    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+    with api, contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         summary = experiment(scenario=str(scenario), policies=names, backend=backend, duration_s=duration_s)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
