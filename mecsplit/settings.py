@@ -31,6 +31,17 @@ class SegmentSettings(BaseModel):
     gateway_port: int = Field(
         default=8000, ge=0, lt=65536, description="OpenAI-compatible gateway port (0: any free port)"
     )
+    recover_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="a step whose chain broke waits this long for a new chain, then fails (0: fail at once)",
+    )
+    abandon_after_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="a replay switch waits this long for the old chain's steps in flight, then retries "
+        "them on the new chain",
+    )
 
 
 class TestbedSettings(BaseModel):
@@ -49,7 +60,10 @@ class TestbedSettings(BaseModel):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port")
     start_timeout_s: float = Field(default=120.0, gt=0)
-    monitor_interval_s: float = Field(default=1.0, gt=0, description="how often links and nodes are measured")
+    monitor_interval_s: float = Field(default=1.0, gt=0, description="how often nodes are measured")
+    link_sample_interval_s: float = Field(
+        default=0.2, gt=0, description="how often each link's rate is read back (detection time of a change)"
+    )
     # --- events (testbed.events): thresholds with hysteresis ---
     link_degraded_ratio: float = Field(
         default=0.7, gt=0, lt=1, description="mec.link.degraded when bw < ratio x the scenario's nominal bw"
@@ -72,6 +86,16 @@ class FlowSettings(BaseModel):
     prefect_port: int = 4200
     profile_max_age_s: float = Field(
         default=300.0, ge=0, description="compute profiles younger than this are reused (0: always measure)"
+    )
+    link_probe_max_age_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="link probes younger than this are reused on a link event (0: always probe)",
+    )
+    warm_standby: bool = Field(
+        default=True,
+        description="keep one started, nearly empty segment server per node (where memory allows) that the "
+        "next deploy loads a layer range into instead of starting a process cold",
     )
 
 

@@ -4,9 +4,13 @@
 * :class:`AsyncChainClient` holds one authenticated connection per hop. It sends each step to the first hop
   with the remaining route; the last hop pushes the RESULT on a channel this client subscribed on its
   connection to the last hop, and errors come back along the chain to the first hop's connection.
-* :class:`Session` keeps the token history, so a session can always be rebuilt on new segments (replay);
-  :meth:`AsyncChainClient.switch` moves a session to a new chain between two tokens by KV export/import
-  (through the client or server to server) or by replay.
+* :class:`Session` keeps the token history (the activations at boundary 0), so a session can always be
+  rebuilt on new segments; :meth:`AsyncChainClient.switch` moves sessions to a new chain between two tokens:
+  the first ``recompute_hops`` new hops recompute their KV from that history in one prefill, the others
+  get the KV of their layers moved from the old hops (through the client, or server to server).
+* With ``recover_timeout_s > 0`` a step that fails because a hop died is not lost: the session waits for
+  a new chain (a :meth:`~AsyncChainClient.switch`, which rebuilds it from its history) and the step is
+  retried there, so no token is lost or repeated.
 * :class:`ChainClient` is a synchronous facade with a private event loop, for commands and tests.
 
 ``python -m segments.client health --host H --port P --secret-file FILE`` exits 0 when healthy and prints
@@ -58,6 +62,10 @@ class RemoteError(Exception):
 
 class ChainError(Exception):
     """The chain is unusable (a hop is unreachable or closed its connection)."""
+
+
+class StepAbandonedError(ChainError):
+    """A step in flight was given up because its chain is being replaced; it is retried on the new one."""
 
 
 def remote_error(header: dict[str, Any]) -> Exception:
@@ -126,6 +134,44 @@ class Session:
     def pending(self) -> list[int]:
         """Tokens the chain has not yet seen (the prompt, or the last sampled token)."""
         return self.tokens[self.kv_length :]
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    """What one switch did and what it cost (``stall_s`` is what the sessions waited between two tokens)."""
+
+    mode: SwitchMode
+    recompute_hops: int
+    hops: int
+    sessions: int
+    kv_bytes_moved: int
+    tokens_recomputed: int
+    abandoned_steps: int
+    wait_s: float  # for the steps in flight to finish (or be abandoned)
+    connect_s: float  # opening the new chain
+    move_s: float  # moving or recomputing every session's KV
+    stall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A step that failed on a broken chain and succeeded on its replacement."""
+
+    session: str
+    position: int
+    error: str
+    recovery_s: float  # from the failure to the retried step's answer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "recovery_s": round(self.recovery_s, 4)}
+
+
+def recoverable(exc: BaseException) -> bool:
+    """A failure that a new chain cures: a hop died, hung, or could not reach the next hop."""
+    return isinstance(exc, ChainError) or (isinstance(exc, RemoteError) and exc.code == "unreachable")
 
 
 @dataclass(frozen=True)
@@ -209,6 +255,7 @@ class AsyncChainClient:
         max_frame_bytes: int = 64 * 1024 * 1024,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         wire_dtype: str = "f32",
+        recover_timeout_s: float = 0.0,
     ) -> None:
         self.chain = chain
         self.secret = secret
@@ -224,6 +271,12 @@ class AsyncChainClient:
         self._inflight = 0
         self._idle: asyncio.Event | None = None
         self._open_gate: asyncio.Event | None = None
+        # Failure recovery: how long a failed step waits for a new chain, and what broke the current one.
+        self.recover_timeout_s = recover_timeout_s
+        self.broken: str | None = None
+        self.generation = 0
+        self._switched: asyncio.Event | None = None
+        self.recoveries: list[Recovery] = []
 
     # ------------------------------------------------------------------------------- connections
 
@@ -232,6 +285,7 @@ class AsyncChainClient:
         self._idle.set()
         self._open_gate = asyncio.Event()
         self._open_gate.set()
+        self._switched = asyncio.Event()
         self.links = await self._open(self.chain)
         return self
 
@@ -240,7 +294,10 @@ class AsyncChainClient:
         try:
             for link in links:
                 await link.connect()
-            await self._control_link(links[-1], "subscribe", channel=self.channel)
+            # Every hop, not just the last, may end a route: a recompute prefill stops at the last
+            # recomputing hop and answers from there.
+            for link in links:
+                await self._control_link(link, "subscribe", channel=self.channel)
         except BaseException:
             for link in links:
                 await link.close()
@@ -265,6 +322,8 @@ class AsyncChainClient:
             future.set_result(frame)
 
     def _fail_all(self, error: Exception) -> None:
+        if not isinstance(error, StepAbandonedError):
+            self.broken = str(error)
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -324,24 +383,29 @@ class AsyncChainClient:
         self._inflight += 1
         self._idle.clear()
         try:
-            return await self._step(session_id, inputs, position, attention_mask, sampling, logits)
+            return await self._forward(
+                self.links, session_id, inputs, position, attention_mask, sampling, logits
+            )
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _step(
+    async def _forward(
         self,
+        links: list[Link],
         session_id: str,
         inputs: torch.Tensor,
         position: int,
         attention_mask: torch.Tensor | None,
         sampling: SamplingParams | None,
         logits: str,
+        discard_output: bool = False,
     ) -> StepResult:
+        """One forward through ``links``; the last of them answers (with nothing if ``discard_output``)."""
         t0 = time.perf_counter()
         rid, future = self._new_request()
-        route = [link.hop.address for link in self.links[1:]]
+        route = [link.hop.address for link in links[1:]]
         header = {
             "session": session_id,
             "request_id": rid,
@@ -352,11 +416,12 @@ class AsyncChainClient:
             "wire_dtype": self.wire_dtype,
             "logits": logits,
             "sampling": None if sampling is None else sampling.to_dict(),
+            "discard_output": discard_output,
         }
         tensors = {"x": inputs}
         if attention_mask is not None:
             tensors["mask"] = attention_mask
-        first = self.links[0]
+        first = links[0]
         first.send(FrameType.FORWARD, header, tensors)
         await first.drain()
         frame = await self._await(rid, future)
@@ -383,7 +448,7 @@ class AsyncChainClient:
             if not pending:
                 raise ChainError("the session has no pending token to feed; give it a prompt")
             inputs = torch.tensor([pending], dtype=torch.int64)
-            result = await self.step(session.id, inputs, session.kv_length, sampling=params)
+            result = await self._step_recovering(session, inputs, params)
             assert result.tokens is not None
             session.kv_length += len(pending)
             token = result.tokens[0]
@@ -392,13 +457,51 @@ class AsyncChainClient:
             if token in stop_ids:
                 return
 
+    async def _step_recovering(
+        self, session: Session, inputs: torch.Tensor, sampling: SamplingParams
+    ) -> StepResult:
+        """A step that, when its chain breaks, waits for the next chain and runs again there.
+
+        The session's ``kv_length`` only advances once a step succeeds, so the switch that brings the new
+        chain rebuilds exactly the history before this step, and the retry feeds the same tokens."""
+        while True:
+            generation = self.generation
+            try:
+                return await self.step(session.id, inputs, session.kv_length, sampling=sampling)
+            except (ChainError, RemoteError) as exc:
+                if self.recover_timeout_s <= 0 or not recoverable(exc):
+                    raise
+                failed_at = time.perf_counter()
+                await self._await_new_chain(generation, exc)
+                result = await self.step(session.id, inputs, session.kv_length, sampling=sampling)
+                elapsed = time.perf_counter() - failed_at
+                self.recoveries.append(Recovery(session.id, session.kv_length, str(exc), elapsed))
+                return result
+
+    async def _await_new_chain(self, generation: int, cause: Exception) -> None:
+        assert self._switched is not None
+        deadline = time.monotonic() + self.recover_timeout_s
+        while self.generation == generation:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ChainError(
+                    f"the chain broke ({cause}) and no new chain came within {self.recover_timeout_s} s"
+                ) from cause
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._switched.wait(), remaining)
+
     # ------------------------------------------------------------------------------------ moving
 
     async def drop(self, session: Session) -> None:
         """Free the session's KV on every hop (errors ignored: a hop may never have seen it)."""
-        for link in self.links:
-            with contextlib.suppress(SegmentError, RemoteError):
-                await self._control_link(link, "drop", session=session.id)
+        await self._drop_on(self.links, session)
+
+    async def _drop_on(self, links: list[Link], session: Session, timeout_s: float | None = None) -> None:
+        for link in links:
+            with contextlib.suppress(SegmentError, RemoteError, ChainError, TimeoutError):
+                await asyncio.wait_for(
+                    self._control_link(link, "drop", session=session.id), timeout_s or self.timeout_s
+                )
 
     async def switch(
         self,
@@ -406,12 +509,19 @@ class AsyncChainClient:
         new_chain: Chain,
         mode: SwitchMode = "kv",
         drop_old: bool = True,
-    ) -> None:
+        *,
+        recompute_hops: int = 0,
+        abandon_after_s: float | None = None,
+    ) -> SwitchReport:
         """Move ``sessions`` to ``new_chain`` between two tokens; later steps go to the new chain.
 
-        ``kv``: export each old hop's KV and import the layers each new hop serves, through this client;
-        ``push``: the old hops send their KV straight to the new hops (server to server);
-        ``replay``: rebuild the KV on the new chain from the kept token history (one prefill).
+        The first ``recompute_hops`` hops of the new chain rebuild their KV from each session's token history
+        (one prefill through just those hops); every other hop gets the KV of its layers moved from the old
+        hops that hold them: ``kv`` exports and imports through this client, ``push`` has the old hops send
+        it straight to the new ones. ``replay`` recomputes on every hop (what a broken chain needs).
+
+        Steps in flight finish first; those still running after ``abandon_after_s`` (or at once, when the old
+        chain is broken) are abandoned and, with failure recovery on, retried on the new chain.
         """
         if new_chain.num_layers != self.chain.num_layers:
             raise LayerRangeError(
@@ -419,39 +529,107 @@ class AsyncChainClient:
             )
         if mode not in ("kv", "push", "replay"):
             raise ValueError(f"unknown switch mode {mode!r}; use kv, push or replay")
+        hops = len(new_chain.hops)
+        recompute = hops if mode == "replay" else recompute_hops
+        if not 0 <= recompute <= hops:
+            raise ValueError(f"recompute_hops must lie in 0..{hops}, got {recompute_hops}")
+        if self.broken is not None and recompute < hops:
+            raise ChainError(f"the old chain is broken ({self.broken}): its KV is lost, switch by replay")
         assert self._open_gate is not None and self._idle is not None, "connect() first"
         moving = [sessions] if isinstance(sessions, Session) else list(sessions)
+        t0 = time.perf_counter()
         # Close the gate, let the steps in flight finish: every session now sits between two tokens.
         self._open_gate.clear()
         try:
-            await self._idle.wait()
+            abandoned = await self._settle(abandon_after_s)
+            t_wait = time.perf_counter()
             new_links = await self._open(new_chain)
+            t_connect = time.perf_counter()
             old_links = self.links
+            moved_bytes = recomputed = 0
             try:
                 for session in moving:
-                    await self._move(session, mode, old_links, new_links)
+                    nbytes, ntokens = await self._move(session, mode, recompute, old_links, new_links)
+                    moved_bytes += nbytes
+                    recomputed += ntokens
             except BaseException:
                 for link in new_links:
                     await link.close()
                 raise
+            t_moved = time.perf_counter()
             if drop_old:
+                # A hop both chains share keeps the session; a broken chain's hops may hang, so they get
+                # little time.
+                leaving = [link for link in old_links if link.hop not in new_chain.hops]
                 for session in moving:
-                    await self.drop(session)
+                    await self._drop_on(leaving, session, 2.0 if self.broken else None)
             self.links, self.chain = new_links, new_chain
+            self.broken = None
             for link in old_links:
                 await link.close()
         finally:
+            self._announce_switch()
             self._open_gate.set()
+        return SwitchReport(
+            mode=mode,
+            recompute_hops=recompute,
+            hops=hops,
+            sessions=len(moving),
+            kv_bytes_moved=moved_bytes,
+            tokens_recomputed=recomputed,
+            abandoned_steps=abandoned,
+            wait_s=t_wait - t0,
+            connect_s=t_connect - t_wait,
+            move_s=t_moved - t_connect,
+            stall_s=time.perf_counter() - t0,
+        )
 
-    async def _move(self, session: Session, mode: SwitchMode, old: list[Link], new: list[Link]) -> None:
+    async def _settle(self, abandon_after_s: float | None) -> int:
+        """Wait for the steps in flight; abandon them (they fail with :class:`StepAbandonedError`) when the
+        chain is broken or they outlast ``abandon_after_s``. Returns how many were abandoned."""
+        assert self._idle is not None
+        if self.broken is None:
+            if abandon_after_s is None:
+                await self._idle.wait()
+                return 0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), abandon_after_s)
+        abandoned = self._inflight
+        if abandoned:
+            self._fail_all(StepAbandonedError("the chain is being replaced; the step runs on the new one"))
+            await self._idle.wait()
+        return abandoned
+
+    def _announce_switch(self) -> None:
+        assert self._switched is not None
+        self.generation += 1
+        done, self._switched = self._switched, asyncio.Event()
+        done.set()
+
+    async def _move(
+        self, session: Session, mode: SwitchMode, recompute: int, old: list[Link], new: list[Link]
+    ) -> tuple[int, int]:
+        """Bring one session onto ``new``; returns (KV bytes moved, tokens recomputed).
+
+        A hop the old chain has too (same server, same range) already holds the session's KV: it moves
+        nothing, unless it lies in the recomputed prefix, where it forgets the session and recomputes too.
+        """
+        kept = {link.hop for link in old}
+        recomputed = 0
+        if recompute:
+            for link in new[:recompute]:
+                if link.hop in kept and session.kv_length:
+                    await self._control_link(link, "truncate", session=session.id, length=0)
+            recomputed = await self._recompute(session, new[:recompute])
+        rest = [link for link in new[recompute:] if link.hop not in kept]
+        if not rest or session.kv_length == 0:
+            return 0, recomputed
         if mode == "kv":
-            await self._move_kv_via_client(session, old, new)
-        elif mode == "push":
-            await self._move_kv_push(session, old, new)
-        else:
-            await self._replay(session, new)
+            return await self._move_kv_via_client(session, old, rest), recomputed
+        return await self._move_kv_push(session, old, rest), recomputed
 
-    async def _move_kv_via_client(self, session: Session, old: list[Link], new: list[Link]) -> None:
+    async def _move_kv_via_client(self, session: Session, old: list[Link], new: list[Link]) -> int:
+        moved = 0
         for target in new:
             tensors: dict[str, torch.Tensor] = {}
             for source in old:
@@ -468,32 +646,39 @@ class AsyncChainClient:
                         f"{session.id}, the client expected {session.kv_length}"
                     )
                 tensors.update(part)
+            moved += sum(t.numel() * t.element_size() for t in tensors.values())
             await self._control_link(
                 target, "import_kv", tensors, session=session.id, length=session.kv_length
             )
+        return moved
 
-    async def _move_kv_push(self, session: Session, old: list[Link], new: list[Link]) -> None:
+    async def _move_kv_push(self, session: Session, old: list[Link], new: list[Link]) -> int:
+        moved = 0
         for target in new:
             for source in old:
                 first = max(source.hop.first, target.hop.first)
                 end = min(source.hop.end, target.hop.end)
                 if first < end:
-                    await self._control_link(
+                    result, _ = await self._control_link(
                         source, "push_kv", session=session.id, first=first, end=end, target=target.hop.address
                     )
+                    if result["length"] != session.kv_length:
+                        raise ChainError(
+                            f"{source.hop.address} pushed {result['length']} tokens of KV for session "
+                            f"{session.id}, the client expected {session.kv_length}"
+                        )
+                    moved += int(result.get("bytes", 0))
+        return moved
 
-    async def _replay(self, session: Session, new: list[Link]) -> None:
+    async def _recompute(self, session: Session, links: list[Link]) -> int:
+        """Prefill the session's history through ``links`` (a prefix of the new chain) to rebuild their KV."""
         import torch
 
         if session.kv_length == 0:
-            return
-        saved = self.links
-        self.links = new
-        try:
-            history = torch.tensor([session.tokens[: session.kv_length]], dtype=torch.int64)
-            await self._step(session.id, history, 0, None, None, "none")
-        finally:
-            self.links = saved
+            return 0
+        history = torch.tensor([session.tokens[: session.kv_length]], dtype=torch.int64)
+        await self._forward(links, session.id, history, 0, None, None, "none", discard_output=True)
+        return session.kv_length
 
 
 class ChainClient:
@@ -551,8 +736,9 @@ class ChainClient:
         new_chain: Chain,
         mode: SwitchMode = "kv",
         drop_old: bool = True,
-    ) -> None:
-        self._loop.run_until_complete(self.inner.switch(sessions, new_chain, mode, drop_old))
+        **kwargs: Any,
+    ) -> SwitchReport:
+        return self._loop.run_until_complete(self.inner.switch(sessions, new_chain, mode, drop_old, **kwargs))
 
     def drop(self, session: Session) -> None:
         self._loop.run_until_complete(self.inner.drop(session))

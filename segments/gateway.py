@@ -4,9 +4,11 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 the tokenizer), both with ``stream: true`` as server-sent events (``data: {...}\\n\\n`` ... ``data: [DONE]``),
 usage counts, and errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
-Admin: ``GET /admin/chain`` shows the chain;
-``POST /admin/chain {"chain": {...}, "mode": "kv"|"push"|"replay"}`` moves every live session to a
-new chain between two tokens (``Gateway.switch`` from Python).
+Admin: ``GET /admin/chain`` shows the chain, the live sessions and the failure recoveries so far;
+``POST /admin/chain {"chain": {...}, "mode": "kv"|"push"|"replay", "recompute_hops": k}`` moves every live
+session to a new chain between two tokens (``Gateway.switch`` from Python) and answers with the
+:class:`~segments.client.SwitchReport`. A request whose chain breaks is held until a new chain arrives
+(``recover_timeout_s``) and goes on there, so it loses no token.
 """
 
 from __future__ import annotations
@@ -62,8 +64,12 @@ class Gateway:
         secret: bytes,
         tokenizer: PreTrainedTokenizerBase,
         model: str,
+        *,
+        recover_timeout_s: float = 60.0,
+        abandon_after_s: float = 2.0,
     ) -> None:
-        self.client = AsyncChainClient(chain, secret)
+        self.client = AsyncChainClient(chain, secret, recover_timeout_s=recover_timeout_s)
+        self.abandon_after_s = abandon_after_s
         self.tokenizer = tokenizer
         self.model = model
         self.live: dict[str, Session] = {}
@@ -76,11 +82,16 @@ class Gateway:
     async def close(self) -> None:
         await self.client.close()
 
-    async def switch(self, chain: Chain, mode: SwitchMode = "kv") -> dict[str, Any]:
+    async def switch(self, chain: Chain, mode: SwitchMode = "kv", recompute_hops: int = 0) -> dict[str, Any]:
         t0 = time.perf_counter()
         sessions = list(self.live.values())
-        await self.client.switch(sessions, chain, mode)
-        return {"sessions": len(sessions), "mode": mode, "t_s": round(time.perf_counter() - t0, 4)}
+        # Replay rebuilds everything from the history, so a step still running on the old chain can as
+        # well be retried on the new one; a KV move needs every step finished.
+        abandon = self.abandon_after_s if mode == "replay" else None
+        report = await self.client.switch(
+            sessions, chain, mode, recompute_hops=recompute_hops, abandon_after_s=abandon
+        )
+        return {**report.to_dict(), "t_s": round(time.perf_counter() - t0, 4)}
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
@@ -233,14 +244,19 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/admin/chain")
     async def get_chain() -> dict[str, Any]:
-        return {"chain": gateway.client.chain.to_dict(), "live_sessions": len(gateway.live)}
+        return {
+            "chain": gateway.client.chain.to_dict(),
+            "live_sessions": len(gateway.live),
+            "broken": gateway.client.broken,
+            "recoveries": [r.to_dict() for r in gateway.client.recoveries],
+        }
 
     @app.post("/admin/chain")
     async def set_chain(request: Request) -> Any:
         body = await request.json()
         try:
             chain = Chain.from_dict(body["chain"])
-            return await gateway.switch(chain, body.get("mode", "kv"))
+            return await gateway.switch(chain, body.get("mode", "kv"), int(body.get("recompute_hops", 0)))
         except (KeyError, TypeError, ValueError, SegmentError) as exc:
             return _error(400, f"bad chain: {exc}", param="chain")
         except (ChainError, RemoteError) as exc:

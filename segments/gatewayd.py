@@ -50,12 +50,19 @@ def add_health_route(app: Any, gateway: Any, timeout_s: float = 5.0) -> None:
 async def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from mecsplit.settings import get_settings
     from segments.gateway import Gateway, create_app
     from segments.store import load_tokenizer
 
     chain = Chain.from_dict(json.loads(args.chain_json))
+    seg = get_settings().segments
     gateway = Gateway(
-        chain, load_secret(args.secret_file), load_tokenizer(args.store, args.model), args.model
+        chain,
+        load_secret(args.secret_file),
+        load_tokenizer(args.store, args.model),
+        args.model,
+        recover_timeout_s=seg.recover_timeout_s,
+        abandon_after_s=seg.abandon_after_s,
     )
     app = create_app(gateway)
     add_health_route(app, gateway)

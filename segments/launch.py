@@ -81,15 +81,19 @@ class LocalChain:
         return [p.pid for p in self.processes]
 
     @property
-    def chain(self) -> Chain:
-        """The chain of the first ``len(specs)`` processes (after ``reload`` to fewer, the rest idle)."""
-        hops = tuple(
+    def hops(self) -> tuple[Hop, ...]:
+        """One hop per running process, in start order (they need not tile the model: spares, standbys)."""
+        return tuple(
             Hop("127.0.0.1", port, s.first, s.end) for s, port in zip(self.specs, self.ports, strict=False)
         )
-        return Chain(self.model, hops)
 
-    def reload(self, specs: tuple[SegmentSpec, ...], timeout_s: float = 120.0) -> Chain:
-        """Re-load the running processes in place (``load_range``) as the chain ``specs``; no restart."""
+    @property
+    def chain(self) -> Chain:
+        """The chain of the first ``len(specs)`` processes (after ``reload`` to fewer, the rest idle)."""
+        return Chain(self.model, self.hops)
+
+    def reload(self, specs: tuple[SegmentSpec, ...], timeout_s: float = 120.0) -> tuple[Hop, ...]:
+        """Re-load the running processes in place (``load_range``) with ``specs``; no restart."""
         import asyncio
 
         from segments.client import control_once
@@ -108,7 +112,7 @@ class LocalChain:
 
         asyncio.run(_all())
         self.specs = specs
-        return self.chain
+        return self.hops
 
     def secret(self) -> bytes:
         from segments.auth import load_secret

@@ -141,6 +141,8 @@ class ForwardRequest:
     sampling: SamplingParams | None
     x: torch.Tensor
     mask: torch.Tensor | None
+    # The hop that ends the route answers with no tensors (a recompute prefill only rebuilds KV).
+    discard_output: bool = False
 
     @classmethod
     def from_frame(cls, frame: Frame) -> ForwardRequest:
@@ -177,6 +179,7 @@ class ForwardRequest:
             sampling=sampling,
             x=frame.tensors["x"],
             mask=frame.tensors.get("mask"),
+            discard_output=optional(h, "discard_output", bool, False),
         )
 
     def next_header(self, end: int) -> dict[str, Any]:
@@ -190,6 +193,7 @@ class ForwardRequest:
             "wire_dtype": self.wire_dtype,
             "logits": self.logits,
             "sampling": None if self.sampling is None else self.sampling.to_dict(),
+            "discard_output": self.discard_output,
         }
 
 
@@ -394,7 +398,7 @@ class SegmentServer:
             )
         if self.runner.is_last and req.route:
             raise BadRequestError("this is the last segment, but the route names further hops")
-        if not self.runner.is_last and not req.route:
+        if not self.runner.is_last and not req.route and not req.discard_output:
             raise BadRequestError(f"the route ends at layer {self.end}; the model has {info.num_layers}")
         x = req.x
         if self.runner.is_first:
@@ -573,7 +577,7 @@ class SegmentServer:
             raise UnreachableError(f"no client is subscribed to channel {req.channel!r} on the last hop")
         self.upstream.pop(req.request_id, None)
         header = {"request_id": req.request_id, "session": req.session, "position": req.position, **result}
-        self._write(target, FrameType.RESULT, header, tensors)
+        self._write(target, FrameType.RESULT, header, {} if req.discard_output else tensors)
 
     # ----------------------------------------------------------------------------------- control
 
@@ -685,7 +689,8 @@ async def _op_export_kv(server: SegmentServer, conn: Connection, frame: Frame) -
         return server.runner.kv_length(session), server.runner.export_kv(session, first, end)
 
     length, tensors = await server._submit(export)
-    return {"session": session, "length": length, "first": first, "end": end}, tensors
+    result = {"session": session, "length": length, "first": first, "end": end, "bytes": _nbytes(tensors)}
+    return result, tensors
 
 
 async def _op_import_kv(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
@@ -715,7 +720,12 @@ async def _op_push_kv(server: SegmentServer, conn: Connection, frame: Frame) -> 
     reply = await link.request(header, tensors)
     if reply.type == FrameType.ERROR:
         raise UnreachableError(f"{target} refused the KV import: {reply.header.get('message')}")
-    return {"session": session, "length": length, "first": first, "end": end, "target": target}, {}
+    result = {"first": first, "end": end, "target": target, "bytes": _nbytes(tensors)}
+    return {"session": session, "length": length, **result}, {}
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 async def _op_truncate(server: SegmentServer, conn: Connection, frame: Frame) -> Result:

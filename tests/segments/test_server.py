@@ -19,7 +19,7 @@ from wire_helpers import (
 )
 
 from segments.auth import AuthError, create_secret
-from segments.client import ChainClient, RemoteError, Session
+from segments.client import Chain, ChainClient, RemoteError, Session
 from segments.errors import KVMemoryLimitError, LayerRangeError, PositionMismatchError, SessionLimitError
 from segments.launch import LocalChain, boundaries_to_specs
 from segments.protocol import FrameType, encode_frame_bytes
@@ -195,7 +195,7 @@ def test_chains_of_1_to_4_are_exact(wire_store: Path) -> None:
             n = num_layers(wire_store, model)
             ref_ids, ref_logits = greedy_generate(ReferenceModel(wire_store, model).forward, "r", prompt, 6)
             for k in range(1, min(4, n) + 1):
-                chain = pool.reload(split_evenly(model, n, k))
+                chain = Chain(model, pool.reload(split_evenly(model, n, k)))
                 with ChainClient(chain, pool.secret()) as client:
                     logits, ids = _chain_logits(client, prompt, 6)
                 assert torch.equal(ids, ref_ids), (model, k)
