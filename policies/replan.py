@@ -2,8 +2,11 @@
 
 Costs follow a make-before-break switch (what ``flows.deploy`` does): the target nodes fetch the layer
 weights they lack while the current plan keeps serving, so fetching delays the gain rather than stopping
-service; then every live session pauses once for a fixed switch stall plus the time to move its KV cache
-to the new owners (or to recompute it there, whichever is cheaper).
+service; then every live session pauses once for a fixed switch stall plus the time to bring its KV cache
+to the new owners. Per session, the first ``k`` stages of the candidate recompute their KV from the token
+history the gateway keeps (one prefill through them) and the other stages receive the KV of their layers
+from the old holders; ``k`` is chosen by predicted cost, from 0 (move everything: wins on fast links) to
+all stages (replay: wins when the KV would cross a slow link, and the only way when an old holder is gone).
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ class MigrationCost(BaseModel):
     weight_bytes: int
     weight_s: float
     kv_bytes: int
-    kv_move_s: float
-    kv_recompute_s: float
-    kv_mode: Literal["none", "move", "recompute"]
+    kv_move_s: float  # move every moved layer's KV (k = 0)
+    kv_recompute_s: float  # recompute on every stage (k = all)
+    kv_mode: Literal["none", "move", "recompute", "mixed"]
+    recompute_stages: int  # k: the candidate's first k stages recompute, the rest receive KV
+    kv_s: float  # the predicted KV time per switch for the chosen k
     stall_s: float  # what each live session waits at the switch
     total_s: float  # objective seconds lost: live sessions x stall + gain forgone while fetching
 
@@ -171,22 +176,29 @@ def migration_cost(
     ctx = w.prompt_tokens + w.gen_tokens // 2
     moving = [layer for layer in range(L) if old.get(layer) != new[layer]]
     kv_bytes = sum(m.layers[layer].kv_bytes_per_token for layer in moving) * ctx * w.concurrent_sessions
-    move_s = _kv_move_s(problem, moving, old, new, routes, ctx)
-    recompute_s = _kv_recompute_s(problem, moving, new, ctx)
+    per_k = [
+        _kv_recompute_s(problem, candidate[:k], routes, ctx)
+        + _kv_move_s(problem, [x for x in moving if x >= (candidate[k].first if k < len(candidate) else L)],
+                     old, new, routes, ctx)
+        for k in range(len(candidate) + 1)
+    ]  # fmt: skip
+    allowed = {"move": [0], "recompute": [len(candidate)]}.get(kv_mode, range(len(candidate) + 1))
+    k = min(allowed, key=lambda i: (per_k[i], i))
     if not moving:
-        mode: Literal["none", "move", "recompute"] = "none"
-        kv_s = 0.0
-    elif kv_mode == "move" or (kv_mode == "auto" and move_s <= recompute_s):
-        mode, kv_s = "move", move_s
+        mode: Literal["none", "move", "recompute", "mixed"] = "none"
+        k, kv_s = 0, 0.0
     else:
-        mode, kv_s = "recompute", recompute_s
+        mode = "move" if k == 0 else "recompute" if k == len(candidate) else "mixed"
+        kv_s = per_k[k]
     return MigrationCost(
         weight_bytes=weight_bytes,
         weight_s=weight_s,
         kv_bytes=kv_bytes,
-        kv_move_s=move_s,
-        kv_recompute_s=recompute_s,
+        kv_move_s=per_k[0],
+        kv_recompute_s=per_k[-1],
         kv_mode=mode,
+        recompute_stages=k,
+        kv_s=kv_s,
         stall_s=switch_stall_s + kv_s,
         total_s=0.0,
     )
@@ -214,10 +226,19 @@ def _kv_move_s(
     )
 
 
-def _kv_recompute_s(problem: Problem, moving: list[int], new: dict[int, str], ctx: int) -> float:
-    """Re-running the context through the new owners of the moved layers (prefill speed), per session."""
+def _kv_recompute_s(problem: Problem, prefix: Sequence[Stage], routes: Routes, ctx: int) -> float:
+    """One prefill of the context through ``prefix`` (from the source, which keeps the token history),
+    session after session: each stage's layers at prefill speed plus the activations between stages."""
+    if not prefix:
+        return 0.0
     times = node_times(problem)
-    per_node: dict[str, float] = {}
-    for layer in moving:
-        per_node[new[layer]] = per_node.get(new[layer], 0.0) + times[new[layer]].prefill_s[layer]
-    return sum(sorted(per_node.values())) * ctx * problem.workload.concurrent_sessions
+    m = problem.model
+    total = 0.0
+    previous = problem.source
+    for stage in prefix:
+        if stage.first > 0:
+            activations = m.layers[stage.first - 1].act_bytes_per_token * ctx
+            total += transfer_s(routes.get(previous, stage.node), activations)
+        total += sum(times[stage.node].prefill_s[stage.first : stage.end]) * ctx
+        previous = stage.node
+    return total * problem.workload.concurrent_sessions

@@ -74,3 +74,28 @@ def test_failed_node_forces_the_move() -> None:
     assert d.adopt and "infeasible" in d.reason
     # The gone node's KV is lost: it must be recomputed.
     assert d.cost.kv_mode == "recompute"
+
+
+def test_kv_is_moved_on_a_fast_link_and_recomputed_on_a_slow_one() -> None:
+    """A 5-layer boundary shift edge-ap|mec-1: fast link -> move the KV; slow link -> the first stage
+    recomputes its layers from the token history and only the untouched rest keeps its KV (mixed)."""
+    from policies.plan import Stage
+    from policies.replan import migration_cost
+    from policies.routes import all_routes
+
+    current = [Stage(node="edge-ap", first=0, end=10), Stage(node="mec-1", first=10, end=30)]
+    candidate = [Stage(node="edge-ap", first=0, end=15), Stage(node="mec-1", first=15, end=30)]
+    chosen = {}
+    for bw_mbit in (1000.0, 1.0):
+        p = _base()
+        links = tuple(
+            link.model_copy(update={"bw_mbit": bw_mbit}) if {link.a, link.b} == {"edge-ap", "mec-1"} else link
+            for link in p.links
+        )
+        p = p.model_copy(update={"links": links})
+        cost = migration_cost(p, current, candidate, all_routes(p), None, "auto", 0.05)
+        assert cost.kv_s == min(cost.kv_move_s, cost.kv_recompute_s, cost.kv_s)
+        chosen[bw_mbit] = (cost.kv_mode, cost.recompute_stages)
+        if bw_mbit == 1.0:
+            assert cost.kv_s < cost.kv_move_s / 10  # 5 layers of KV over 1 Mbit/s vs a local prefill
+    assert chosen == {1000.0: ("move", 0), 1.0: ("mixed", 1)}
