@@ -62,6 +62,8 @@ class LocalChain:
     max_kv_bytes: int | None = None
     max_frame_bytes: int | None = None
     ready_timeout_s: float = 300.0
+    host: str = "127.0.0.1"  # the address the servers bind and the chain names
+    wrap: tuple[str, ...] = ()  # a command prefix, e.g. ("ip", "netns", "exec", NAME): must exec, not fork
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     _tmp: Path | None = None
@@ -84,7 +86,7 @@ class LocalChain:
     def hops(self) -> tuple[Hop, ...]:
         """One hop per running process, in start order (they need not tile the model: spares, standbys)."""
         return tuple(
-            Hop("127.0.0.1", port, s.first, s.end) for s, port in zip(self.specs, self.ports, strict=False)
+            Hop(self.host, port, s.first, s.end) for s, port in zip(self.specs, self.ports, strict=False)
         )
 
     @property
@@ -106,7 +108,7 @@ class LocalChain:
         async def _all() -> None:
             for spec, port in zip(specs, self.ports, strict=False):
                 await control_once(
-                    "127.0.0.1", port, self.secret(), "load_range", timeout_s,
+                    self.host, port, self.secret(), "load_range", timeout_s,
                     model=spec.model, first=spec.first, end=spec.end,
                 )  # fmt: skip
 
@@ -123,10 +125,10 @@ class LocalChain:
     def _command(self, spec: SegmentSpec) -> list[str]:
         assert self.secret_file is not None
         cmd = [
-            sys.executable, "-m", "segments.server",
+            *self.wrap, sys.executable, "-m", "segments.server",
             "--store", str(self.store_dir), "--model", spec.model,
             "--first", str(spec.first), "--end", str(spec.end),
-            "--host", "127.0.0.1", "--port", "0",
+            "--host", self.host, "--port", "0",
             "--secret-file", str(self.secret_file), "--threads", str(self.threads),
         ]  # fmt: skip
         for flag, value in (

@@ -426,8 +426,38 @@ def _exit_cleanly_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit_on_signal)
 
 
+def bench_resplit_cmd(
+    rates_mbit: str = typer.Option("100,10", "--bw-mbit", help="comma-separated link rates (Mbit/s)"),
+    runs: int = typer.Option(3, min=1, help="re-splits per path and rate (the median is reported)"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON (progress goes to stderr)"),
+) -> None:
+    """Stall of a live re-split (5 layers change node, SmolLM2, ~256 tokens of context) for each KV path
+    (moved server to server, through the client, recomputed on the first hop, replayed) over a tc-shaped
+    link between two network namespaces. Needs root."""
+    import os
+
+    from flows.resplit_bench import run_resplit_bench
+    from mecsplit.settings import get_settings
+    from segments import store
+
+    if os.geteuid() != 0:
+        raise _fail("bench resplit needs root (network namespaces and tc); run it with sudo")
+    try:
+        rates = [float(r) for r in rates_mbit.split(",") if r.strip()]
+    except ValueError:
+        raise _fail(f"--bw-mbit takes numbers separated by commas, got {rates_mbit!r}") from None
+    if not rates or min(rates) <= 0:
+        raise _fail("--bw-mbit needs at least one rate > 0")
+    settings = get_settings()
+    if not store.is_prepared(settings.store_dir, "smollm2-135m"):
+        store.prepare("smollm2-135m", settings.store_dir, progress=True)
+    result = run_resplit_bench(rates, runs, progress=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("generate")(generate_cmd)
     app.command("verify")(verify_cmd)
     app.command("gateway")(gateway_cmd)
     bench.command("overhead")(bench_overhead_cmd)
+    bench.command("resplit")(bench_resplit_cmd)
