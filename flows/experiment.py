@@ -77,14 +77,20 @@ def policy_stats(
     """The figures of one policy's run (docs/experiments.md defines each).
 
     Per-token latency is the gap between two streamed tokens of a request; TTFT the time from sending a
-    request to its first token. A stall is a gap longer than ``stall_factor`` times the policy's median
-    gap; ``total_stall_s`` sums, over stalls, the gap minus the median gap (the waiting beyond normal).
+    request to its first token. A stall is a token gap longer than ``stall_factor`` times the policy's
+    median gap, or a TTFT longer than ``stall_factor`` times its median TTFT; ``total_stall_s`` sums, over
+    stalls, the wait minus the median (the waiting beyond normal).
     Tokens lost are the tokens a request asked for and never got (none when the model ended the answer
     itself)."""
     gaps = sorted(g for r in records for g in r.token_gaps_s)
     ttfts = sorted(r.ttft_s for r in records if r.ttft_s is not None)
     median_gap = statistics.median(gaps) if gaps else None
-    stalls = [] if median_gap is None else [g for g in gaps if g > stall_factor * median_gap]
+    median_ttft = statistics.median(ttfts) if ttfts else None
+    stalls = [] if median_gap is None else [g - median_gap for g in gaps if g > stall_factor * median_gap]
+    # A request held before its first token (a chain being rebuilt) stalls its user just the same.
+    first_stalls = (
+        [] if median_ttft is None else [t - median_ttft for t in ttfts if t > stall_factor * median_ttft]
+    )
     return {
         "requests": len(records),
         "failed_requests": sum(1 for r in records if r.error is not None),
@@ -97,8 +103,10 @@ def policy_stats(
         "mean_ttft_ms": _ms(statistics.fmean(ttfts)) if ttfts else None,
         "p95_ttft_ms": _ms(_percentile(ttfts, 0.95)) if ttfts else None,
         "throughput_tok_s": round(sum(r.received for r in records) / window_s, 3) if window_s > 0 else None,
-        "stalls": len(stalls),
-        "total_stall_s": round(sum(g - median_gap for g in stalls), 3) if median_gap is not None else 0.0,
+        "stalls": len(stalls) + len(first_stalls),
+        "total_stall_s": round(sum(stalls) + sum(first_stalls), 3),
+        "token_stall_s": round(sum(stalls), 3),
+        "first_token_stall_s": round(sum(first_stalls), 3),
         "longest_gap_ms": _ms(gaps[-1]) if gaps else None,
     }
 
@@ -363,19 +371,57 @@ def experiment(
     out_dir.mkdir(parents=True)
     shutil.copy(scenario_path, out_dir / "scenario.yaml")
     (out_dir / "meta.json").write_text(json.dumps(results.meta(), indent=2))
-    per_policy = {p: run_policy(scenario_path, p, chosen, duration, out_dir) for p in policies}
+    per_policy: dict[str, dict[str, Any]] = {}
+    for p in policies:
+        try:
+            per_policy[p] = run_policy(scenario_path, p, chosen, duration, out_dir)
+        except Exception as exc:  # one policy that cannot run (no feasible plan) is a finding, not the end
+            get_run_logger().error(f"{p}: could not run: {type(exc).__name__}: {exc}")
+            per_policy[p] = {"policy": p, "error": f"{type(exc).__name__}: {exc}"}
+    return write_summary(out_dir, scenario_path, chosen, duration, per_policy)
+
+
+def write_summary(
+    out_dir: Path, scenario_path: Path, backend: str, duration_s: float, per_policy: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """summary.json, latency.png and bars.png of a run from its per-policy figures."""
+    sc = load_scenario(scenario_path)
     summary: dict[str, Any] = {
         "scenario": sc.name,
-        "backend": chosen,
-        "duration_s": duration,
+        "backend": backend,
+        "duration_s": duration_s,
         "scenario_duration_s": sc.duration_s,
-        "timeline_replayed": chosen == "testbed",
-        "stall_definition": f"gap > {STALL_FACTOR:g} x the policy's median gap; stall = gap - median, summed",
+        "timeline_replayed": backend == "testbed",
+        "stall_definition": (
+            f"a token gap (or TTFT) > {STALL_FACTOR:g} x the policy's median gap (median TTFT); "
+            "total_stall_s sums the wait minus the median over stalls"
+        ),
         "results_dir": str(out_dir),
         "policies": per_policy,
         "adaptive_vs_best_static": compare(per_policy),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    results.plot_policies(out_dir, _timeline(scenario_path) if chosen == "testbed" else [])
+    results.plot_policies(out_dir, _timeline(scenario_path) if backend == "testbed" else [])
     results.plot_policy_bars(out_dir, per_policy)
     return summary
+
+
+def summarise_run(run_dir: Path) -> dict[str, Any]:
+    """Recompute a finished run's figures from what it kept (``<policy>/requests.json`` and
+    ``policy.json``) and rewrite its summary and plots: the same definitions as a fresh run."""
+    old = json.loads((run_dir / "summary.json").read_text())
+    per_policy: dict[str, dict[str, Any]] = {}
+    for name, previous in old["policies"].items():
+        if "error" in previous:
+            per_policy[name] = previous
+            continue
+        kept = json.loads((run_dir / name / "policy.json").read_text())["stats"]
+        raw = json.loads((run_dir / name / "requests.json").read_text())
+        records = [
+            RequestRecord(
+                **{**{k: v for k, v in r.items() if k != "lost"}, "token_gaps_s": tuple(r["token_gaps_s"])}
+            )
+            for r in raw
+        ]
+        per_policy[name] = {**kept, **policy_stats(records, kept["window_s"])}
+    return write_summary(run_dir, run_dir / "scenario.yaml", old["backend"], old["duration_s"], per_policy)

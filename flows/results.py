@@ -219,7 +219,8 @@ def plot_policy_bars(run_dir: Path, per_policy: dict[str, dict[str, Any]]) -> No
         bars = ax.bar(range(len(names)), values, color=["tab:green" if p == "adaptive" else "tab:blue"
                                                          for p in names])  # fmt: skip
         ax.bar_label(bars, fmt="%.4g", fontsize=7)
-        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        labels = [f"{p} (failed)" if "error" in per_policy[p] else p for p in names]
+        ax.set_xticks(range(len(names)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -253,6 +254,9 @@ def policy_table(summary: dict[str, Any]) -> str:
     head = "| policy | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
     for name, stats in summary["policies"].items():
+        if "error" in stats:
+            lines.append(f"| {name} | could not run: {stats['error'][:200]} |")
+            continue
         cells = ["-" if stats.get(k) is None else f"{stats[k]:g}" for k, _ in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cmp = summary.get("adaptive_vs_best_static")

@@ -143,6 +143,19 @@ def experiment_run(
     typer.echo(policy_table(summary))
 
 
+@experiment_app.command("summarise")
+def experiment_summarise(
+    run_dir: Path = typer.Argument(..., help="a results/<run>/ folder of `experiment run`"),
+    as_json: bool = typer.Option(False, "--json", help="print only the summary JSON"),
+) -> None:
+    """Recompute a finished run's figures and plots from its kept requests (no testbed needed)."""
+    from flows.experiment import summarise_run
+    from flows.results import policy_table
+
+    summary = summarise_run(run_dir)
+    typer.echo(json.dumps(summary, indent=2) if as_json else policy_table(summary))
+
+
 @prefect_app.command("up")
 def prefect_up() -> None:
     """Start (or find) the Prefect server and print its UI address."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SCENARIO
 
 from flows import results
-from flows.experiment import compare, policy_stats
+from flows.experiment import compare, policy_stats, summarise_run
 from flows.workload import RequestRecord
 
 
@@ -42,7 +44,19 @@ def test_policy_stats_exact_figures() -> None:
     assert stats["throughput_tok_s"] == 1.5
     assert stats["stalls"] == 2
     assert stats["total_stall_s"] == pytest.approx((1.0 - 0.1) + (0.25 - 0.1))
+    assert stats["first_token_stall_s"] == 0.0  # TTFTs 0.4-0.8 s: none beyond 2 x the median 0.6 s
     assert stats["longest_gap_ms"] == 1000.0
+
+
+def test_a_held_first_token_is_a_stall() -> None:
+    # A request held 20 s before its first token (its chain rebuilt): median TTFT 0.5 s.
+    records = [_request([0.1] * 3, ttft=0.5), _request([0.1] * 3, ttft=0.5), _request([0.1] * 3, ttft=20.0)]
+    stats = policy_stats(records, window_s=30.0)
+    assert stats["stalls"] == 1
+    assert stats["token_stall_s"] == 0.0
+    assert stats["first_token_stall_s"] == pytest.approx(19.5)
+    assert stats["total_stall_s"] == pytest.approx(19.5)
+    assert stats["mean_ttft_ms"] == 7000.0 and stats["p95_ttft_ms"] == 20000.0
 
 
 def test_lost_tokens_count_failed_and_cut_requests() -> None:
@@ -98,6 +112,22 @@ def test_plots_and_table_from_synthetic_run(tmp_path: Path) -> None:
     results.plot_policy_bars(tmp_path, per_policy)
     assert (tmp_path / "latency.png").stat().st_size > 10_000
     assert (tmp_path / "bars.png").stat().st_size > 10_000
+    for name in per_policy:  # what run_policy keeps, so that summarise_run can recompute the figures
+        records = [_request([0.1 if name == "adaptive" else 0.2] * 5, start=1000.0 + i) for i in range(4)]
+        (tmp_path / name / "requests.json").write_text(json.dumps([vars(r) for r in records]))
+        info = json.loads((tmp_path / name / "policy.json").read_text())
+        info["stats"]["window_s"] = 10.0
+        (tmp_path / name / "policy.json").write_text(json.dumps(info))
+    shutil.copy(TINY_SCENARIO, tmp_path / "scenario.yaml")
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "backend": "local", "duration_s": 10.0}))
+    again = summarise_run(tmp_path)
+    assert again["policies"]["static"]["mean_tpot_ms"] == 200.0
+    assert again["policies"]["adaptive"]["reconfigurations"] == 1
+    assert again["adaptive_vs_best_static"]["speedup_mean_tpot"] == 2.0
+    failed = {**per_policy, "petals": {"policy": "petals", "error": "InfeasibleError: memory binds"}}
+    results.plot_policy_bars(tmp_path, failed)
+    assert compare(failed)["best_static"] == "static"
+    assert "| petals | could not run: InfeasibleError" in results.policy_table({"policies": failed})
     table = results.policy_table(summary)
     assert "| adaptive | 100 | 100 |" in table
     assert "2.00x" in table and "goal 1.3x met" in table
