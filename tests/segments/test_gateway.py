@@ -153,3 +153,41 @@ def test_admin_endpoint_switches_the_chain(base_url: str, chains: tuple[LocalCha
     bad = httpx.post(f"{base_url}/admin/chain", json={"chain": {"model": MODEL, "hops": []}}, timeout=30)
     assert bad.status_code == 400 and "error" in bad.json()
     httpx.post(f"{base_url}/admin/chain", json={"chain": a.chain.to_dict()}, timeout=120).raise_for_status()
+
+
+def test_a_stream_survives_a_dead_segment_server(wire_store: Path) -> None:
+    """A segment server dies (SIGKILL) mid-stream; the stream is held until a new chain arrives (replay)
+    and then goes on with exactly the text of an undisturbed run; the gateway records the recovery."""
+    import os
+    import signal
+
+    n = num_layers(wire_store, MODEL)
+    tokenizer = load_tokenizer(wire_store, MODEL)
+    ids = tokenizer.encode("Edge nodes come and go")
+    params = SamplingParams(temperature=0.0)
+    with (
+        LocalChain(wire_store, split_evenly(MODEL, n, 2)) as doomed,
+        LocalChain(wire_store, split_evenly(MODEL, n, 2), secret_file=doomed.secret_file) as spare,
+    ):
+
+        async def scenario() -> tuple[str, str, list[dict[str, object]]]:
+            gateway = Gateway(spare.chain, spare.secret(), tokenizer, MODEL, recover_timeout_s=60.0)
+            await gateway.start()
+            try:
+                want = "".join([d async for d, _ in gateway.stream(ids, 16, params, [], {})])
+                await gateway.switch(doomed.chain, "push")
+                got, replaced = "", None
+                async for delta, _ in gateway.stream(ids, 16, params, [], {}):
+                    got += delta
+                    if replaced is None and got:
+                        os.kill(doomed.pids[1], signal.SIGKILL)  # our own server, by PID
+                        replaced = asyncio.create_task(gateway.switch(spare.chain, "replay"))
+                assert replaced is not None
+                await replaced
+                return want, got, [r.to_dict() for r in gateway.client.recoveries]
+            finally:
+                await gateway.close()
+
+        want, got, recoveries = asyncio.run(scenario())
+    assert got == want
+    assert len(recoveries) == 1 and recoveries[0]["recovery_s"] > 0  # the step after the kill, retried
