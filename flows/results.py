@@ -146,6 +146,9 @@ TIMELINE_COLOURS = {"fail": "red", "restore": "green", "join": "green", "cpu_loa
                     "set_link": "purple", "trace": "grey"}  # fmt: skip
 
 
+NO_TOKEN_S = 5.0
+
+
 def plot_policies(run_dir: Path, timeline: Sequence[dict[str, Any]] = ()) -> None:
     """latency.png of an experiment: per-token latency over time, one panel per policy (dots: tokens;
     line: rolling median of 15), the scenario's timeline events as dashed lines and each policy's adopted
@@ -169,10 +172,16 @@ def plot_policies(run_dir: Path, timeline: Sequence[dict[str, Any]] = ()) -> Non
         t0 = info.get("t0_wall_s", frame["t_s"].min() if len(frame) else 0.0)
         tokens = frame[frame["kind"] == "token"].sort_values("t_s")
         if len(tokens):
-            x = tokens["t_s"] - t0
-            y = tokens["latency_s"] * 1e3
+            x = (tokens["t_s"] - t0).to_numpy()
+            y = tokens["latency_s"].to_numpy() * 1e3
             ax.plot(x, y, ".", markersize=2, alpha=0.5)
-            ax.plot(x, y.rolling(15, min_periods=1).median(), "-", linewidth=1)
+            line = pd.Series(y).rolling(15, min_periods=1).median().to_numpy(copy=True)
+            # No token for a while (a chain being rebuilt): shaded, and the line is not drawn across it.
+            for i in range(1, len(x)):
+                if x[i] - x[i - 1] > NO_TOKEN_S:
+                    ax.axvspan(x[i - 1], x[i], color="red", alpha=0.12, linewidth=0)
+                    line[i - 1] = float("nan")
+            ax.plot(x, line, "-", linewidth=1)
         for item in timeline:
             ax.axvline(item["at_s"], color=TIMELINE_COLOURS.get(item["kind"], "grey"), linestyle="--",
                        alpha=0.5, linewidth=0.8)  # fmt: skip
@@ -186,7 +195,8 @@ def plot_policies(run_dir: Path, timeline: Sequence[dict[str, Any]] = ()) -> Non
             axes[0, 0].annotate(f"{item['kind']} {item['what']}", (item["at_s"], 1.02), fontsize=7,
                                 xycoords=("data", "axes fraction"), rotation=20)  # fmt: skip
     axes[-1, 0].set_xlabel("time since the workload and the timeline started (s)")
-    fig.suptitle("per-token latency (dashed: timeline events; solid green: adopted reconfigurations)",
+    fig.suptitle("per-token latency (dashed: timeline events; solid green: adopted reconfigurations; "
+                 f"shaded: no token for > {NO_TOKEN_S:g} s)",
                  fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(run_dir / "latency.png")
