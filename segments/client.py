@@ -464,25 +464,28 @@ class AsyncChainClient:
 
         The session's ``kv_length`` only advances once a step succeeds, so the switch that brings the new
         chain rebuilds exactly the history before this step, and the retry feeds the same tokens."""
+        failed_at: float | None = None
         while True:
             generation = self.generation
             try:
-                return await self.step(session.id, inputs, session.kv_length, sampling=sampling)
+                result = await self.step(session.id, inputs, session.kv_length, sampling=sampling)
             except (ChainError, RemoteError) as exc:
                 if self.recover_timeout_s <= 0 or not recoverable(exc):
                     raise
-                failed_at = time.perf_counter()
-                await self._await_new_chain(generation, exc)
-                result = await self.step(session.id, inputs, session.kv_length, sampling=sampling)
+                if failed_at is None:
+                    failed_at, first_error = time.perf_counter(), str(exc)
+                # A chain that breaks again is waited for again, within the one recovery time budget.
+                await self._await_new_chain(generation, exc, failed_at + self.recover_timeout_s)
+                continue
+            if failed_at is not None:
                 elapsed = time.perf_counter() - failed_at
-                self.recoveries.append(Recovery(session.id, session.kv_length, str(exc), elapsed))
-                return result
+                self.recoveries.append(Recovery(session.id, session.kv_length, first_error, elapsed))
+            return result
 
-    async def _await_new_chain(self, generation: int, cause: Exception) -> None:
+    async def _await_new_chain(self, generation: int, cause: Exception, deadline: float) -> None:
         assert self._switched is not None
-        deadline = time.monotonic() + self.recover_timeout_s
         while self.generation == generation:
-            remaining = deadline - time.monotonic()
+            remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 raise ChainError(
                     f"the chain broke ({cause}) and no new chain came within {self.recover_timeout_s} s"

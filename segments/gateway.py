@@ -85,6 +85,8 @@ class Gateway:
     async def switch(self, chain: Chain, mode: SwitchMode = "kv", recompute_hops: int = 0) -> dict[str, Any]:
         t0 = time.perf_counter()
         sessions = list(self.live.values())
+        if self.client.broken is not None:
+            mode = "replay"  # a dead hop's KV is gone: the history is all that is left to rebuild from
         # Replay rebuilds everything from the history, so a step still running on the old chain can as
         # well be retried on the new one; a KV move needs every step finished.
         abandon = self.abandon_after_s if mode == "replay" else None
