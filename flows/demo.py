@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,23 @@ from testbed.scenario import Scenario, load_scenario
 def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | None:
     """The first reconfigure flow run that started after ``since_s`` and completed; None on timeout."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
 
     deadline = time.monotonic() + timeout_s
+    after = datetime.fromtimestamp(since_s, tz=UTC)
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
+            # Only runs started since: a server that kept many older runs would otherwise fill the page.
             runs = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=["reconfigure"])),
-                flow_run_filter=FlowRunFilter(),
+                flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=after)),
+                sort=FlowRunSort.START_TIME_DESC,
                 limit=20,
             )
             for run in runs:
@@ -54,6 +64,7 @@ def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | 
                     return {"id": str(run.id), "name": run.name, "state": run.state.name,
                             "parameters": run.parameters, "result": result,
                             "start_s": run.start_time.timestamp(),
+                            "created_s": run.created.timestamp() if run.created else None,
                             "end_s": run.end_time.timestamp() if run.end_time else None}  # fmt: skip
             time.sleep(1.0)
     return None
@@ -87,11 +98,12 @@ def _degrade(
     from prefect.events import emit_event
 
     set_local_link(get_settings(), link.a, link.b, bw_mbit)
+    changed_at_s = time.time()
     os.environ.update(server.env())
     emit_event(
         event="mec.link.degraded",
         resource={"prefect.resource.id": f"mec.link.{link.a}-{link.b}"},
-        payload={"bw_mbit": bw_mbit, "previous_bw_mbit": link.bw_mbit},
+        payload={"bw_mbit": bw_mbit, "previous_bw_mbit": link.bw_mbit, "changed_at_s": changed_at_s},
     )
     return link.a, link.b
 
@@ -158,9 +170,16 @@ def run_demo(
             timeline=timeline, drop_s=drop_s, reconfigured=run, first=first,
             final_plan=None if state is None else state.plan,
         )  # fmt: skip
+        reaction = ((run or {}).get("result") or {}).get("reaction")
+        summary["reaction"] = None if reaction is None else reaction["steps"]
         out_dir = results.write_run(results_root, scenario_path, summary, generator.samples, timeline)
         say(f"results in {out_dir}")
         print(json.dumps(summary["headline"], indent=2))
+        if summary["reaction"] is not None:
+            steps = summary["reaction"]
+            say("reaction, seconds per step: " + ", ".join(
+                f"{k.removesuffix('_s')} {v:.2f}" for k, v in steps.items() if isinstance(v, float)
+            ))  # fmt: skip
         say(f"Prefect UI: {server.ui_url} (still running; `mecsplit prefect stop` stops it)")
         return summary
     finally:

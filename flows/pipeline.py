@@ -6,6 +6,7 @@ reused by the experiment runner without an API server.
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from flows.runtime import Backend, LinkProbe, SegmentRequest
+from flows.runtime import Backend, LinkProbe, RuntimeFailure, SegmentRequest
 from flows.state import DeploymentState, Endpoint
 from mecsplit.settings import Settings, get_settings
 from policies.plan import Plan
@@ -108,14 +109,46 @@ def profile_nodes(
 
 
 def profile_links(
-    backend: Backend, scenario: Scenario, alive: set[str], progress: Progress = print
+    backend: Backend,
+    scenario: Scenario,
+    alive: set[str],
+    progress: Progress = print,
+    *,
+    max_age_s: float = 0.0,
+    known_bw_mbit: dict[str, float] | None = None,
+    settings: Settings | None = None,
 ) -> list[LinkProbe]:
+    """Each alive link's goodput and RTT, probed actively (about 1.5 s a link on the testbed) unless a
+    probe younger than ``max_age_s`` is cached. ``known_bw_mbit`` (link key ``a-b`` -> rate) is a rate
+    just measured elsewhere, e.g. by the testbed daemon that emitted the link event: that link takes it,
+    with its cached RTT, instead of a new probe (a link event must not wait for its own re-measurement)."""
+    settings = settings or get_settings()
+    cache_path = settings.run_dir / f"links-{backend.name}.json"
+    cache: dict[str, dict[str, Any]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    known = known_bw_mbit or {}
+    now = time.time()
     probes = []
     for link in sorted(scenario.links, key=lambda lk: (lk.a, lk.b)):
-        if link.a in alive and link.b in alive:
+        if link.a not in alive or link.b not in alive:
+            continue
+        key = f"{link.a}-{link.b}"
+        cached = cache.get(key)
+        if cached is not None and key in known:
+            probe = LinkProbe(link.a, link.b, known[key], cached["rtt_ms"], measured=cached["measured"])
+            how = "rate from the event, cached rtt"
+        elif cached is not None and now - cached["measured_at_s"] <= max_age_s:
+            probe = LinkProbe(link.a, link.b, cached["bw_mbit"], cached["rtt_ms"], cached["measured"])
+            how = f"cached, {now - cached['measured_at_s']:.0f} s old"
+        else:
             probe = backend.probe_link(link.a, link.b)
-            progress(f"link {link.a}-{link.b}: {probe.bw_mbit:.1f} Mbit/s, rtt {probe.rtt_ms:.1f} ms")
-            probes.append(probe)
+            how = "probed"
+        if how == "probed" or key in known:
+            cache[key] = {"bw_mbit": probe.bw_mbit, "rtt_ms": probe.rtt_ms, "measured": probe.measured,
+                          "measured_at_s": now}  # fmt: skip
+        progress(f"link {key}: {probe.bw_mbit:.2f} Mbit/s, rtt {probe.rtt_ms:.1f} ms ({how})")
+        probes.append(probe)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_text(json.dumps(cache, sort_keys=True))
     return probes
 
 
@@ -176,6 +209,12 @@ def build_problem(
 
 
 # ------------------------------------------------------------------------------------------------ deploy
+# What a standby holds: the interpreter, torch and transformers and one layer (measured: ~300 MB of
+# anonymous memory for SmolLM2, plus ~110 MB of shared library pages a node's processes share).
+STANDBY_BYTES = PROCESS_OVERHEAD_BYTES
+STANDBY_READY_TIMEOUT_S = 180.0
+
+
 @dataclass(frozen=True)
 class DeployResult:
     state: DeploymentState
@@ -183,10 +222,116 @@ class DeployResult:
     stopped: tuple[Endpoint, ...]
     switch_s: float
     total_s: float
+    # Wall clock (time.time) of the reaction's steps: every new segment serving its range, the gateway
+    # switched, and the first token streamed through the new chain (None without a probe).
+    ready_at_s: float = 0.0
+    switched_at_s: float = 0.0
+    first_token_at_s: float | None = None
+    claimed: tuple[str, ...] = ()  # nodes whose stage was loaded into a warm standby
 
 
 def plan_layout(plan: Plan) -> list[tuple[str, int, int]]:
     return [(s.node, s.first, s.end) for s in plan.stages]
+
+
+def read_manifest(settings: Settings, model: str) -> dict[str, Any]:
+    path = settings.store_dir / model / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{model} is not in the store {settings.store_dir}: `mecsplit models prepare {model}`"
+        )
+    return json.loads(path.read_text())
+
+
+def stage_bytes(manifest: dict[str, Any], first: int, end: int) -> int:
+    """A segment process's memory: the process itself and its weights."""
+    weights = sum(manifest["layer_weight_bytes"][first:end])
+    weights += manifest["embed_weight_bytes"] if first == 0 else 0
+    weights += manifest["head_weight_bytes"] if end == manifest["num_layers"] else 0
+    return PROCESS_OVERHEAD_BYTES + weights
+
+
+def standby_nodes(
+    scenario: Scenario, alive: Iterable[str], layout: list[tuple[str, int, int]], manifest: dict[str, Any]
+) -> list[str]:
+    """The alive nodes whose memory holds a standby besides their stages (and the gateway on the
+    source): a standby must never push a node's own segments out of memory."""
+    chosen = []
+    alive = set(alive)
+    for node in scenario.nodes:
+        if node.name not in alive:
+            continue
+        committed = sum(stage_bytes(manifest, f, e) for n, f, e in layout if n == node.name)
+        committed += PROCESS_OVERHEAD_BYTES if node.name == scenario.source else 0
+        if node.mem_mb * 1024 * 1024 - committed >= STANDBY_BYTES:
+            chosen.append(node.name)
+    return chosen
+
+
+def control(endpoint: Endpoint, secret: str, op: str, timeout_s: float = 30.0, **args: Any) -> dict[str, Any]:
+    """One control operation on a segment server, from the flow's process."""
+    import asyncio
+
+    from segments.client import control_once
+
+    return asyncio.run(
+        control_once(endpoint.control_address, endpoint.port, secret.encode(), op, timeout_s, **args)
+    )
+
+
+def wait_ready(endpoint: Endpoint, secret: str, timeout_s: float = STANDBY_READY_TIMEOUT_S) -> None:
+    """Until the server answers a health check (it listens only once its range is loaded)."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            control(endpoint, secret, "health", timeout_s=5.0)
+            return
+        except Exception as exc:  # not listening yet
+            last = exc
+            time.sleep(0.1)
+    raise RuntimeFailure(
+        f"standby on {endpoint.node} ({endpoint.handle}) not ready within {timeout_s:.0f} s: {last}"
+    )
+
+
+def claim_standby(standby: Endpoint, request: SegmentRequest, secret: str) -> Endpoint:
+    """Load the request's range into a started standby server: no process start, no imports; the store
+    is per layer, so the server reads only the tensors of its range."""
+    wait_ready(standby, secret)
+    control(standby, secret, "load_range", timeout_s=300.0, model=request.model, first=request.first,
+            end=request.end)  # fmt: skip
+    return standby.model_copy(update={"first": request.first, "end": request.end})
+
+
+def _bring_up(
+    backend: Backend, requests: list[SegmentRequest], spare: dict[str, Endpoint], secret: str
+) -> tuple[list[Endpoint], list[str], dict[str, Endpoint]]:
+    """Every request's server, all at once (their loads overlap): a node's standby for its first stage,
+    a fresh server otherwise. Returns (endpoints in layer order, nodes claimed, standbys left)."""
+    spare = dict(spare)
+    jobs = []
+    for request in requests:
+        standby = spare.pop(request.node, None)
+        jobs.append((request, standby))
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        futures = [
+            pool.submit(claim_standby, standby, request, secret)
+            if standby is not None
+            else pool.submit(backend.start_segment, request, secret)
+            for request, standby in jobs
+        ]
+    failures = [f.exception() for f in futures if f.exception() is not None]
+    endpoints = [f.result() for f in futures if f.exception() is None]
+    if failures:
+        for endpoint in endpoints:  # nothing half-done: the old chain keeps serving
+            backend.stop_segment(endpoint)
+        for (_, standby), future in zip(jobs, futures, strict=True):
+            if standby is not None and future.exception() is not None:
+                backend.stop_segment(standby)  # a standby that failed to load is of no further use
+        raise RuntimeFailure(f"starting the new segments failed: {failures[0]}") from failures[0]
+    claimed = [request.node for request, standby in jobs if standby is not None]
+    return endpoints, claimed, spare
 
 
 def deploy(
@@ -199,30 +344,46 @@ def deploy(
     switch_mode: str = "kv",
     progress: Progress = print,
     settings: Settings | None = None,
+    probe: Callable[[str], float] | None = None,
 ) -> DeployResult:
-    """Make-before-break: start the new plan's segments, switch the gateway's sessions, stop the old ones.
+    """Make-before-break: bring up the new plan's segments, switch the gateway's sessions, stop the old ones.
 
-    Every stage gets a fresh server even where the old plan had the same range on the same node: the
+    Every stage gets its own server even where the old plan had the same range on the same node: the
     gateway moves each session's KV from the old chain to the new one and then drops it from the old
-    servers, which would drop it from a server that both chains share.
+    servers, which would drop it from a server that both chains share. With ``warm_standby`` a node's
+    started standby takes its stage (a ``load_range``, seconds instead of a cold process start), and
+    afterwards every node whose memory allows it gets a fresh standby, started in the background.
+
+    ``probe(gateway_url)`` (optional) runs right after the switch and returns the wall clock of the first
+    token streamed through the new chain: when the new plan is serving.
     """
     settings = settings or get_settings()
     started_at = time.monotonic()
     revision = 0 if current is None else current.revision + 1
     secret = current_secret(current)
     layout = plan_layout(plan)
+    manifest = read_manifest(settings, model)
+    alive = set(backend.alive_nodes())
+    spare = {
+        e.node: e
+        for e in (current.standbys if current is not None else ())
+        if settings.flows.warm_standby and e.node in alive
+    }
     for node, first, end in layout:
-        progress(f"starting segment [{first}, {end}) on {node}")
-    # Started together: their model loads overlap, and a plan change costs one load time, not K.
+        how = "loading it into the standby" if node in spare else "starting a server"
+        progress(f"segment [{first}, {end}) on {node}: {how}")
     requests = [SegmentRequest(node, model, first, end, revision) for node, first, end in layout]
-    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        futures = [pool.submit(backend.start_segment, request, secret) for request in requests]
-    failures = [f.exception() for f in futures if f.exception() is not None]
-    endpoints = [f.result() for f in futures if f.exception() is None]
-    if failures:
-        for endpoint in endpoints:  # nothing half-done: the old chain keeps serving
-            backend.stop_segment(endpoint)
-        raise failures[0]  # type: ignore[misc]
+    try:
+        endpoints, claimed, spare = _bring_up(backend, requests, spare, secret)
+    except RuntimeFailure:
+        if current is not None:  # the old chain serves on; the standbys offered to the new one are gone
+            from flows.state import save_state
+
+            gone = set(spare) & {node for node, _, _ in layout}
+            left = tuple(e for e in current.standbys if e.node not in gone)
+            save_state(current.model_copy(update={"standbys": left}), settings)
+        raise
+    ready_at = time.time()
     chain = chain_dict(model, endpoints)
     switch_started = time.monotonic()
     if current is None:
@@ -233,14 +394,24 @@ def deploy(
         gateway_url, gateway_handle = current.gateway_url, current.gateway_handle
         set_gateway_chain(gateway_url, chain, mode=switch_mode)
     switch_s = time.monotonic() - switch_started
+    switched_at = time.time()
+    first_token_at = probe(gateway_url) if probe is not None else None
     stopped = list(current.segments) if current is not None else []
     for endpoint in stopped:
         progress(f"stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}")
         backend.stop_segment(endpoint)
+    for node in sorted(set(spare) - alive):  # standbys on nodes that went away
+        backend.stop_segment(spare.pop(node))
+    standbys = list(spare.values())
+    if settings.flows.warm_standby:
+        for node in standby_nodes(backend.scenario, alive, layout, manifest):
+            if node not in spare:
+                progress(f"starting a standby server on {node}")
+                standbys.append(backend.start_standby(node, model, manifest["num_layers"], revision, secret))
     state = DeploymentState(
         scenario=str(Path(scenario_path).resolve()), model=model, backend=backend.name, revision=revision,
         plan=plan.model_dump(mode="json"), segments=tuple(endpoints), gateway_url=gateway_url,
-        gateway_handle=gateway_handle, secret=secret, updated_at_s=time.time(),
+        gateway_handle=gateway_handle, secret=secret, updated_at_s=time.time(), standbys=tuple(standbys),
     )  # fmt: skip
     return DeployResult(
         state=state,
@@ -248,7 +419,55 @@ def deploy(
         stopped=tuple(stopped),
         switch_s=switch_s,
         total_s=time.monotonic() - started_at,
+        ready_at_s=ready_at,
+        switched_at_s=switched_at,
+        first_token_at_s=first_token_at,
+        claimed=tuple(claimed),
     )
+
+
+# ---------------------------------------------------------------------------------------------- reaction
+REACTION_STEPS = (
+    "detection_s",  # the link's rate changed -> the daemon emitted the event (its sampling and streak)
+    "event_to_run_start_s",  # event occurred -> the flow run started (Prefect: trigger, runner poll, process)
+    "flow_setup_s",  # flow run started -> its body began (imports of the run's process, state read)
+    "profile_s",  # node profiles (cached on a link event) and link rates
+    "optimise_s",  # problem, solve, chain health, decision
+    "deploy_s",  # every new segment serving its range (standby load_range or cold start)
+    "switch_s",  # gateway /admin/chain: live sessions moved to the new chain
+    "first_token_s",  # switched -> first token streamed through the new chain
+)
+
+
+def reaction_timing(stamps: dict[str, float | None]) -> dict[str, float | None]:
+    """Per-step seconds of one reaction from the wall-clock stamps of its steps (time.time(): the daemon,
+    the Prefect server and the flow run share this machine's clock). Stamps: ``changed`` (the link rate
+    set), ``event`` (the event's occurred time), ``run_started`` (the flow run's start time in Prefect),
+    ``body``, ``profiled``, ``decided``, ``ready``, ``switched``, ``first_token``; a missing stamp leaves
+    the steps it bounds None. ``end_to_end_s``: from the change (or, without it, the event) to the first
+    token on the new chain."""
+    order = ("changed", "event", "run_started", "body", "profiled", "decided", "ready", "switched",
+             "first_token")  # fmt: skip
+
+    def span(a: str, b: str) -> float | None:
+        x, y = stamps.get(a), stamps.get(b)
+        return None if x is None or y is None else round(y - x, 4)
+
+    steps: dict[str, float | None] = {
+        name: span(a, b) for name, (a, b) in zip(REACTION_STEPS, itertools.pairwise(order), strict=True)
+    }
+    origin = "changed" if stamps.get("changed") is not None else "event"
+    steps["end_to_end_s"] = span(origin, "first_token")
+    steps["end_to_end_from"] = origin  # type: ignore[assignment]
+    return steps
+
+
+def first_token_at(gateway_url: str, prompt: str) -> float:
+    """Wall clock of the first token of a one-token completion through the gateway."""
+    from flows.measure import stream_completion
+
+    sample = stream_completion(gateway_url, prompt, 1, timeout_s=120.0)
+    return sample.started_at_s + sample.ttft_s
 
 
 def current_secret(current: DeploymentState | None) -> str:
@@ -280,5 +499,5 @@ def set_gateway_chain(gateway_url: str, chain: dict[str, Any], *, mode: str) -> 
 
 def teardown(backend: Backend, state: DeploymentState) -> None:
     backend.stop_gateway(state.gateway_handle)
-    for endpoint in state.segments:
+    for endpoint in (*state.segments, *state.standbys):
         backend.stop_segment(endpoint)

@@ -8,6 +8,7 @@ deployment that a reconfiguration changes is read from the state file, so any fl
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,18 @@ def profile_nodes_task(
 
 
 @task(name="profile-links", retries=2, retry_delay_seconds=1, timeout_seconds=300)
-def profile_links_task(backend_name: BackendName, scenario_path: str, alive: list[str]) -> list[LinkProbe]:
+def profile_links_task(
+    backend_name: BackendName,
+    scenario_path: str,
+    alive: list[str],
+    max_age_s: float = 0.0,
+    known_bw_mbit: dict[str, float] | None = None,
+) -> list[LinkProbe]:
     scenario = load_scenario(Path(scenario_path))
     return pipeline.profile_links(
-        backend_for(backend_name, scenario), scenario, set(alive), progress=get_run_logger().info
-    )
+        backend_for(backend_name, scenario), scenario, set(alive), progress=get_run_logger().info,
+        max_age_s=max_age_s, known_bw_mbit=known_bw_mbit,
+    )  # fmt: skip
 
 
 SLO_FIELDS = ("max_ttft_s", "max_tpot_s", "min_throughput_tok_s")
@@ -85,6 +93,16 @@ def decide_task(problem: Problem, current: Plan | None, candidate: Plan, horizon
     return decision.model_dump(mode="json")
 
 
+def _first_token_probe(gateway_url: str) -> float | None:
+    """When the new chain serves: the first token of a one-token completion right after the switch.
+    None (and a warning) where it fails: the switch is done, and a broken chain is the next run's."""
+    try:
+        return pipeline.first_token_at(gateway_url, MEASURE_PROMPT)
+    except Exception as exc:
+        get_run_logger().warning(f"first-token probe on the new chain failed: {exc}")
+        return None
+
+
 @task(name="deploy", retries=0, timeout_seconds=900)
 def deploy_task(
     backend_name: BackendName, scenario_path: str, model: str, plan: Plan, switch_mode: str
@@ -98,14 +116,20 @@ def deploy_task(
         load_state(),
         switch_mode=switch_mode,
         progress=get_run_logger().info,
+        probe=_first_token_probe,
     )
     save_state(result.state)
     return {
         "revision": result.state.revision,
         "started": [e.model_dump() for e in result.started],
         "stopped": [e.model_dump() for e in result.stopped],
+        "standbys": [e.node for e in result.state.standbys],
+        "claimed_standbys": list(result.claimed),
         "switch_s": result.switch_s,
         "total_s": result.total_s,
+        "ready_at_s": result.ready_at_s,
+        "switched_at_s": result.switched_at_s,
+        "first_token_at_s": result.first_token_at_s,
     }
 
 
@@ -132,6 +156,60 @@ def check_chain_task(gateway_url: str) -> tuple[bool, str]:
 def _switch_mode(decision: dict[str, Any]) -> str:
     kv_mode = decision.get("cost", {}).get("kv_mode", "move")
     return "replay" if kv_mode == "recompute" else "push"
+
+
+def _epoch_s(value: Any) -> float | None:
+    """A time as seconds since the epoch from a number or an ISO 8601 string (a templated event time);
+    None where it is neither."""
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+def _run_started_s() -> float | None:
+    """This flow run's start time as Prefect's server recorded it (None outside a flow run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return None
+    try:
+        with get_client(sync_client=True) as client:
+            start = client.read_flow_run(ctx.flow_run.id).start_time
+    except Exception:
+        return None
+    return None if start is None else start.timestamp()
+
+
+def _reaction(stamps: dict[str, float | None]) -> dict[str, Any]:
+    steps = pipeline.reaction_timing(stamps)
+    return {"steps": steps, "stamps": {k: v for k, v in stamps.items() if v is not None}}
+
+
+def _publish_reaction(reaction: dict[str, Any], reason: str) -> None:
+    rows = [f"| {name.removesuffix('_s')} | {value:.3f} |" for name, value in reaction["steps"].items()
+            if isinstance(value, float)]  # fmt: skip
+    origin = reaction["steps"].get("end_to_end_from", "change")
+    create_markdown_artifact(
+        key="reaction",
+        markdown="\n".join([f"# Reaction to `{reason}`", "", "| step | seconds |", "|---|---|", *rows, "",
+                            f"End to end: from the {origin} to the first token on the new chain."]),
+        description="time spent in each step, from the change to the new plan serving",
+    )  # fmt: skip
+
+
+def _adopts_by_replay(
+    decision: dict[str, Any] | None, before: Plan | None, candidate: Plan, switch_mode: str
+) -> bool:
+    if decision is None or not decision["adopt"] or before is None or candidate.layout() == before.layout():
+        return False
+    return (_switch_mode(decision) if switch_mode == "auto" else switch_mode) == "replay"
 
 
 def _plan_of(state: DeploymentState | None) -> Plan | None:
@@ -167,6 +245,8 @@ def reconfigure(
     switch_mode: str = "auto",
     measure_tokens: int = 8,
     failover_only: bool = False,
+    event_occurred: str | None = None,
+    trigger: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Profile nodes and links, re-solve the placement, and redeploy only if the gain beats the cost.
 
@@ -176,8 +256,14 @@ def reconfigure(
 
     ``switch_mode`` auto moves live sessions the way the decision priced cheaper: their KV pushed from
     the old segments to the new ones (``push``), or rebuilt from the token history (``replay``), which
-    wins when the KV would have to cross a slow link."""
+    wins when the KV would have to cross a slow link.
+
+    ``event_occurred`` and ``trigger`` (the triggering event's time and payload, filled in by the served
+    deployment's triggers) time the reaction: the result's ``reaction`` has the seconds of each step,
+    from the change the event reports (``changed_at_s`` in the payload) to the first token on the new
+    chain."""
     started = time.monotonic()
+    body_started = time.time()
     current = load_state()
     if current is None:
         raise RuntimeError("nothing is deployed: run `mecsplit deploy --scenario F` (or the demo) first")
@@ -194,29 +280,56 @@ def reconfigure(
     # A node event invalidates that node's compute profile; a link event leaves compute profiles valid.
     refresh = [resource.removeprefix("mec.node.")] if resource and resource.startswith("mec.node.") else []
     profiles = profile_nodes_task(current.backend, scenario, current.model, refresh)
-    probes = profile_links_task(current.backend, scenario, sorted(profiles))
+    # A link event carries the rate the daemon just read back: that link takes it, the others keep a
+    # recent probe; anything else probes every link.
+    link_event = bool(resource and resource.startswith("mec.link.") and bw_mbit is not None)
+    known = {resource.removeprefix("mec.link."): bw_mbit} if link_event else None  # type: ignore[union-attr]
+    max_age_s = get_settings().flows.link_probe_max_age_s if link_event else 0.0
+    probes = profile_links_task(current.backend, scenario, sorted(profiles), max_age_s, known)
+    profiled = time.time()
     problem = pipeline.build_problem(
         sc, pipeline.model_facts(get_settings(), current.model, profiles), profiles, probes
     )
     candidate = optimise_task(problem, policy)
     before = _plan_of(current)
-    healthy, detail = check_chain_task(current.gateway_url)
     deployed: dict[str, Any] | None = None
+    planned = None if failover_only else decide_task(problem, before, candidate, horizon_s)
+    if _adopts_by_replay(planned, before, candidate, switch_mode):
+        # Replay rebuilds every session from its token history, which a broken chain needs too: the
+        # chain's health (a round trip over the degraded link, seconds when it is collapsed) changes
+        # nothing here, so the reaction does not wait for it.
+        healthy, detail = True, "not checked: the sessions are rebuilt by replay"
+    else:
+        healthy, detail = check_chain_task(current.gateway_url)
     if not healthy:
         # A dead hop holds KV that cannot be exported: rebuild every session by replaying its history.
         decision = {"adopt": True, "reason": f"the deployed chain is broken ({detail}): rebuilt by replay"}
+        decided = time.time()
         deployed = deploy_task(current.backend, scenario, current.model, candidate, "replay")
     elif failover_only:
         decision = {"adopt": False, "reason": "failover only and the deployed chain is healthy"}
     else:
-        decision = decide_task(problem, before, candidate, horizon_s)
+        assert planned is not None
+        decision = planned
         if decision["adopt"] and before is not None and candidate.layout() != before.layout():
             mode = _switch_mode(decision) if switch_mode == "auto" else switch_mode
+            decided = time.time()
             deployed = deploy_task(current.backend, scenario, current.model, candidate, mode)
     after = candidate if deployed is not None else before
     assert after is not None
     measured = measure_task(current.gateway_url, measure_tokens) if measure_tokens > 0 else None
     _publish(sc, reason, resource, decision, before, after, measured)
+    reaction = None
+    if deployed is not None:
+        reaction = _reaction({
+            "changed": _epoch_s((trigger or {}).get("changed_at_s")), "event": _epoch_s(event_occurred),
+            "run_started": _run_started_s(), "body": body_started, "profiled": profiled,
+            "decided": decided,
+            "ready": deployed["ready_at_s"], "switched": deployed["switched_at_s"],
+            "first_token": deployed["first_token_at_s"],
+        })  # fmt: skip
+        _publish_reaction(reaction, reason)
+        _log(f"reaction: {reaction['steps']}")
     return {
         "reason": reason,
         "resource": resource,
@@ -227,6 +340,7 @@ def reconfigure(
         "predicted_tpot_s": after.predicted.tpot_s,
         "measured": measured,
         "deploy": deployed,
+        "reaction": reaction,
         "wall_s": time.monotonic() - started,
     }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -59,12 +60,35 @@ class SegmentRequest:
         return 20000 + (self.revision % 200) * 100 + self.first
 
 
+def standby_name(revision: int) -> str:
+    return f"standby-r{revision}"
+
+
+def standby_port(revision: int) -> int:
+    # Above every SegmentRequest.port (< 40000); one standby per node and revision.
+    return 40000 + revision % 20000
+
+
+def standby_range(num_layers: int) -> tuple[int, int]:
+    """The range a standby holds until it is claimed: one middle layer (neither the embeddings nor the
+    head, the biggest tensors), so it costs little more than the interpreter, torch and transformers."""
+    if num_layers < 3:
+        return 0, 1
+    middle = num_layers // 2
+    return middle, middle + 1
+
+
 class Backend(Protocol):
     name: BackendName
+    scenario: Scenario
 
     def profile_compute(self, node: str, model: str, context: int) -> dict[str, Any]: ...
     def probe_link(self, a: str, b: str) -> LinkProbe: ...
     def start_segment(self, request: SegmentRequest, secret: str) -> Endpoint: ...
+    def start_standby(self, node: str, model: str, num_layers: int, revision: int, secret: str) -> Endpoint:
+        """Start a server of ``standby_range`` on ``node`` and return at once (not yet ready)."""
+        ...
+
     def stop_segment(self, endpoint: Endpoint) -> None: ...
     def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]: ...
     def stop_gateway(self, handle: str) -> None: ...
@@ -137,8 +161,8 @@ class LocalBackend:
                 return LinkProbe(a, b, bw_mbit, 2 * link.delay_ms, measured=False)
         raise RuntimeFailure(f"scenario {self.scenario.name} has no link {a}-{b}")
 
-    def _spawn(self, command: list[str], log_name: str, env: dict[str, str]) -> tuple[int, int]:
-        """Start a long-lived process in its own session; wait for its JSON ready line; (pid, port)."""
+    def _popen(self, command: list[str], log_name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a long-lived process in its own session, recorded by PID."""
         log_path = self.log_dir / f"{log_name}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
@@ -147,6 +171,12 @@ class LocalBackend:
             )  # fmt: skip
         with (self.log_dir / PID_REGISTRY).open("a") as registry:
             registry.write(f"{proc.pid}\n")
+        return proc
+
+    def _spawn(self, command: list[str], log_name: str, env: dict[str, str]) -> tuple[int, int]:
+        """Start a long-lived process; wait for its JSON ready line; (pid, port)."""
+        log_path = self.log_dir / f"{log_name}.log"
+        proc = self._popen(command, log_name, env)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             message = _ready_message(log_path.read_text(errors="replace"))
@@ -167,6 +197,19 @@ class LocalBackend:
             node=request.node, first=request.first, end=request.end, host="127.0.0.1", port=port,
             handle=f"pid:{pid}",
         )  # fmt: skip
+
+    def start_standby(self, node: str, model: str, num_layers: int, revision: int, secret: str) -> Endpoint:
+        first, end = standby_range(num_layers)
+        request = SegmentRequest(node, model, first, end, revision)
+        # The port must be known before the process is ready (nobody waits for it): take a free one now.
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        command = _server_command(self.settings, request, "127.0.0.1", port)
+        proc = self._popen(command, f"{node}-{standby_name(revision)}", {"MECSPLIT_SECRET": secret})
+        return Endpoint(
+            node=node, first=first, end=end, host="127.0.0.1", port=port, handle=f"pid:{proc.pid}"
+        )
 
     def stop_segment(self, endpoint: Endpoint) -> None:
         stop_pid(int(endpoint.handle.removeprefix("pid:")))
@@ -282,7 +325,20 @@ class TestbedBackend:
         self._wait_for_json(request.node, request.name, 180, ready=True)
         return Endpoint(
             node=request.node, first=request.first, end=request.end, host=answer["address"],
-            port=request.port, handle=f"segment:{request.name}",
+            port=request.port, handle=f"segment:{request.name}", control_host=answer["mgmt_address"],
+        )  # fmt: skip
+
+    def start_standby(self, node: str, model: str, num_layers: int, revision: int, secret: str) -> Endpoint:
+        first, end = standby_range(num_layers)
+        name, port = standby_name(revision), standby_port(revision)
+        request = SegmentRequest(node, model, first, end, revision)
+        answer = self.client.deploy_segment(
+            node, name, _server_command(self.settings, request, "0.0.0.0", port),
+            env={"MECSPLIT_SECRET": secret}, port=port,
+        )  # fmt: skip
+        return Endpoint(
+            node=node, first=first, end=end, host=answer["address"], port=port, handle=f"segment:{name}",
+            control_host=answer["mgmt_address"],
         )  # fmt: skip
 
     def stop_segment(self, endpoint: Endpoint) -> None:

@@ -15,6 +15,8 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
+from mecsplit.settings import get_settings
+
 DEPLOYMENT_NAME = "reconfigure"
 
 
@@ -49,13 +51,21 @@ TRIGGERS: tuple[TriggerSpec, ...] = (
 )
 
 
+# Every triggered run also gets the event's time and payload, which time its reaction (the payload of a
+# link event names when the daemon changed the link).
+EVENT_TIMING_PARAMETERS = {
+    "event_occurred": "{{ event.occurred | string }}",
+    "trigger": "{{ event.payload }}",
+}
+
+
 def build_triggers(scenario: str) -> list[DeploymentEventTrigger]:
     return [
         DeploymentEventTrigger(
             name=f"on-{spec.event}",
             expect={spec.event},
             match={"prefect.resource.id": spec.resource_pattern},
-            parameters={"scenario": scenario, **spec.parameters},
+            parameters={"scenario": scenario, **spec.parameters, **EVENT_TIMING_PARAMETERS},
         )
         for spec in TRIGGERS
     ]
@@ -140,4 +150,6 @@ def serve_forever(
     deployment = build_deployment(
         scenario, interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only
     )
-    serve(deployment, print_starting_message=True)
+    # The runner's poll is the wait between a triggered run being created and being started; Prefect's
+    # setting is whole seconds, the Runner itself takes a float.
+    serve(deployment, print_starting_message=True, query_seconds=get_settings().flows.runner_poll_s)

@@ -30,6 +30,13 @@ class Endpoint(BaseModel):
     host: str
     port: int = Field(gt=0, lt=65536)
     handle: str = Field(description="container id (testbed) or process id (local)")
+    control_host: str | None = Field(
+        default=None, description="where the flows reach it from the host, where not at host (testbed: mgmt)"
+    )
+
+    @property
+    def control_address(self) -> str:
+        return self.control_host or self.host
 
 
 class DeploymentState(BaseModel):
@@ -45,6 +52,9 @@ class DeploymentState(BaseModel):
     gateway_handle: str = Field(description="how the backend stops the gateway (pid or container)")
     secret: str = Field(description="per-deployment secret of the segment servers (file is mode 0600)")
     updated_at_s: float
+    standbys: tuple[Endpoint, ...] = Field(
+        default=(), description="started servers holding no useful range yet, at most one per node"
+    )
 
 
 def state_path(settings: Settings | None = None) -> Path:

@@ -23,7 +23,7 @@ bench = typer.Typer(
 app.add_typer(bench, name="bench")
 
 # Modules under mecsplit.commands, each with register(app, bench).
-_COMMAND_MODULES: tuple[str, ...] = ("testbed", "models", "flows", "run", "plan")
+_COMMAND_MODULES: tuple[str, ...] = ("testbed", "models", "flows", "run", "plan", "reaction")
 
 
 def _register_all() -> None:

@@ -92,6 +92,9 @@ class FlowSettings(BaseModel):
         ge=0,
         description="link probes younger than this are reused on a link event (0: always probe)",
     )
+    runner_poll_s: float = Field(
+        default=0.25, gt=0, description="how often the served deployment's runner looks for triggered runs"
+    )
     warm_standby: bool = Field(
         default=True,
         description="keep one started, nearly empty segment server per node (where memory allows) that the "

@@ -78,6 +78,9 @@ class LinkSample:
     bw_mbit: float  # rate set in the kernel (HTB) now
     nominal_bw_mbit: float  # the scenario's rate
     observed_mbit: float = 0.0  # goodput carried over the last interval (both directions, max)
+    # Wall clock (time.time) at which the daemon last changed this link's shaping, where it did: lets a
+    # reaction be timed from the change itself, not from its detection.
+    changed_at_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ class Detector:
             "observed_mbit": round(s.observed_mbit, 3),
             "ratio": round(s.bw_mbit / s.nominal_bw_mbit, 4),
         }
+        if s.changed_at_s is not None:
+            payload["changed_at_s"] = round(s.changed_at_s, 6)
         name = LINK_DEGRADED if st.degraded else LINK_RECOVERED
         return [TestbedEvent(name, f"mec.link.{s.link}", payload, s.t_s)]
 

@@ -57,6 +57,7 @@ class Testbed:
         self.network: EmulatedNetwork | None = None
         self.shapers: dict[tuple[str, str], tc.DirectionShaper] = {}  # (sender, receiver)
         self.shapes: dict[str, tc.LinkShape] = {}  # link key -> current shape (both directions)
+        self.changed_at: dict[str, float] = {}  # link key -> wall clock of the last set_link
         self.loads: dict[str, nodes.BackgroundLoad] = {}
         self.failed: set[str] = set()
         self.segments: dict[str, dict[str, str]] = {}  # node -> segment name -> container id
@@ -179,7 +180,8 @@ class Testbed:
                 loss_pct=old.loss_pct if loss_pct is None else loss_pct,
             )
             self._shape(lp, shape, direction)
-            return {"link": lp.key, **shape.model_dump()}
+            self.changed_at[lp.key] = time.time()
+            return {"link": lp.key, **shape.model_dump(), "changed_at_s": self.changed_at[lp.key]}
 
     def _link(self, a: str, b: str) -> LinkPlan:
         try:
@@ -410,17 +412,22 @@ class Testbed:
             return 0
 
     def _monitor_loop(self) -> None:
-        interval = self.tb.monitor_interval_s
-        prev_t = time.monotonic()
+        """Links every ``link_sample_interval_s`` (reading a rate back is one cheap tc call per port, and it
+        sets how soon a change is detected), nodes every ``monitor_interval_s``."""
+        link_every = self.tb.link_sample_interval_s
+        node_every = self.tb.monitor_interval_s
+        prev_link_t = prev_node_t = time.monotonic()
         prev_cpu = {n: self._cpu_ns(n) for n in self.containers}
         prev_tx = {p: self._port_tx_bytes(p) for lp in self.plan.links for p in (lp.port_a, lp.port_b)}
-        while not self._stop.wait(interval):
+        while not self._stop.wait(min(link_every, node_every)):
             now = time.monotonic()
-            dt = max(now - prev_t, 1e-6)
-            prev_t = now
             try:
-                self._sample_links(now, dt, prev_tx)
-                self._sample_nodes(now, dt, prev_cpu)
+                if now - prev_link_t >= link_every * 0.9:
+                    self._sample_links(now, max(now - prev_link_t, 1e-6), prev_tx)
+                    prev_link_t = now
+                if now - prev_node_t >= node_every * 0.9:
+                    self._sample_nodes(now, max(now - prev_node_t, 1e-6), prev_cpu)
+                    prev_node_t = now
             except Exception as exc:  # keep measuring; a transient docker/tc error is no reason to stop
                 log.warning("monitor: %s", exc)
 
@@ -441,7 +448,7 @@ class Testbed:
                 tx = self._port_tx_bytes(p)
                 observed = max(observed, (tx - prev_tx.get(p, tx)) * 8 / dt / 1e6)
                 prev_tx[p] = tx
-            sample = LinkSample(lp.key, now, bw, lk.bw_mbit, observed)
+            sample = LinkSample(lp.key, now, bw, lk.bw_mbit, observed, self.changed_at.get(lp.key))
             self.last_samples[f"link:{lp.key}"] = {"bw_mbit": bw, "observed_mbit": round(observed, 3)}
             for e in self.detector.link(sample):
                 self._publish(e)

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ def test_link_degraded_event_triggers_a_completed_reconfigure(served: subprocess
     emit_event(
         event="mec.link.degraded",
         resource={"prefect.resource.id": "mec.link.device-edge"},
-        payload={"bw_mbit": 0.05, "previous_bw_mbit": 20.0},
+        payload={"bw_mbit": 0.05, "previous_bw_mbit": 20.0, "changed_at_s": t0},
     )
     run = _completed_run_after(t0, timeout_s=120)
     assert run is not None, "no reconfigure run finished"
@@ -122,6 +123,16 @@ def test_link_degraded_event_triggers_a_completed_reconfigure(served: subprocess
     assert run.parameters["resource"] == "mec.link.device-edge"
     assert run.parameters["reason"] == "mec.link.degraded"
     assert run.parameters["bw_mbit"] == pytest.approx(0.05)
+    # The trigger hands the run the event's time and payload, which time the reaction.
+    occurred = datetime.fromisoformat(run.parameters["event_occurred"]).timestamp()
+    assert t0 - 1 <= occurred <= run.start_time.timestamp()
+    assert run.parameters["trigger"]["changed_at_s"] == pytest.approx(t0)
+    result = run.state.result(raise_on_failure=False)
+    if result["adopted"]:
+        steps = result["reaction"]["steps"]
+        assert all(steps[name] is not None for name in pipeline.REACTION_STEPS), steps
+        assert steps["end_to_end_from"] == "changed" and 0 < steps["end_to_end_s"] <= REACTION_LIMIT_S
+        print(f"reaction: {steps}")
     print(
         f"event -> completed reconfigure run: {elapsed_s:.1f} s "
         f"(created {run.created.timestamp() - t0:+.1f} s, started {run.start_time.timestamp() - t0:+.1f} s)"

@@ -74,3 +74,15 @@ def test_node_failed_recovered_overloaded() -> None:
 def test_thresholds_must_leave_a_band() -> None:
     with pytest.raises(ValueError, match="hysteresis"):
         Thresholds(link_degraded_ratio=0.9, link_recovered_ratio=0.8)
+
+
+def test_a_link_event_says_when_the_link_changed() -> None:
+    from testbed.events import Detector, LinkSample
+
+    d = Detector()
+    events = [e for t in range(3) for e in d.link(LinkSample("a-b", t, 1.0, 20.0, 0.0, changed_at_s=1234.5))]
+    assert [e.event for e in events] == ["mec.link.degraded"]
+    assert events[0].payload["changed_at_s"] == 1234.5
+    quiet = Detector()
+    plain = [e for t in range(3) for e in quiet.link(LinkSample("a-b", t, 1.0, 20.0))]
+    assert "changed_at_s" not in plain[0].payload

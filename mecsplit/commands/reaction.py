@@ -1,0 +1,34 @@
+"""``mecsplit bench reaction``: from a bandwidth drop to the new plan serving, per step, as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def bench_reaction_cmd(
+    scenario: Path = typer.Option(Path("scenarios/default.yaml"), "--scenario", "-s", help="scenario YAML"),
+    runs: int = typer.Option(3, min=1, help="link drops (restored and re-planned back in between)"),
+    backend: str = typer.Option("auto", help="auto, testbed or local"),
+    degraded_bw_mbit: float = typer.Option(0.1, help="rate the source's link drops to (Mbit/s)"),
+    sessions: int = typer.Option(1, min=0, help="chat sessions generating through the gateway meanwhile"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON (progress goes to stderr)"),
+) -> None:
+    """Bring up the scenario, deploy, serve, drop the source's link N times and print the median time of
+    each reaction step (detection, event -> run, profile, optimise, deploy, switch, first token) and end
+    to end."""
+    from flows.prefect_server import ensure_server
+    from flows.reaction import run_reaction_bench
+
+    ensure_server()
+    summary = run_reaction_bench(
+        scenario, runs=runs, backend=backend, degraded_bw_mbit=degraded_bw_mbit, sessions=sessions
+    )
+    typer.echo(json.dumps(summary, indent=None if as_json else 2))
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    del app
+    bench.command("reaction")(bench_reaction_cmd)

@@ -1,0 +1,151 @@
+"""Reaction timing and warm standbys: the per-step timing, which nodes get a standby, link rates taken
+from the event, and a standby claimed by the next deploy (real segment processes, tiny model)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import TINY_SCENARIO
+
+from flows import pipeline
+from flows.measure import stream_completion
+from flows.reaction import medians
+from flows.runtime import LinkProbe, LocalBackend, standby_range
+from flows.state import Endpoint
+from mecsplit.settings import get_settings
+from policies import solve
+from policies.plan import Plan, Stage
+from testbed.scenario import load_scenario
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+
+
+def test_reaction_timing_splits_the_time_between_the_stamps() -> None:
+    stamps = {"changed": 100.0, "event": 100.5, "run_started": 102.0, "body": 102.5, "profiled": 102.7,
+              "decided": 102.8, "ready": 104.8, "switched": 105.3, "first_token": 105.6}  # fmt: skip
+    steps = pipeline.reaction_timing(stamps)
+    assert steps["detection_s"] == pytest.approx(0.5)
+    assert steps["event_to_run_start_s"] == pytest.approx(1.5)
+    assert steps["deploy_s"] == pytest.approx(2.0)
+    assert steps["first_token_s"] == pytest.approx(0.3)
+    assert steps["end_to_end_s"] == pytest.approx(5.6) and steps["end_to_end_from"] == "changed"
+    named = [steps[name] for name in pipeline.REACTION_STEPS]
+    assert sum(named) == pytest.approx(steps["end_to_end_s"])  # the steps tile the whole reaction
+
+
+def test_reaction_timing_without_the_change_counts_from_the_event() -> None:
+    steps = pipeline.reaction_timing({"event": 10.0, "run_started": 12.0, "first_token": 15.0})
+    assert steps["detection_s"] is None and steps["profile_s"] is None
+    assert steps["end_to_end_s"] == pytest.approx(5.0) and steps["end_to_end_from"] == "event"
+
+
+def test_medians_skip_missing_steps() -> None:
+    runs: list[dict[str, Any]] = [{"deploy_s": 1.0, "end_to_end_s": 5.0}, {"deploy_s": 3.0},
+                                  {"deploy_s": 2.0, "end_to_end_s": None}]  # fmt: skip
+    out = medians(runs)
+    assert out["deploy_s"] == 2.0 and out["end_to_end_s"] == 5.0 and out["switch_s"] is None
+
+
+def test_standby_range_holds_neither_embeddings_nor_head() -> None:
+    assert standby_range(30) == (15, 16)
+    assert standby_range(4) == (2, 3)
+    assert standby_range(2) == (0, 1)
+
+
+def test_standbys_only_where_memory_holds_them() -> None:
+    """Default scenario, SmolLM2's sizes: the edge (1024 MiB) holding 28 layers and the head has no room
+    for one; the device (1536 MiB) with two layers and the gateway has; a node with nothing has."""
+    scenario = load_scenario(SCENARIOS / "default.yaml")
+    manifest = {"num_layers": 30, "layer_weight_bytes": [14_160_384] * 30, "embed_weight_bytes": 113_246_208,
+                "head_weight_bytes": 113_248_512}  # fmt: skip
+    alive = ["device", "edge", "cloud"]
+    layout = [("device", 0, 2), ("edge", 2, 30)]
+    assert pipeline.standby_nodes(scenario, alive, layout, manifest) == ["device", "cloud"]
+    assert pipeline.standby_nodes(scenario, ["device", "edge"], layout, manifest) == ["device"]
+    whole = [("device", 0, 30)]  # after the drop: the whole model and the gateway leave too little room
+    assert pipeline.standby_nodes(scenario, alive, whole, manifest) == ["edge", "cloud"]
+
+
+class _CountingBackend(LocalBackend):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.probed: list[str] = []
+
+    def probe_link(self, a: str, b: str) -> LinkProbe:
+        self.probed.append(f"{a}-{b}")
+        return super().probe_link(a, b)
+
+
+def test_a_link_event_reuses_recent_probes_and_takes_the_events_rate(flows_home: Path) -> None:
+    backend = _CountingBackend(load_scenario(TINY_SCENARIO))
+    alive = {"device", "edge", "cloud"}
+    pipeline.profile_links(backend, backend.scenario, alive, progress=print)
+    assert backend.probed == ["device-edge", "edge-cloud"]
+    probes = pipeline.profile_links(
+        backend, backend.scenario, alive, progress=print, max_age_s=300, known_bw_mbit={"device-edge": 0.1}
+    )
+    assert backend.probed == ["device-edge", "edge-cloud"]  # nothing probed again
+    by_key = {f"{p.a}-{p.b}": p for p in probes}
+    assert by_key["device-edge"].bw_mbit == 0.1 and by_key["device-edge"].rtt_ms == 10.0
+    assert by_key["edge-cloud"].bw_mbit == 50.0
+    pipeline.profile_links(backend, backend.scenario, alive, progress=print, max_age_s=0)
+    assert backend.probed.count("edge-cloud") == 2  # max age 0: always probed
+
+
+def _alive(endpoint: Endpoint) -> bool:
+    try:
+        os.kill(int(endpoint.handle.removeprefix("pid:")), 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_next_deploy_loads_its_range_into_a_warm_standby(flows_home: Path) -> None:
+    """Real processes: the first deploy leaves a standby on each node with room; the second deploy loads
+    its stages into them (same processes, no cold start), keeps generation exact, and tops them up."""
+    backend = LocalBackend(load_scenario(TINY_SCENARIO))
+    scenario = backend.scenario
+    profiles = pipeline.profile_nodes(backend, backend.alive_nodes(), scenario.model, 8, max_age_s=300)
+    probes = pipeline.profile_links(backend, scenario, set(profiles))
+    problem = pipeline.build_problem(
+        scenario, pipeline.model_facts(get_settings(), scenario.model, profiles), profiles, probes
+    )
+    plan_a = Plan.model_validate(solve(problem, "even").model_dump())
+    # Device keeps the trusted first layer (its memory leaves no room for a standby next to the gateway);
+    # the rest moves to the edge, which has one.
+    plan_b = plan_a.model_copy(update={"stages": (Stage(node="device", first=0, end=1),
+                                                  Stage(node="edge", first=1, end=4))})  # fmt: skip
+    first = pipeline.deploy(backend, str(TINY_SCENARIO), "llama-tiny", plan_a, None, progress=print)
+    state = first.state
+    try:
+        assert state.standbys, "no standby was started"
+        assert len({e.node for e in state.standbys}) == len(state.standbys)  # at most one per node
+        before = stream_completion(state.gateway_url, "Hello edge", 6)
+        for standby in state.standbys:
+            pipeline.wait_ready(standby, state.secret, 120)
+        offered = {e.node: e for e in state.standbys}
+        started = time.monotonic()
+        second = pipeline.deploy(
+            backend, str(TINY_SCENARIO), "llama-tiny", plan_b, state, progress=print,
+            probe=lambda url: pipeline.first_token_at(url, "Hi"),
+        )  # fmt: skip
+        state = second.state
+        took_s = time.monotonic() - started
+        claimed = [n for n in second.claimed]
+        assert claimed and set(claimed) <= set(offered)
+        for endpoint in second.started:
+            if endpoint.node in claimed:  # the very process that stood by now serves the range
+                assert endpoint.handle == offered[endpoint.node].handle
+        assert second.ready_at_s <= second.switched_at_s <= (second.first_token_at_s or 0)
+        after = stream_completion(state.gateway_url, "Hello edge", 6)
+        assert after.text == before.text
+        assert all(e.handle != offered[e.node].handle for e in state.standbys if e.node in claimed)
+        print(f"second deploy with standbys: {took_s:.2f} s, claimed {claimed}")
+    finally:
+        pipeline.teardown(backend, state)
+    for endpoint in (*state.segments, *state.standbys):
+        assert not _alive(endpoint)
