@@ -228,6 +228,7 @@ class DeployResult:
     switched_at_s: float = 0.0
     first_token_at_s: float | None = None
     claimed: tuple[str, ...] = ()  # nodes whose stage was loaded into a warm standby
+    switch_report: dict[str, Any] | None = None  # the gateway's measured switch (segments.SwitchReport)
 
 
 def plan_layout(plan: Plan) -> list[tuple[str, int, int]]:
@@ -342,6 +343,7 @@ def deploy(
     current: DeploymentState | None,
     *,
     switch_mode: str = "kv",
+    recompute_hops: int = 0,
     progress: Progress = print,
     settings: Settings | None = None,
     probe: Callable[[str], float] | None = None,
@@ -386,13 +388,14 @@ def deploy(
     ready_at = time.time()
     chain = chain_dict(model, endpoints)
     switch_started = time.monotonic()
+    switch_report = None
     if current is None:
         gateway_url, gateway_handle = backend.start_gateway(
             model, secret, settings.segments.gateway_port, chain
         )
     else:
         gateway_url, gateway_handle = current.gateway_url, current.gateway_handle
-        set_gateway_chain(gateway_url, chain, mode=switch_mode)
+        switch_report = set_gateway_chain(gateway_url, chain, mode=switch_mode, recompute_hops=recompute_hops)
     switch_s = time.monotonic() - switch_started
     switched_at = time.time()
     first_token_at = probe(gateway_url) if probe is not None else None
@@ -423,6 +426,7 @@ def deploy(
         switched_at_s=switched_at,
         first_token_at_s=first_token_at,
         claimed=tuple(claimed),
+        switch_report=switch_report,
     )
 
 
@@ -491,8 +495,12 @@ def chain_health(gateway_url: str) -> tuple[bool, str]:
     return False, str(response.json().get("error", response.text))
 
 
-def set_gateway_chain(gateway_url: str, chain: dict[str, Any], *, mode: str) -> dict[str, Any]:
-    response = httpx.post(f"{gateway_url}/admin/chain", json={"chain": chain, "mode": mode}, timeout=300)
+def set_gateway_chain(
+    gateway_url: str, chain: dict[str, Any], *, mode: str, recompute_hops: int = 0
+) -> dict[str, Any]:
+    """Switch the gateway's live sessions to ``chain``; returns its switch report (what moved, how long)."""
+    body = {"chain": chain, "mode": mode, "recompute_hops": recompute_hops}
+    response = httpx.post(f"{gateway_url}/admin/chain", json=body, timeout=300)
     response.raise_for_status()
     return response.json()
 

@@ -105,7 +105,12 @@ def _first_token_probe(gateway_url: str) -> float | None:
 
 @task(name="deploy", retries=0, timeout_seconds=900)
 def deploy_task(
-    backend_name: BackendName, scenario_path: str, model: str, plan: Plan, switch_mode: str
+    backend_name: BackendName,
+    scenario_path: str,
+    model: str,
+    plan: Plan,
+    switch_mode: str,
+    recompute_hops: int = 0,
 ) -> dict[str, Any]:
     backend: Backend = backend_for(backend_name, load_scenario(Path(scenario_path)))
     result = pipeline.deploy(
@@ -115,6 +120,7 @@ def deploy_task(
         plan,
         load_state(),
         switch_mode=switch_mode,
+        recompute_hops=recompute_hops,
         progress=get_run_logger().info,
         probe=_first_token_probe,
     )
@@ -126,6 +132,7 @@ def deploy_task(
         "standbys": [e.node for e in result.state.standbys],
         "claimed_standbys": list(result.claimed),
         "switch_s": result.switch_s,
+        "switch_report": result.switch_report,
         "total_s": result.total_s,
         "ready_at_s": result.ready_at_s,
         "switched_at_s": result.switched_at_s,
@@ -153,9 +160,16 @@ def check_chain_task(gateway_url: str) -> tuple[bool, str]:
     return healthy, detail
 
 
-def _switch_mode(decision: dict[str, Any]) -> str:
-    kv_mode = decision.get("cost", {}).get("kv_mode", "move")
-    return "replay" if kv_mode == "recompute" else "push"
+def _switch_mode(decision: dict[str, Any]) -> tuple[str, int]:
+    """How the decision priced the sessions' move cheapest: (gateway switch mode, stages recomputed)."""
+    cost = decision.get("cost", {})
+    if cost.get("kv_mode") == "recompute":
+        return "replay", 0
+    return "push", int(cost.get("recompute_stages", 0))
+
+
+def _chosen_switch(decision: dict[str, Any], switch_mode: str) -> tuple[str, int]:
+    return _switch_mode(decision) if switch_mode == "auto" else (switch_mode, 0)
 
 
 def _epoch_s(value: Any) -> float | None:
@@ -209,7 +223,7 @@ def _adopts_by_replay(
 ) -> bool:
     if decision is None or not decision["adopt"] or before is None or candidate.layout() == before.layout():
         return False
-    return (_switch_mode(decision) if switch_mode == "auto" else switch_mode) == "replay"
+    return _chosen_switch(decision, switch_mode)[0] == "replay"
 
 
 def _plan_of(state: DeploymentState | None) -> Plan | None:
@@ -218,7 +232,7 @@ def _plan_of(state: DeploymentState | None) -> Plan | None:
 
 def _publish(
     scenario: Scenario, reason: str, resource: str | None, decision: dict[str, Any], before: Plan | None,
-    after: Plan, measured: dict[str, float] | None,
+    after: Plan, measured: dict[str, float] | None, switch: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     tiers = {n.name: n.tier for n in scenario.nodes}
     create_table_artifact(
@@ -228,7 +242,13 @@ def _publish(
     create_markdown_artifact(
         key="reconfiguration",
         markdown=report.metrics_markdown(
-            reason=reason, resource=resource, decision=decision, before=before, after=after, measured=measured
+            reason=reason,
+            resource=resource,
+            decision=decision,
+            before=before,
+            after=after,
+            measured=measured,
+            switch=switch,
         ),
         description="reason, decision, predicted vs measured",
     )
@@ -312,13 +332,14 @@ def reconfigure(
         assert planned is not None
         decision = planned
         if decision["adopt"] and before is not None and candidate.layout() != before.layout():
-            mode = _switch_mode(decision) if switch_mode == "auto" else switch_mode
+            mode, recompute = _chosen_switch(decision, switch_mode)
             decided = time.time()
-            deployed = deploy_task(current.backend, scenario, current.model, candidate, mode)
+            deployed = deploy_task(current.backend, scenario, current.model, candidate, mode, recompute)
     after = candidate if deployed is not None else before
     assert after is not None
     measured = measure_task(current.gateway_url, measure_tokens) if measure_tokens > 0 else None
-    _publish(sc, reason, resource, decision, before, after, measured)
+    switch = None if deployed is None else deployed["switch_report"]
+    _publish(sc, reason, resource, decision, before, after, measured, switch)
     reaction = None
     if deployed is not None:
         reaction = _reaction({
@@ -340,6 +361,8 @@ def reconfigure(
         "predicted_tpot_s": after.predicted.tpot_s,
         "measured": measured,
         "deploy": deployed,
+        # The sessions' move: what the decision predicted (cost) against what the gateway measured.
+        "session_move": None if switch is None else {"predicted": decision.get("cost"), "measured": switch},
         "reaction": reaction,
         "wall_s": time.monotonic() - started,
     }

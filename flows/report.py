@@ -31,6 +31,7 @@ def metrics_markdown(
     before: Plan | None,
     after: Plan,
     measured: dict[str, float] | None,
+    switch: dict[str, Any] | None = None,
 ) -> str:
     def layout(plan: Plan | None) -> str:
         if plan is None:
@@ -60,7 +61,26 @@ def metrics_markdown(
         lines.append(f"| {label} | {predicted * scale:.1f} {unit} | {shown} |")
     if m.get("tpot_s") and after.predicted.tpot_s:
         lines += ["", f"measured/predicted per-token latency: **{m['tpot_s'] / after.predicted.tpot_s:.2f}**"]
+    if switch is not None:
+        lines += ["", session_move_line(decision.get("cost"), switch)]
     return "\n".join(lines)
+
+
+def session_move_line(cost: dict[str, Any] | None, switch: dict[str, Any]) -> str:
+    """How the live sessions moved: the decision's predicted choice and cost, and the gateway's measure."""
+    measured = (
+        f"measured: `{switch['mode']}` with {switch['recompute_hops']} of {switch['hops']} hops recomputing, "
+        f"{switch['sessions']} sessions, {switch['kv_bytes_moved']} KV bytes moved, "
+        f"{switch['tokens_recomputed']} tokens recomputed, stall {switch['stall_s'] * 1e3:.0f} ms"
+    )
+    if not cost:
+        return f"- sessions moved: {measured}"
+    predicted = (
+        f"predicted: `{cost['kv_mode']}` with {cost.get('recompute_stages', 0)} stages recomputing, "
+        f"KV {cost.get('kv_s', 0.0) * 1e3:.0f} ms (move all {cost['kv_move_s'] * 1e3:.0f} ms, recompute all "
+        f"{cost['kv_recompute_s'] * 1e3:.0f} ms)"
+    )
+    return f"- sessions moved: {predicted}; {measured}"
 
 
 def latency_plot_markdown(samples_ms: Sequence[tuple[float, float]], title: str) -> str:

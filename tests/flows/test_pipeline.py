@@ -76,9 +76,14 @@ def test_deploy_switch_and_teardown_keep_generation_exact(backend: LocalBackend)
     try:
         before = stream_completion(first.state.gateway_url, "Hello edge", 6)
         second = pipeline.deploy(
-            backend, str(TINY_SCENARIO), "llama-tiny", plan_b, first.state, progress=print
-        )
+            backend, str(TINY_SCENARIO), "llama-tiny", plan_b, first.state, progress=print,
+            switch_mode="push", recompute_hops=1,
+        )  # fmt: skip
         assert Plan.model_validate(second.state.plan).layout() == plan_b.layout()
+        # The gateway's measured switch comes back with the deployment (no live session at this point).
+        report = second.switch_report
+        assert report is not None and (report["mode"], report["recompute_hops"]) == ("push", 1)
+        assert report["hops"] == len(plan_b.stages) and report["sessions"] == 0 and report["stall_s"] > 0
         assert second.state.revision == 1 and second.state.gateway_url == first.state.gateway_url
         for endpoint in first.state.segments:  # the old chain's processes are gone
             with pytest.raises(ProcessLookupError):
