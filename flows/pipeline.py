@@ -335,6 +335,27 @@ def _bring_up(
     return endpoints, claimed, spare
 
 
+def _abandon_new_chain(
+    backend: Backend,
+    current: DeploymentState,
+    endpoints: list[Endpoint],
+    claimed: list[str],
+    settings: Settings,
+    progress: Progress,
+) -> None:
+    """The gateway refused the new chain and keeps the old one: stop the new segments (a later attempt
+    reuses this revision's names) and forget the standbys they took."""
+    from flows.state import save_state
+
+    for endpoint in endpoints:
+        progress(
+            f"switch failed: stopping the new segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}"
+        )
+        backend.stop_segment(endpoint)
+    left = tuple(e for e in current.standbys if e.node not in set(claimed))
+    save_state(current.model_copy(update={"standbys": left}), settings)
+
+
 def deploy(
     backend: Backend,
     scenario_path: str,
@@ -395,7 +416,13 @@ def deploy(
         )
     else:
         gateway_url, gateway_handle = current.gateway_url, current.gateway_handle
-        switch_report = set_gateway_chain(gateway_url, chain, mode=switch_mode, recompute_hops=recompute_hops)
+        try:
+            switch_report = set_gateway_chain(
+                gateway_url, chain, mode=switch_mode, recompute_hops=recompute_hops
+            )
+        except httpx.HTTPError:
+            _abandon_new_chain(backend, current, endpoints, claimed, settings, progress)
+            raise
     switch_s = time.monotonic() - switch_started
     switched_at = time.time()
     first_token_at = probe(gateway_url) if probe is not None else None

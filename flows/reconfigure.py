@@ -325,7 +325,10 @@ def reconfigure(
         # A dead hop holds KV that cannot be exported: rebuild every session by replaying its history.
         decision = {"adopt": True, "reason": f"the deployed chain is broken ({detail}): rebuilt by replay"}
         decided = time.time()
-        deployed = deploy_task(current.backend, scenario, current.model, candidate, "replay")
+        # Retried: a switch tried just after a node died can be refused (its replacement not reachable
+        # yet); with no further event nothing else would repair the chain.
+        rebuild = deploy_task.with_options(retries=2, retry_delay_seconds=10)
+        deployed = rebuild(current.backend, scenario, current.model, candidate, "replay")
     elif failover_only:
         decision = {"adopt": False, "reason": "failover only and the deployed chain is healthy"}
     else:

@@ -1,0 +1,69 @@
+"""A failover rebuild that the gateway refuses leaves nothing behind, so the retry can take the same
+revision: found in the v2x experiment, where a rebuild tried seconds after rsu1 died was refused and the
+next attempt failed on the refused attempt's container names. Real segment processes (local backend)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import TINY_SCENARIO
+
+from flows import pipeline
+from flows.runtime import LocalBackend
+from flows.state import Endpoint, load_state
+from mecsplit.settings import get_settings
+from policies import solve
+from testbed.scenario import load_scenario
+
+pytestmark = pytest.mark.slow  # profiles and starts real segment processes (about a minute)
+
+
+class RecordingBackend(LocalBackend):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.started: list[Endpoint] = []
+
+    def start_segment(self, request: pipeline.SegmentRequest, secret: str) -> Endpoint:  # type: ignore[name-defined]
+        endpoint = super().start_segment(request, secret)
+        self.started.append(endpoint)
+        return endpoint
+
+
+def _gone(endpoint: Endpoint) -> bool:
+    try:
+        os.kill(int(endpoint.handle.removeprefix("pid:")), 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_refused_switch_stops_the_new_segments(flows_home: Path) -> None:
+    from flows.state import save_state
+
+    backend = RecordingBackend(load_scenario(TINY_SCENARIO))
+    scenario = backend.scenario
+    profiles = pipeline.profile_nodes(backend, backend.alive_nodes(), scenario.model, 8, max_age_s=300.0,
+                                      progress=lambda _: None)  # fmt: skip
+    probes = pipeline.profile_links(backend, scenario, set(profiles), progress=lambda _: None)
+    facts = pipeline.model_facts(get_settings(), scenario.model, profiles)
+    plan = solve(pipeline.build_problem(scenario, facts, profiles, probes), "even")
+    first = pipeline.deploy(backend, str(TINY_SCENARIO), scenario.model, plan, None, progress=print)
+    save_state(first.state)
+    try:
+        backend.started.clear()
+        refusing = first.state.model_copy(update={"gateway_url": "http://127.0.0.1:9"})  # nothing answers
+        with pytest.raises(httpx.HTTPError):
+            pipeline.deploy(backend, str(TINY_SCENARIO), scenario.model, plan, refusing, switch_mode="replay",
+                            progress=print)  # fmt: skip
+        assert backend.started, "the attempt started new segments"
+        assert all(_gone(e) for e in backend.started), "a refused switch left new segments running"
+        assert all(not _gone(e) for e in first.state.segments), "the old chain must keep serving"
+        state = load_state()
+        assert state is not None and state.revision == first.state.revision
+    finally:
+        pipeline.teardown(backend, first.state)
+        for e in first.state.standbys:
+            backend.stop_segment(e)
