@@ -79,7 +79,8 @@ def policy_stats(
     Per-token latency is the gap between two streamed tokens of a request; TTFT the time from sending a
     request to its first token. A stall is a token gap longer than ``stall_factor`` times the policy's
     median gap, or a TTFT longer than ``stall_factor`` times its median TTFT; ``total_stall_s`` sums, over
-    stalls, the wait minus the median (the waiting beyond normal).
+    stalls, the wait minus the median (the waiting beyond normal), plus each failed request's wait from
+    its last token (or its start) to the failure, minus the median gap.
     Tokens lost are the tokens a request asked for and never got (none when the model ended the answer
     itself)."""
     gaps = sorted(g for r in records for g in r.token_gaps_s)
@@ -87,10 +88,15 @@ def policy_stats(
     median_gap = statistics.median(gaps) if gaps else None
     median_ttft = statistics.median(ttfts) if ttfts else None
     stalls = [] if median_gap is None else [g - median_gap for g in gaps if g > stall_factor * median_gap]
-    # A request held before its first token (a chain being rebuilt) stalls its user just the same.
+    # A request held before its first token (a chain being rebuilt) stalls its user just the same, and so
+    # does a failed request's wait from its last token to the failure (beyond the median gap).
     first_stalls = (
         [] if median_ttft is None else [t - median_ttft for t in ttfts if t > stall_factor * median_ttft]
     )
+    reference = median_gap or median_ttft or 0.0
+    failed_waits = [
+        max(0.0, r.waited_before_failure_s - reference) for r in records if r.failed_after_s is not None
+    ]
     return {
         "requests": len(records),
         "failed_requests": sum(1 for r in records if r.error is not None),
@@ -103,10 +109,11 @@ def policy_stats(
         "mean_ttft_ms": _ms(statistics.fmean(ttfts)) if ttfts else None,
         "p95_ttft_ms": _ms(_percentile(ttfts, 0.95)) if ttfts else None,
         "throughput_tok_s": round(sum(r.received for r in records) / window_s, 3) if window_s > 0 else None,
-        "stalls": len(stalls) + len(first_stalls),
-        "total_stall_s": round(sum(stalls) + sum(first_stalls), 3),
+        "stalls": len(stalls) + len(first_stalls) + len(failed_waits),
+        "total_stall_s": round(sum(stalls) + sum(first_stalls) + sum(failed_waits), 3),
         "token_stall_s": round(sum(stalls), 3),
         "first_token_stall_s": round(sum(first_stalls), 3),
+        "failed_wait_s": round(sum(failed_waits), 3),
         "longest_gap_ms": _ms(gaps[-1]) if gaps else None,
     }
 

@@ -71,6 +71,15 @@ class RequestRecord:
     received: int  # tokens generated (the gateway's usage count; streamed chunks where it sent none)
     finish: str | None  # "length" or "stop" (end of sequence) when the stream ended normally
     error: str | None = None
+    failed_after_s: float | None = None  # request start -> the failure, for a failed request
+
+    @property
+    def waited_before_failure_s(self) -> float:
+        """How long a failed request waited after its last token (or from its start) before failing."""
+        if self.failed_after_s is None:
+            return 0.0
+        got = (self.ttft_s or 0.0) + sum(self.token_gaps_s)
+        return max(0.0, self.failed_after_s - got)
 
     @property
     def lost(self) -> int:
@@ -101,6 +110,7 @@ def stream_request(
     finish: str | None = None
     usage: int | None = None
     error: str | None = None
+    failed_after_s: float | None = None
     try:
         with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=timeout_s) as resp:
             resp.raise_for_status()
@@ -120,11 +130,13 @@ def stream_request(
             raise RuntimeError("the stream ended without a finish reason")
     except Exception as exc:  # recorded and reported: a failed request is a finding
         error = f"{started_wall:.3f} {type(exc).__name__}: {exc}"
+        failed_after_s = time.perf_counter() - started
         finish = None
     return RequestRecord(
         started_at_s=started_wall, asked=max_tokens, ttft_s=stamps[0] - started if stamps else None,
         token_gaps_s=tuple(b - a for a, b in itertools.pairwise(stamps)),
         received=len(stamps) if usage is None or error is not None else usage, finish=finish, error=error,
+        failed_after_s=failed_after_s,
     )  # fmt: skip
 
 

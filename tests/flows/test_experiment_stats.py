@@ -73,6 +73,20 @@ def test_lost_tokens_count_failed_and_cut_requests() -> None:
     assert nothing.sample() is None
 
 
+def test_a_failed_requests_wait_is_a_stall() -> None:
+    ok = [_request([0.1] * 4) for _ in range(3)]
+    # 2 tokens in 0.6 s, then held until it failed 30.6 s after it started: 30 s waited, 29.9 beyond median.
+    failed = RequestRecord(
+        started_at_s=0.0, asked=5, ttft_s=0.5, token_gaps_s=(0.1,), received=2, finish=None,
+        error="RuntimeError: no new chain came", failed_after_s=30.6,
+    )  # fmt: skip
+    stats = policy_stats([*ok, failed], window_s=40.0)
+    assert failed.waited_before_failure_s == pytest.approx(30.0)
+    assert stats["failed_wait_s"] == pytest.approx(29.9)
+    assert stats["total_stall_s"] == pytest.approx(29.9)
+    assert stats["tokens_lost"] == 3 and stats["failed_requests"] == 1
+
+
 def test_empty_policy_has_every_field() -> None:
     stats = policy_stats([], window_s=5.0)
     assert stats["tokens"] == 0 and stats["tokens_lost"] == 0
