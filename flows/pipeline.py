@@ -528,7 +528,12 @@ def set_gateway_chain(
     """Switch the gateway's live sessions to ``chain``; returns its switch report (what moved, how long)."""
     body = {"chain": chain, "mode": mode, "recompute_hops": recompute_hops}
     response = httpx.post(f"{gateway_url}/admin/chain", json=body, timeout=300)
-    response.raise_for_status()
+    if response.is_error:  # keep the gateway's reason (raise_for_status drops the body)
+        raise httpx.HTTPStatusError(
+            f"the gateway refused the new chain ({response.status_code}): {response.text[:500]}",
+            request=response.request,
+            response=response,
+        )
     return response.json()
 
 
