@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from testbed.errors import TestbedError
@@ -178,6 +178,19 @@ def plan_topology(
         mgmt_bridge=mgmt_bridge,
         mgmt_host_addr=f"{mgmt_hosts[0]}/{mgmt.prefixlen}",
     )
+
+
+def routes_avoiding(plan: TopologyPlan, down: Collection[str]) -> dict[str, tuple[Route, ...]]:
+    """Every up node's static routes along shortest paths that avoid the nodes in ``down`` (a failed node
+    neither forwards nor answers): what a node failure, a restore or a join re-applies, so that traffic
+    takes the surviving path (V2X: the car reaches the MEC through rsu2 once rsu1 is gone)."""
+    adjacency: dict[str, list[tuple[str, int]]] = {n.name: [] for n in plan.nodes}
+    for lk in plan.links:
+        if lk.a in down or lk.b in down:
+            continue
+        adjacency[lk.a].append((lk.b, lk.index))
+        adjacency[lk.b].append((lk.a, lk.index))
+    return {n: _routes_for(n, adjacency, list(plan.links)) for n in adjacency if n not in down}
 
 
 def _routes_for(

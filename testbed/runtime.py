@@ -21,7 +21,7 @@ from testbed import link as tc
 from testbed import node as nodes
 from testbed.errors import TestbedError, UnknownNodeError
 from testbed.events import Detector, EventSink, LinkSample, NodeSample, Thresholds
-from testbed.net import EmulatedNetwork, LinkPlan, TopologyPlan, plan_topology
+from testbed.net import EmulatedNetwork, LinkPlan, TopologyPlan, plan_topology, routes_avoiding
 from testbed.scenario import (
     CpuLoadEvent,
     FailEvent,
@@ -208,6 +208,7 @@ class Testbed:
             self.network.set_node_links(node, up=False)
             nodes.pause_node(self.prefix, node)
             self.failed.add(node)
+            self._reroute()
             return {"node": node, "failed": True}
 
     def restore(self, node: str) -> dict[str, Any]:
@@ -217,7 +218,18 @@ class Testbed:
             nodes.unpause_node(self.prefix, node)
             self.network.set_node_links(node, up=True)
             self.failed.discard(node)
+            self._reroute()
             return {"node": node, "failed": False}
+
+    def _reroute(self) -> None:
+        """Static routes along shortest paths around the failed nodes, replaced in every up node."""
+        for name, routes in routes_avoiding(self.plan, self.failed).items():
+            if not routes:
+                continue
+            script = " && ".join(f"ip route replace {r.subnet} via {r.via}" for r in routes)
+            done = self.exec_in_node(name, ["sh", "-c", script], timeout_s=30.0)
+            if done["returncode"] != 0:
+                raise TestbedError(f"re-routing {name} failed: {done['stderr'].strip()[:400]}")
 
     def deploy_segment(
         self,
