@@ -416,7 +416,14 @@ def write_summary(
 def summarise_run(run_dir: Path) -> dict[str, Any]:
     """Recompute a finished run's figures from what it kept (``<policy>/requests.json`` and
     ``policy.json``) and rewrite its summary and plots: the same definitions as a fresh run."""
-    old = json.loads((run_dir / "summary.json").read_text())
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        old = json.loads(summary_path.read_text())
+    else:  # a run cut short: the policies that finished, in the order they ran
+        done = sorted(run_dir.glob("*/policy.json"), key=lambda f: f.stat().st_mtime)
+        windows = [json.loads(f.read_text())["stats"]["window_s"] for f in done]
+        old = {"policies": {f.parent.name: {} for f in done}, "backend": "testbed",
+               "duration_s": round(min(windows, default=0.0))}  # fmt: skip
     per_policy: dict[str, dict[str, Any]] = {}
     for name, previous in old["policies"].items():
         if "error" in previous:
