@@ -182,6 +182,9 @@ def plot_policies(run_dir: Path, timeline: Sequence[dict[str, Any]] = ()) -> Non
                     ax.axvspan(x[i - 1], x[i], color="red", alpha=0.12, linewidth=0)
                     line[i - 1] = float("nan")
             ax.plot(x, line, "-", linewidth=1)
+            window_s = info.get("stats", {}).get("window_s")
+            if window_s is not None and window_s - x[-1] > NO_TOKEN_S:  # silent to the end of the window
+                ax.axvspan(x[-1], window_s, color="red", alpha=0.12, linewidth=0)
         for item in timeline:
             ax.axvline(item["at_s"], color=TIMELINE_COLOURS.get(item["kind"], "grey"), linestyle="--",
                        alpha=0.5, linewidth=0.8)  # fmt: skip
