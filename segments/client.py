@@ -224,6 +224,9 @@ class Link:
             # A link closed on purpose (old chain after a switch) must not fail the new chain's requests.
             if not self.closing:
                 self.client._fail_all(error)
+                # Later sends fail at once instead of waiting for an answer that cannot come.
+                if self.writer is not None:
+                    self.writer.close()
 
     def send(self, ftype: FrameType, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None) -> None:
         if self.writer is None or self.writer.is_closing():

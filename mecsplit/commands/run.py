@@ -455,9 +455,27 @@ def bench_resplit_cmd(
     typer.echo(json.dumps(result, indent=None if as_json else 2))
 
 
+def bench_failover_cmd(
+    failures: int = typer.Option(20, min=1, help="segment servers killed, one per session"),
+    tokens: int = typer.Option(24, min=6, help="greedy tokens per session"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON (progress goes to stderr)"),
+    store: Path | None = typer.Option(None, help="store folder (default: $MECSPLIT_HOME/store)"),
+) -> None:
+    """Kill a segment server (SIGKILL) in the middle of each of N SmolLM2 generations; each session is
+    rebuilt by replay on a warm standby and must finish with the tokens of an undisturbed run. Prints
+    sessions exact, tokens lost and the recovery time (median, p95, max) with its parts."""
+    from segments.failover import MODEL, run_failover_bench
+
+    store_dir = _store_dir(store)
+    _ensure_model(store_dir, MODEL)
+    result = run_failover_bench(store_dir, failures, tokens, progress=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("generate")(generate_cmd)
     app.command("verify")(verify_cmd)
     app.command("gateway")(gateway_cmd)
     bench.command("overhead")(bench_overhead_cmd)
     bench.command("resplit")(bench_resplit_cmd)
+    bench.command("failover")(bench_failover_cmd)
