@@ -146,6 +146,7 @@ def run_reaction_bench(
                 "state": None if run is None else run["state"],
                 "after": result.get("after"),
                 "claimed_standbys": (result.get("deploy") or {}).get("claimed_standbys"),
+                "switch_report": (result.get("deploy") or {}).get("switch_report"),
                 "reaction": reaction,
             }
             results.append(entry)

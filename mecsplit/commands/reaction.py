@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -23,9 +25,11 @@ def bench_reaction_cmd(
     from flows.reaction import run_reaction_bench
 
     ensure_server()
-    summary = run_reaction_bench(
-        scenario, runs=runs, backend=backend, degraded_bw_mbit=degraded_bw_mbit, sessions=sessions
-    )
+    # Progress and teardown messages go to stderr: stdout carries only the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run_reaction_bench(
+            scenario, runs=runs, backend=backend, degraded_bw_mbit=degraded_bw_mbit, sessions=sessions
+        )
     typer.echo(json.dumps(summary, indent=None if as_json else 2))
 
 
