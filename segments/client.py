@@ -563,19 +563,23 @@ class AsyncChainClient:
                     await link.close()
                 raise
             t_moved = time.perf_counter()
-            if drop_old:
-                # A hop both chains share keeps the session; a broken chain's hops may hang, so they get
-                # little time.
-                leaving = [link for link in old_links if link.hop not in new_chain.hops]
-                for session in moving:
-                    await self._drop_on(leaving, session, 2.0 if self.broken else None)
-            self.links, self.chain = new_links, new_chain
-            self.broken = None
             for link in old_links:
-                await link.close()
+                link.closing = True  # an old hop that dies from now on must not fail the new chain's steps
+            self.links, self.chain = new_links, new_chain
+            self.broken, broken = None, self.broken
         finally:
             self._announce_switch()
             self._open_gate.set()
+        stall_s = time.perf_counter() - t0
+        # The sessions already run on the new chain: freeing their KV on the old hops (a round trip over
+        # what may be a degraded link) is no longer part of the stall.
+        if drop_old:
+            # A hop both chains share keeps the session; a broken chain's hops may hang: little time.
+            leaving = [link for link in old_links if link.hop not in new_chain.hops]
+            for session in moving:
+                await self._drop_on(leaving, session, 2.0 if broken else None)
+        for link in old_links:
+            await link.close()
         return SwitchReport(
             mode=mode,
             recompute_hops=recompute,
@@ -587,7 +591,7 @@ class AsyncChainClient:
             wait_s=t_wait - t0,
             connect_s=t_connect - t_wait,
             move_s=t_moved - t_connect,
-            stall_s=time.perf_counter() - t0,
+            stall_s=stall_s,
         )
 
     async def _settle(self, abandon_after_s: float | None) -> int:
