@@ -37,10 +37,10 @@ class SegmentSettings(BaseModel):
         description="a step whose chain broke waits this long for a new chain, then fails (0: fail at once)",
     )
     abandon_after_s: float = Field(
-        default=2.0,
+        default=0.3,
         gt=0,
         description="a replay switch waits this long for the old chain's steps in flight, then retries "
-        "them on the new chain",
+        "them on the new chain (a step costs tens of ms on a healthy chain; on a collapsed link, seconds)",
     )
 
 
