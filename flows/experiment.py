@@ -320,7 +320,6 @@ def run_policy(
         records = [r for s in sessions for r in s.records]
         stats = policy_stats(records, window_s)
         state = load_state()
-        in_window = [c for c in watcher.changes if c["t_s"] <= window_s]
         stats.update(
             policy=policy,
             deployed_policy=_deploy_policy(policy),
@@ -330,7 +329,9 @@ def run_policy(
             final_plan=None
             if state is None
             else [[st["node"], st["first"], st["end"]] for st in state.plan["stages"]],
-            reconfigurations=len(in_window),
+            # Every adopted reconfiguration of the run, including one triggered in the window whose deploy
+            # step finished during the drain (stopping a failed node's old segments can take 20 s).
+            reconfigurations=len(watcher.changes),
             predicted_tpot_ms=_ms(first["predicted_tpot_s"]),
         )
         policy_dir = out_dir / policy
@@ -429,7 +430,8 @@ def summarise_run(run_dir: Path) -> dict[str, Any]:
         if "error" in previous:
             per_policy[name] = previous
             continue
-        kept = json.loads((run_dir / name / "policy.json").read_text())["stats"]
+        info = json.loads((run_dir / name / "policy.json").read_text())
+        kept = {**info["stats"], "reconfigurations": len(info["plan_changes"])}
         raw = json.loads((run_dir / name / "requests.json").read_text())
         records = [
             RequestRecord(
