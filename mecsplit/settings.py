@@ -71,7 +71,9 @@ class TestbedSettings(BaseModel):
     link_recovered_ratio: float = Field(
         default=0.9, gt=0, le=1, description="mec.link.recovered when bw >= ratio x nominal again"
     )
-    node_overloaded_pct: float = Field(default=85.0, gt=0, le=100, description="CPU use of the node's share")
+    node_overloaded_pct: float = Field(
+        default=75.0, gt=0, le=100, description="CPU use of the node's share (others' work included)"
+    )
     node_recovered_pct: float = Field(default=60.0, ge=0, le=100, description="overload ends below this")
     event_samples: int = Field(
         default=3, ge=1, description="consecutive samples past a threshold before an event fires"

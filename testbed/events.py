@@ -38,7 +38,7 @@ NODE_RECOVERED = "mec.node.recovered"
 class Thresholds:
     link_degraded_ratio: float = 0.7
     link_recovered_ratio: float = 0.9
-    node_overloaded_pct: float = 85.0
+    node_overloaded_pct: float = 75.0
     node_recovered_pct: float = 60.0
     samples: int = 3
 
