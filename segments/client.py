@@ -280,6 +280,8 @@ class AsyncChainClient:
         self.generation = 0
         self._switched: asyncio.Event | None = None
         self.recoveries: list[Recovery] = []
+        # Old chains still freeing the moved sessions' KV after a switch (see ``_retire``).
+        self._retiring: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------------------- connections
 
@@ -308,6 +310,12 @@ class AsyncChainClient:
         return links
 
     async def close(self) -> None:
+        if self._retiring:  # let old chains finish dropping moved sessions, briefly
+            _, late = await asyncio.wait(list(self._retiring), timeout=5.0)
+            for task in late:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         for link in self.links:
             await link.close()
         self.links = []
@@ -544,6 +552,11 @@ class AsyncChainClient:
         assert self._open_gate is not None and self._idle is not None, "connect() first"
         moving = [sessions] if isinstance(sessions, Session) else list(sessions)
         t0 = time.perf_counter()
+        # An earlier switch's old chain must have dropped its copies before sessions move again: a session
+        # moving back there would otherwise be dropped after its import.
+        for task in list(self._retiring):
+            with contextlib.suppress(Exception):
+                await task
         # Close the gate, let the steps in flight finish: every session now sits between two tokens.
         self._open_gate.clear()
         try:
@@ -571,15 +584,12 @@ class AsyncChainClient:
             self._announce_switch()
             self._open_gate.set()
         stall_s = time.perf_counter() - t0
-        # The sessions already run on the new chain: freeing their KV on the old hops (a round trip over
-        # what may be a degraded link) is no longer part of the stall.
-        if drop_old:
-            # A hop both chains share keeps the session; a broken chain's hops may hang: little time.
-            leaving = [link for link in old_links if link.hop not in new_chain.hops]
-            for session in moving:
-                await self._drop_on(leaving, session, 2.0 if broken else None)
-        for link in old_links:
-            await link.close()
+        # The sessions already run on the new chain: freeing their KV on the old hops (round trips over
+        # what may be a degraded link) goes on in the background, neither stalling them nor the caller.
+        leaving = [link for link in old_links if link.hop not in new_chain.hops]
+        retire = asyncio.create_task(self._retire(old_links, leaving, moving if drop_old else [], broken))
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
         return SwitchReport(
             mode=mode,
             recompute_hops=recompute,
@@ -593,6 +603,18 @@ class AsyncChainClient:
             move_s=t_moved - t_connect,
             stall_s=stall_s,
         )
+
+    async def _retire(
+        self, old_links: list[Link], leaving: list[Link], sessions: list[Session], broken: str | None
+    ) -> None:
+        """Drop the moved sessions on the old hops that leave (a hop both chains share keeps them), then
+        close the old links. A broken chain's hops may hang: they get little time."""
+        try:
+            for session in sessions:
+                await self._drop_on(leaving, session, 2.0 if broken else 10.0)
+        finally:
+            for link in old_links:
+                await link.close()
 
     async def _settle(self, abandon_after_s: float | None) -> int:
         """Wait for the steps in flight; abandon them (they fail with :class:`StepAbandonedError`) when the
