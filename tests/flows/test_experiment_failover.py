@@ -13,7 +13,7 @@ from conftest import TINY_SCENARIO
 
 from flows import pipeline
 from flows.runtime import LocalBackend
-from flows.state import Endpoint, load_state
+from flows.state import Endpoint, clear_state, load_state
 from mecsplit.settings import get_settings
 from policies import solve
 from testbed.scenario import load_scenario
@@ -67,3 +67,4 @@ def test_refused_switch_stops_the_new_segments(flows_home: Path) -> None:
         pipeline.teardown(backend, first.state)
         for e in first.state.standbys:
             backend.stop_segment(e)
+        clear_state()  # the home is shared by the session: the next test must not find this deployment
