@@ -30,7 +30,8 @@ def _say(message: str) -> None:
     print(f"[bench reaction {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def _wait_for_deployment(timeout_s: float) -> None:
+def wait_for_deployment(timeout_s: float) -> None:
+    """Until the served ``reconfigure`` deployment is registered (the serve process just started)."""
     from prefect.client.orchestration import get_client
 
     deadline = time.monotonic() + timeout_s
@@ -123,7 +124,7 @@ def run_reaction_bench(
         initial = first["plan"]
         _say(f"plan {initial}")
         serve_proc = serve_process(settings, server, scenario_path, "serve-bench.log")
-        _wait_for_deployment(120)
+        wait_for_deployment(120)
         time.sleep(3.0)  # the runner's first polls
         chats = [ChatSession(first["gateway_url"], max_tokens, first_prompt=i) for i in range(sessions)]
         for chat in chats:

@@ -25,6 +25,7 @@ import pytest
 from conftest import TINY_SCENARIO
 
 from flows import pipeline
+from flows.reaction import wait_for_deployment
 from flows.runtime import LocalBackend, clear_local_links, set_local_link, stop_local_processes
 from flows.state import clear_state, load_state
 from mecsplit.settings import get_settings
@@ -60,7 +61,7 @@ def served(
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
-        _wait_for_deployment(timeout_s=90)
+        wait_for_deployment(timeout_s=90)
         time.sleep(2.0)  # the runner's first poll
         yield proc
     finally:
@@ -71,20 +72,6 @@ def served(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-
-
-def _wait_for_deployment(timeout_s: float) -> None:
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            try:
-                client.read_deployment_by_name("reconfigure/reconfigure")
-                return
-            except Exception:
-                time.sleep(0.5)
-    raise AssertionError("the reconfigure deployment did not appear")
 
 
 def _completed_run_after(t0: float, timeout_s: float) -> Any:
