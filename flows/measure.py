@@ -6,7 +6,9 @@ import itertools
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -24,6 +26,18 @@ class StreamSample:
         return statistics.median(self.token_gaps_s) if self.token_gaps_s else float("nan")
 
 
+def sse_chunks(response: httpx.Response, gateway_url: str) -> Iterator[dict[str, Any]]:
+    """The JSON chunks of the gateway's server-sent event stream; an error chunk raises."""
+    response.raise_for_status()
+    for line in response.iter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line.removeprefix("data: "))
+        if "error" in chunk:
+            raise RuntimeError(f"the gateway at {gateway_url} failed mid-stream: {chunk['error']['message']}")
+        yield chunk
+
+
 def stream_completion(
     gateway_url: str, prompt: str, max_tokens: int, *, timeout_s: float = 300.0, seed: int = 0
 ) -> StreamSample:
@@ -38,15 +52,7 @@ def stream_completion(
     stamps: list[float] = []
     pieces: list[str] = []
     with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=timeout_s) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line.removeprefix("data: "))
-            if "error" in chunk:
-                raise RuntimeError(
-                    f"the gateway at {gateway_url} failed mid-stream: {chunk['error']['message']}"
-                )
+        for chunk in sse_chunks(response, gateway_url):
             text = chunk["choices"][0]["delta"].get("content", "") if chunk["choices"] else ""
             if text:
                 stamps.append(time.perf_counter())

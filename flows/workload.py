@@ -4,7 +4,6 @@ reconfigure deployment, chat sessions that stream through the gateway, and a cle
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from flows.measure import StreamSample
+from flows.measure import StreamSample, sse_chunks
 from flows.prefect_server import PrefectServer
 from flows.runtime import backend_for, clear_local_links, stop_local_processes
 from flows.state import BackendName, clear_state, load_state
@@ -113,13 +112,7 @@ def stream_request(
     failed_after_s: float | None = None
     try:
         with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=timeout_s) as resp:
-            resp.raise_for_status()
-            for line in resp.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line.removeprefix("data: "))
-                if "error" in chunk:
-                    raise RuntimeError(f"the gateway failed mid-stream: {chunk['error']['message']}")
+            for chunk in sse_chunks(resp, gateway_url):
                 if chunk.get("usage"):
                     usage = int(chunk["usage"]["completion_tokens"])
                 for choice in chunk.get("choices") or ():

@@ -4,7 +4,6 @@ next attempt failed on the refused attempt's container names. Real segment proce
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import httpx
@@ -14,6 +13,7 @@ from conftest import TINY_SCENARIO
 from flows import pipeline
 from flows.runtime import LocalBackend
 from flows.state import Endpoint, clear_state, load_state
+from mecsplit.process import pid_alive
 from mecsplit.settings import get_settings
 from policies import solve
 from testbed.scenario import load_scenario
@@ -33,11 +33,7 @@ class RecordingBackend(LocalBackend):
 
 
 def _gone(endpoint: Endpoint) -> bool:
-    try:
-        os.kill(int(endpoint.handle.removeprefix("pid:")), 0)
-    except ProcessLookupError:
-        return True
-    return False
+    return not pid_alive(int(endpoint.handle.removeprefix("pid:")))
 
 
 def test_refused_switch_stops_the_new_segments(flows_home: Path) -> None:

@@ -3,7 +3,6 @@ from the event, and a standby claimed by the next deploy (real segment processes
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from flows.measure import stream_completion
 from flows.reaction import medians
 from flows.runtime import LinkProbe, LocalBackend, standby_range
 from flows.state import Endpoint
+from mecsplit.process import pid_alive
 from mecsplit.settings import get_settings
 from policies import solve
 from policies.plan import Plan, Stage
@@ -97,11 +97,7 @@ def test_a_link_event_reuses_recent_probes_and_takes_the_events_rate(flows_home:
 
 
 def _alive(endpoint: Endpoint) -> bool:
-    try:
-        os.kill(int(endpoint.handle.removeprefix("pid:")), 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return pid_alive(int(endpoint.handle.removeprefix("pid:")))
 
 
 def test_the_next_deploy_loads_its_range_into_a_warm_standby(flows_home: Path) -> None:
