@@ -95,12 +95,17 @@ class Backend(Protocol):
     def alive_nodes(self) -> list[str]: ...
 
 
-def _server_command(settings: Settings, req: SegmentRequest, host: str, port: int) -> list[str]:
-    return [
+def _server_command(
+    settings: Settings, req: SegmentRequest, host: str, port: int, *, standby: bool = False
+) -> list[str]:
+    command = [
         sys.executable, "-m", "segments.server", "--store", str(settings.store_dir), "--model", req.model,
         "--first", str(req.first), "--end", str(req.end), "--host", host, "--port", str(port),
         "--threads", str(settings.segments.threads),
     ]  # fmt: skip
+    # A standby hashes the whole model before it is ready, so the range it is later given loads
+    # without reading the store again (the hashing is most of a load's time).
+    return [*command, "--verify-store"] if standby else command
 
 
 def _gateway_command(
@@ -205,7 +210,7 @@ class LocalBackend:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        command = _server_command(self.settings, request, "127.0.0.1", port)
+        command = _server_command(self.settings, request, "127.0.0.1", port, standby=True)
         proc = self._popen(command, f"{node}-{standby_name(revision)}", {"MECSPLIT_SECRET": secret})
         return Endpoint(
             node=node, first=first, end=end, host="127.0.0.1", port=port, handle=f"pid:{proc.pid}"
@@ -333,7 +338,7 @@ class TestbedBackend:
         name, port = standby_name(revision), standby_port(revision)
         request = SegmentRequest(node, model, first, end, revision)
         answer = self.client.deploy_segment(
-            node, name, _server_command(self.settings, request, "0.0.0.0", port),
+            node, name, _server_command(self.settings, request, "0.0.0.0", port, standby=True),
             env={"MECSPLIT_SECRET": secret}, port=port,
         )  # fmt: skip
         return Endpoint(

@@ -8,11 +8,12 @@ one, with queued collisions, keeps two reconfigurations from ever running at onc
 
 from __future__ import annotations
 
-import os
+import asyncio
+import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
 from mecsplit.settings import get_settings
@@ -71,36 +72,35 @@ def build_triggers(scenario: str) -> list[DeploymentEventTrigger]:
     ]
 
 
-def build_deployment(
+def deployment_options(
     scenario: str,
     *,
     interval_s: float | None = None,
     cron: str | None = None,
     policy: str = "latency_dp",
     failover_only: bool = False,
-) -> RunnerDeployment:
-    from flows.reconfigure import reconfigure
-
+) -> dict[str, Any]:
+    """What the served ``reconfigure`` deployment is: ``Runner.add_flow``'s keyword arguments."""
     if interval_s is not None and cron is not None:
         raise ValueError("give either an interval or a cron schedule, not both")
-    return reconfigure.to_deployment(
-        name=DEPLOYMENT_NAME,
-        interval=interval_s,
-        cron=cron,
+    return {
+        "name": DEPLOYMENT_NAME,
+        "interval": interval_s,
+        "cron": cron,
         # Triggered runs get these too: Prefect merges a trigger's parameters over the deployment's.
-        parameters={
+        "parameters": {
             "scenario": scenario,
             "reason": "schedule",
             "policy": policy,
             "failover_only": failover_only,
         },
-        triggers=build_triggers(scenario),
-        concurrency_limit=ConcurrencyLimitConfig(
+        "triggers": build_triggers(scenario),
+        "concurrency_limit": ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         ),
-        description="profile -> optimise -> accept if the gain beats the migration cost -> deploy",
-        tags=["mecsplit"],
-    )
+        "description": "profile -> optimise -> accept if the gain beats the migration cost -> deploy",
+        "tags": ["mecsplit"],
+    }
 
 
 def cancel_stale_runs() -> int:
@@ -139,17 +139,29 @@ def serve_forever(
     policy: str = "latency_dp",
     failover_only: bool = False,
 ) -> None:
-    """Block serving the deployment (runs each flow run in a subprocess, as Prefect does)."""
-    from prefect import serve
+    """Block serving the deployment; each flow run gets a process of its own, as Prefect does. The flow
+    is added to the runner as a flow (``Runner.add_flow``), not loaded from storage, so with
+    ``flows.warm_start_runs`` that process is a fork of one that has already imported it."""
+    from prefect.runner import Runner
 
-    # Poll every second so an event-triggered run starts within a few seconds (default: 10 s).
-    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+    from flows.reconfigure import reconfigure
+
+    options = deployment_options(
+        scenario, interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only
+    )
     cancelled = cancel_stale_runs()
     if cancelled:
         print(f"cancelled {cancelled} reconfigure runs left waiting by an earlier serve")
-    deployment = build_deployment(
-        scenario, interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only
-    )
-    # The runner's poll is the wait between a triggered run being created and being started; Prefect's
-    # setting is whole seconds, the Runner itself takes a float.
-    serve(deployment, print_starting_message=True, query_seconds=get_settings().flows.runner_poll_s)
+    if get_settings().flows.warm_start_runs:
+        from flows import warm_start
+
+        if warm_start.install(["flows.reconfigure"]):
+            print("flow runs start as forks of a process with flows.reconfigure imported")
+        else:
+            print("this Prefect has no starter hook: each flow run starts a fresh interpreter")
+    # The runner's poll is the wait between a triggered run being created and being started.
+    runner = Runner(name="mecsplit-serve", query_seconds=get_settings().flows.runner_poll_s)
+    runner.add_flow(reconfigure, **options)
+    print(f"serving {reconfigure.name}/{DEPLOYMENT_NAME} on " + ", ".join(spec.event for spec in TRIGGERS))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(runner.start())

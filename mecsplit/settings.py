@@ -102,6 +102,11 @@ class FlowSettings(BaseModel):
         description="keep one started, nearly empty segment server per node (where memory allows) that the "
         "next deploy loads a layer range into instead of starting a process cold",
     )
+    warm_start_runs: bool = Field(
+        default=True,
+        description="start served flow runs as forks of a process that has already imported the flow "
+        "(flows.warm_start) instead of a fresh interpreter each",
+    )
 
 
 class PolicySettings(BaseModel):

@@ -335,8 +335,14 @@ class SegmentServer:
             max_kv_bytes=self.limits.max_kv_bytes,
         )
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, *, verify_store: bool = False) -> int:
+        """Load the range and listen. ``verify_store`` first hashes every file of the model, so any range
+        ``load_range`` is given later is loaded without reading the store again (a warm standby)."""
         loop = asyncio.get_running_loop()
+        if verify_store:
+            from segments import store
+
+            await loop.run_in_executor(self.executor, store.verify, self.store_dir, self.model)
         self.runner = await loop.run_in_executor(self.executor, self._load_runner, self.first, self.end)
         self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20)
         return self._server.sockets[0].getsockname()[1]
@@ -776,6 +782,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-sessions", type=int, default=seg.max_sessions)
     p.add_argument("--max-kv-bytes", type=int, default=seg.max_kv_bytes)
     p.add_argument("--max-frame-bytes", type=int, default=seg.max_frame_bytes)
+    p.add_argument(
+        "--verify-store",
+        action="store_true",
+        help="hash every file of the model before listening, so a later load_range reads nothing twice",
+    )
     return p.parse_args(argv)
 
 
@@ -788,7 +799,7 @@ async def _amain(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     server = SegmentServer(args.store, args.model, args.first, args.end, secret, limits)
-    port = await server.start(args.host, args.port)
+    port = await server.start(args.host, args.port, verify_store=args.verify_store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

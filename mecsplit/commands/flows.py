@@ -66,9 +66,9 @@ def reconfigure(
     reason: str = typer.Option("manual", help="recorded as the run's reason"),
 ) -> None:
     """Run one reconfiguration now (profile -> optimise -> decide -> deploy)."""
+    _use_prefect_server()  # before Prefect is imported: it reads PREFECT_API_URL then
     from flows.reconfigure import reconfigure as reconfigure_flow
 
-    _use_prefect_server()
     typer.echo(json.dumps(reconfigure_flow(scenario=str(scenario), policy=policy, reason=reason), indent=2))
 
 
@@ -83,9 +83,9 @@ def serve(
 ) -> None:
     """Serve the reconfigure deployment: on its schedule and on mec.link.degraded, mec.node.overloaded and
     mec.node.failed events (one reconfiguration at a time). Blocks; Ctrl-C stops it."""
+    ui = _use_prefect_server()  # before Prefect is imported: it reads PREFECT_API_URL then
     from flows.serve import serve_forever
 
-    ui = _use_prefect_server()
     typer.echo(f"serving reconfigure for {scenario}; Prefect UI: {ui}")
     serve_forever(str(scenario), interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only)
 
@@ -121,19 +121,16 @@ def experiment_run(
     as_json: bool = typer.Option(False, "--json", help="print only the summary JSON"),
 ) -> None:
     """Run the scenario's workload and timeline under each policy; write results/<run>/ and compare."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.experiment import experiment
-
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise typer.BadParameter("give at least one policy", param_hint="--policies")
+    # Before Prefect is imported: it reads PREFECT_API_URL then, and without it the flow would run on a
+    # temporary server, apart from the one the served deployment and the testbed's events use.
     _use_prefect_server()
-    # Prefect read its settings when it was imported: without this the flow would run on a temporary
-    # server, apart from the one the served deployment and the testbed's events use.
-    api = temporary_settings(updates={PREFECT_API_URL: os.environ["PREFECT_API_URL"]})
+    from flows.experiment import experiment
+
     # With --json stdout carries the summary only: progress lines go to stderr with Prefect's logs.
-    with api, contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
         summary = experiment(scenario=str(scenario), policies=names, backend=backend, duration_s=duration_s)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

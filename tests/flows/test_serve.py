@@ -93,7 +93,9 @@ def _completed_run_after(t0: float, timeout_s: float) -> Any:
     return None
 
 
-def test_link_degraded_event_triggers_a_completed_reconfigure(served: subprocess.Popen[bytes]) -> None:
+def test_link_degraded_event_triggers_a_completed_reconfigure(
+    served: subprocess.Popen[bytes], flows_home: Path
+) -> None:
     from prefect.events import emit_event
 
     set_local_link(get_settings(), "device", "edge", 0.05)
@@ -125,6 +127,9 @@ def test_link_degraded_event_triggers_a_completed_reconfigure(served: subprocess
         f"(created {run.created.timestamp() - t0:+.1f} s, started {run.start_time.timestamp() - t0:+.1f} s)"
     )
     assert elapsed_s <= REACTION_LIMIT_S
+    # The run was forked off the process that had imported the flow, not started in a fresh interpreter.
+    log = (flows_home / "serve-test.log").read_text()
+    assert "flow runs start as forks of a process with flows.reconfigure imported" in log
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (CI installs it)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -70,6 +71,31 @@ def test_corruption_is_detected_and_names_the_fix(model_store: StoreFor, tmp_pat
     # Preparing again repairs the entry.
     assert not store.prepare(MODEL, store_dir, progress=False).skipped
     assert store.is_prepared(store_dir, MODEL)
+
+
+def test_a_file_is_hashed_again_only_when_it_changed(
+    model_store: StoreFor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store_dir = _copy_entry(model_store, tmp_path)
+    manifest = store.read_manifest(store_dir, MODEL)
+    relpath = "layers/002.safetensors"
+    path = store.model_dir(store_dir, MODEL) / relpath
+    hashed: list[str] = []
+    real_sha256 = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda p: hashed.append(p.name) or real_sha256(p))
+    store.verify_file(store_dir, manifest, relpath)
+    store.verify_file(store_dir, manifest, relpath)
+    # What a warm standby relies on: any range loads after `verify` without reading the store again.
+    SegmentRunner(store_dir, SegmentSpec(MODEL, 2, 3), max_sessions=1, max_kv_bytes=BIG)
+    assert hashed.count("002.safetensors") == 1
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # damaged in place after it was verified: same size and inode, a later mtime
+    path.write_bytes(bytes(data))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the clock may not have ticked
+    with pytest.raises(ChecksumError, match="damaged"):
+        store.verify_file(store_dir, manifest, relpath)
+    assert hashed.count("002.safetensors") == 2
 
 
 def test_segment_reads_only_its_own_files(model_store: StoreFor, tmp_path: Path) -> None:
