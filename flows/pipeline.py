@@ -311,6 +311,8 @@ def _bring_up(
     """Every request's server, all at once (their loads overlap): a node's standby for its first stage,
     a fresh server otherwise. Returns (endpoints in layer order, nodes claimed, standbys left)."""
     spare = dict(spare)
+    if not requests:
+        return [], [], spare
     jobs = []
     for request in requests:
         standby = spare.pop(request.node, None)
@@ -333,6 +335,33 @@ def _bring_up(
         raise RuntimeFailure(f"starting the new segments failed: {failures[0]}") from failures[0]
     claimed = [request.node for request, standby in jobs if standby is not None]
     return endpoints, claimed, spare
+
+
+def _unchanged_servers(
+    current: DeploymentState | None,
+    layout: list[tuple[str, int, int]],
+    model: str,
+    alive: set[str],
+    secret: str,
+) -> dict[tuple[str, int, int], Endpoint]:
+    """The current chain's servers that serve a stage of ``layout`` unchanged and still answer."""
+    if current is None or current.model != model:
+        return {}
+    wanted = set(layout)
+    kept = {}
+    for endpoint in current.segments:
+        stage = (endpoint.node, endpoint.first, endpoint.end)
+        if stage in wanted and endpoint.node in alive and _answers(endpoint, secret):
+            kept[stage] = endpoint
+    return kept
+
+
+def _answers(endpoint: Endpoint, secret: str) -> bool:
+    try:
+        control(endpoint, secret, "health", timeout_s=3.0)
+    except Exception:  # dead, hung or unreachable: a server that cannot be kept
+        return False
+    return True
 
 
 def _abandon_new_chain(
@@ -365,17 +394,22 @@ def deploy(
     *,
     switch_mode: str = "kv",
     recompute_hops: int = 0,
+    old_chain_broken: bool = False,
     progress: Progress = print,
     settings: Settings | None = None,
     probe: Callable[[str], float] | None = None,
 ) -> DeployResult:
     """Make-before-break: bring up the new plan's segments, switch the gateway's sessions, stop the old ones.
 
-    Every stage gets its own server even where the old plan had the same range on the same node: the
-    gateway moves each session's KV from the old chain to the new one and then drops it from the old
-    servers, which would drop it from a server that both chains share. With ``warm_standby`` a node's
+    A stage the old chain already serves unchanged (same node, same range) from a server that answers
+    keeps that server: the gateway keeps the sessions' KV on a hop both chains share, and no copy starts
+    beside it (on a small node two copies and the gateway do not fit). With ``warm_standby`` a node's
     started standby takes its stage (a ``load_range``, seconds instead of a cold process start), and
     afterwards every node whose memory allows it gets a fresh standby, started in the background.
+
+    ``old_chain_broken`` (a hop died; the switch is a replay): the old servers that are not kept are
+    stopped before the new ones start. Their KV is lost to the replay anyway, and their memory is what
+    the new stages need.
 
     ``probe(gateway_url)`` (optional) runs right after the switch and returns the wall clock of the first
     token streamed through the new chain: when the new plan is serving.
@@ -392,12 +426,30 @@ def deploy(
         for e in (current.standbys if current is not None else ())
         if settings.flows.warm_standby and e.node in alive
     }
+    kept = _unchanged_servers(current, layout, model, alive, secret)
+    replaced = [e for e in (current.segments if current is not None else ()) if e not in kept.values()]
+    if old_chain_broken:
+        for endpoint in replaced:
+            progress(
+                f"the chain is broken: stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}"
+            )
+            backend.stop_segment(endpoint)
     for node, first, end in layout:
-        how = "loading it into the standby" if node in spare else "starting a server"
+        how = (
+            "kept"
+            if (node, first, end) in kept
+            else "loading it into the standby"
+            if node in spare
+            else "starting a server"
+        )
         progress(f"segment [{first}, {end}) on {node}: {how}")
-    requests = [SegmentRequest(node, model, first, end, revision) for node, first, end in layout]
+    requests = [
+        SegmentRequest(node, model, first, end, revision)
+        for node, first, end in layout
+        if (node, first, end) not in kept
+    ]
     try:
-        endpoints, claimed, spare = _bring_up(backend, requests, spare, secret)
+        started, claimed, spare = _bring_up(backend, requests, spare, secret)
     except RuntimeFailure:
         if current is not None:  # the old chain serves on; the standbys offered to the new one are gone
             from flows.state import save_state
@@ -407,6 +459,8 @@ def deploy(
             save_state(current.model_copy(update={"standbys": left}), settings)
         raise
     ready_at = time.time()
+    fresh = {(e.node, e.first, e.end): e for e in started}
+    endpoints = [kept.get(stage) or fresh[stage] for stage in layout]
     chain = chain_dict(model, endpoints)
     switch_started = time.monotonic()
     switch_report = None
@@ -421,15 +475,15 @@ def deploy(
                 gateway_url, chain, mode=switch_mode, recompute_hops=recompute_hops
             )
         except httpx.HTTPError:
-            _abandon_new_chain(backend, current, endpoints, claimed, settings, progress)
+            _abandon_new_chain(backend, current, started, claimed, settings, progress)
             raise
     switch_s = time.monotonic() - switch_started
     switched_at = time.time()
     first_token_at = probe(gateway_url) if probe is not None else None
-    stopped = list(current.segments) if current is not None else []
-    for endpoint in stopped:
-        progress(f"stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}")
-        backend.stop_segment(endpoint)
+    if not old_chain_broken:
+        for endpoint in replaced:
+            progress(f"stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}")
+            backend.stop_segment(endpoint)
     for node in sorted(set(spare) - alive):  # standbys on nodes that went away
         backend.stop_segment(spare.pop(node))
     standbys = list(spare.values())
@@ -445,8 +499,8 @@ def deploy(
     )  # fmt: skip
     return DeployResult(
         state=state,
-        started=tuple(endpoints),
-        stopped=tuple(stopped),
+        started=tuple(started),
+        stopped=tuple(replaced),
         switch_s=switch_s,
         total_s=time.monotonic() - started_at,
         ready_at_s=ready_at,

@@ -111,6 +111,7 @@ def deploy_task(
     plan: Plan,
     switch_mode: str,
     recompute_hops: int = 0,
+    old_chain_broken: bool = False,
 ) -> dict[str, Any]:
     backend: Backend = backend_for(backend_name, load_scenario(Path(scenario_path)))
     result = pipeline.deploy(
@@ -121,6 +122,7 @@ def deploy_task(
         load_state(),
         switch_mode=switch_mode,
         recompute_hops=recompute_hops,
+        old_chain_broken=old_chain_broken,
         progress=get_run_logger().info,
         probe=_first_token_probe,
     )
@@ -328,7 +330,9 @@ def reconfigure(
         # Retried: a switch tried just after a node died can be refused (its replacement not reachable
         # yet); with no further event nothing else would repair the chain.
         rebuild = deploy_task.with_options(retries=2, retry_delay_seconds=10)
-        deployed = rebuild(current.backend, scenario, current.model, candidate, "replay")
+        deployed = rebuild(
+            current.backend, scenario, current.model, candidate, "replay", old_chain_broken=True
+        )
     elif failover_only:
         decision = {"adopt": False, "reason": "failover only and the deployed chain is healthy"}
     else:

@@ -12,7 +12,8 @@ rules to every policy so that no baseline wins by breaking them). What each mirr
   nodes first when a trusted prefix is asked), layers proportional to memory.
 * ``petals``: Petals (Borzunov et al., 2023): servers, fastest first, each pick the span of blocks as long
   as their memory allows where the swarm's throughput is lowest; the client then routes through the
-  span that reaches furthest.
+  span that reaches furthest. A Petals client keeps the embeddings and the head; here the stage with the
+  first or last block holds them, so such a span is cut short until they fit too.
 * ``pipeedge``: PipeEdge (Hu et al., 2022): minimum bottleneck over the inter-stage pipeline (compute and
   stage-to-stage links; the source hops are outside its model).
 * ``edgeshard``: EdgeShard (Zhang et al., 2024): latency DP over selected devices minimising per-token
@@ -22,7 +23,7 @@ rules to every policy so that no baseline wins by breaking them). What each mirr
 
 from __future__ import annotations
 
-from policies.analytic import latency_objective, node_times
+from policies.analytic import latency_objective, node_times, stage_memory_bytes
 from policies.errors import InfeasibleError
 from policies.plan import Plan, Stage
 from policies.problem import Objective, Problem
@@ -119,9 +120,15 @@ def petals(problem: Problem) -> Plan:
         if length <= 0:
             continue
         rate = 1.0 / max(sum(times[n.name].decode_s) / L, 1e-12)
-        best_start = min(range(lo, hi - length + 1), key=lambda s: (min(coverage[s : s + length]), s))
-        spans[n.name] = (best_start, best_start + length)
-        for k in range(best_start, best_start + length):
+        # Where the span holds the first or last block it also holds the embeddings or the head, so
+        # its length depends on where it starts: every start is a candidate, cut short to fit.
+        spans_at = (_fitting_span(problem, n.name, s, min(s + length, hi)) for s in range(lo, hi))
+        candidates = [span for span in spans_at if span is not None]
+        if not candidates:
+            continue
+        first, end = min(candidates, key=lambda span: (min(coverage[span[0] : span[1]]), span[0]))
+        spans[n.name] = (first, end)
+        for k in range(first, end):
             coverage[k] += rate
     # Client routing: from the current block, the server whose span reaches furthest (ties: faster).
     order = {n.name: k for k, n in enumerate(servers)}
@@ -139,6 +146,14 @@ def petals(problem: Problem) -> Plan:
         used.add(name)
         cur = e
     return plan_from_stages(problem, tuple(stages), "petals")
+
+
+def _fitting_span(problem: Problem, node: str, first: int, end: int) -> tuple[int, int] | None:
+    """``[first, end)`` cut short until it fits ``node`` (None if no block does)."""
+    mem = problem.node(node).mem_bytes
+    while end > first and problem.constraints.check_memory and stage_memory_bytes(problem, first, end) > mem:
+        end -= 1
+    return (first, end) if end > first else None
 
 
 def _max_layers(problem: Problem, node: str) -> int:

@@ -85,7 +85,11 @@ def test_deploy_switch_and_teardown_keep_generation_exact(backend: LocalBackend)
         assert report is not None and (report["mode"], report["recompute_hops"]) == ("push", 1)
         assert report["hops"] == len(plan_b.stages) and report["sessions"] == 0 and report["stall_s"] > 0
         assert second.state.revision == 1 and second.state.gateway_url == first.state.gateway_url
-        for endpoint in first.state.segments:  # the old chain's processes are gone
+        # A stage both plans share keeps its server; every other old process is gone.
+        kept = set(first.state.segments) & set(second.state.segments)
+        assert {(e.node, e.first, e.end) for e in kept} == set(plan_a.layout()) & set(plan_b.layout())
+        assert set(second.stopped) == set(first.state.segments) - kept
+        for endpoint in second.stopped:
             with pytest.raises(ProcessLookupError):
                 os.kill(int(endpoint.handle.removeprefix("pid:")), 0)
         after = stream_completion(second.state.gateway_url, "Hello edge", 6)

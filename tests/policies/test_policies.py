@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policies import POLICIES, InfeasibleError, Plan, Problem, UnknownPolicyError, solve
-from policies.analytic import latency_objective, violations
+from policies.analytic import latency_objective, stage_memory_bytes, violations
 from policies.generate import random_problem
 from policies.problem import Constraints, Node
 from tests.policies.instances import small_instance
@@ -95,6 +95,17 @@ def test_infeasible_memory_is_named() -> None:
     with pytest.raises(InfeasibleError) as err:
         solve(p.model_copy(update={"nodes": tiny}), "latency_dp")
     assert err.value.constraint == "memory"
+
+
+def test_petals_spans_leave_room_for_the_embeddings_and_head() -> None:
+    # Every node holds all the blocks' weights and KV but not the embeddings and the head as well (V2X's
+    # car): a span there must be cut short rather than make the plan infeasible.
+    p = _with(example(), trusted_prefix_layers=0)
+    room = stage_memory_bytes(p, 0, p.num_layers) - p.model.head_weight_bytes
+    tight = p.model_copy(update={"nodes": tuple(n.model_copy(update={"mem_bytes": room}) for n in p.nodes)})
+    plan = solve(tight, "petals")
+    assert len(plan.stages) >= 2
+    assert violations(tight, plan.stages) == []
 
 
 def test_infeasible_trust_is_named() -> None:
