@@ -18,7 +18,7 @@ from flows.runtime import LocalBackend
 from flows.state import Endpoint, clear_state, load_state
 from mecsplit.process import pid_alive
 from mecsplit.settings import get_settings
-from policies import solve
+from policies import Plan, solve
 from testbed.scenario import load_scenario
 
 pytestmark = pytest.mark.slow  # profiles and starts real segment processes (about a minute)
@@ -39,16 +39,21 @@ def _gone(endpoint: Endpoint) -> bool:
     return not pid_alive(int(endpoint.handle.removeprefix("pid:")))
 
 
-def test_refused_switch_stops_the_new_segments(flows_home: Path) -> None:
-    from flows.state import save_state
-
-    backend = RecordingBackend(load_scenario(TINY_SCENARIO))
+def _even_plan(backend: LocalBackend) -> Plan:
     scenario = backend.scenario
     profiles = pipeline.profile_nodes(backend, backend.alive_nodes(), scenario.model, 8, max_age_s=300.0,
                                       progress=lambda _: None)  # fmt: skip
     probes = pipeline.profile_links(backend, scenario, set(profiles), progress=lambda _: None)
     facts = pipeline.model_facts(get_settings(), scenario.model, profiles)
-    plan = solve(pipeline.build_problem(scenario, facts, profiles, probes), "even")
+    return solve(pipeline.build_problem(scenario, facts, profiles, probes), "even")
+
+
+def test_refused_switch_stops_the_new_segments(flows_home: Path) -> None:
+    from flows.state import save_state
+
+    backend = RecordingBackend(load_scenario(TINY_SCENARIO))
+    scenario = backend.scenario
+    plan = _even_plan(backend)
     first = pipeline.deploy(backend, str(TINY_SCENARIO), scenario.model, plan, None, progress=print)
     save_state(first.state)
     try:
@@ -81,11 +86,7 @@ def test_failover_rebuild_restarts_only_the_dead_stage(flows_home: Path) -> None
     shared with the gateway, could not hold both)."""
     backend = RecordingBackend(load_scenario(TINY_SCENARIO))
     scenario = backend.scenario
-    profiles = pipeline.profile_nodes(backend, backend.alive_nodes(), scenario.model, 8, max_age_s=300.0,
-                                      progress=lambda _: None)  # fmt: skip
-    probes = pipeline.profile_links(backend, scenario, set(profiles), progress=lambda _: None)
-    facts = pipeline.model_facts(get_settings(), scenario.model, profiles)
-    plan = solve(pipeline.build_problem(scenario, facts, profiles, probes), "even")
+    plan = _even_plan(backend)
     assert len(plan.stages) >= 2
     first = pipeline.deploy(backend, str(TINY_SCENARIO), scenario.model, plan, None, progress=print)
     state = first.state
