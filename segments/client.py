@@ -645,13 +645,15 @@ class AsyncChainClient:
 
         A hop the old chain has too (same server, same range) already holds the session's KV: it moves
         nothing, unless it lies in the recomputed prefix, where it forgets the session and recomputes too.
+        It forgets it even when the client counts no tokens yet: an abandoned or failed first step may
+        have reached that hop, which then holds the prompt's KV that the client never saw confirmed.
         """
         kept = {link.hop for link in old}
         recomputed = 0
         if recompute:
             for link in new[:recompute]:
-                if link.hop in kept and session.kv_length:
-                    await self._control_link(link, "truncate", session=session.id, length=0)
+                if link.hop in kept:
+                    await self._control_link(link, "drop", session=session.id)
             recomputed = await self._recompute(session, new[:recompute])
         rest = [link for link in new[recompute:] if link.hop not in kept]
         if not rest or session.kv_length == 0:

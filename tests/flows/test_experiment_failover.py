@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -94,9 +96,15 @@ def test_failover_rebuild_restarts_only_the_dead_stage(flows_home: Path) -> None
         before = stream_completion(state.gateway_url, "Hello edge", 6)
         dead = state.segments[-1]
         os.kill(int(dead.handle.removeprefix("pid:")), signal.SIGKILL)
-        second = pipeline.deploy(backend, str(TINY_SCENARIO), scenario.model, plan, state,
-                                 switch_mode="replay", old_chain_broken=True, progress=print)  # fmt: skip
-        state = second.state
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # This request's prompt reaches the kept first hop, fails on the dead one and is held by the
+            # gateway: the rebuild must not find the prompt's KV left on the kept hop.
+            held = pool.submit(stream_completion, state.gateway_url, "Hello edge", 6)
+            _wait_until_broken(state.gateway_url)
+            second = pipeline.deploy(backend, str(TINY_SCENARIO), scenario.model, plan, state,
+                                     switch_mode="replay", old_chain_broken=True, progress=print)  # fmt: skip
+            state = second.state
+            assert held.result(timeout=120).text == before.text
         # Started cold or loaded into the node's standby: either way the one new server.
         assert [(e.node, e.first, e.end) for e in second.started] == [(dead.node, dead.first, dead.end)]
         assert state.segments[:-1] == first.state.segments[:-1]  # the very same live servers
@@ -107,3 +115,12 @@ def test_failover_rebuild_restarts_only_the_dead_stage(flows_home: Path) -> None
         pipeline.teardown(backend, state)
         for e in state.standbys:
             backend.stop_segment(e)
+
+
+def _wait_until_broken(gateway_url: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{gateway_url}/admin/chain", timeout=5).json().get("broken"):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the gateway never saw its chain break")
