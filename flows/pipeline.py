@@ -116,12 +116,15 @@ def profile_links(
     *,
     max_age_s: float = 0.0,
     known_bw_mbit: dict[str, float] | None = None,
+    reprobe_nodes: frozenset[str] = frozenset(),
     settings: Settings | None = None,
 ) -> list[LinkProbe]:
     """Each alive link's goodput and RTT, probed actively (about 1.5 s a link on the testbed) unless a
-    probe younger than ``max_age_s`` is cached. ``known_bw_mbit`` (link key ``a-b`` -> rate) is a rate
-    just measured elsewhere, e.g. by the testbed daemon that emitted the link event: that link takes it,
-    with its cached RTT, instead of a new probe (a link event must not wait for its own re-measurement)."""
+    probe younger than ``max_age_s`` is cached and the link touches none of ``reprobe_nodes``.
+    ``known_bw_mbit`` (link key ``a-b`` -> rate) is a rate just measured elsewhere, e.g. by the testbed
+    daemon that emitted the link event: that link takes it, with its cached RTT, instead of a new probe
+    (a link event must not wait for its own re-measurement). A probe fills the link for its duration,
+    which on a thin link stalls the traffic that crosses it: what need not be probed is not."""
     settings = settings or get_settings()
     cache_path = settings.run_dir / f"links-{backend.name}.json"
     cache: dict[str, dict[str, Any]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -136,7 +139,11 @@ def profile_links(
         if cached is not None and key in known:
             probe = LinkProbe(link.a, link.b, known[key], cached["rtt_ms"], measured=cached["measured"])
             how = "rate from the event, cached rtt"
-        elif cached is not None and now - cached["measured_at_s"] <= max_age_s:
+        elif (
+            cached is not None
+            and now - cached["measured_at_s"] <= max_age_s
+            and not reprobe_nodes & {link.a, link.b}
+        ):
             probe = LinkProbe(link.a, link.b, cached["bw_mbit"], cached["rtt_ms"], cached["measured"])
             how = f"cached, {now - cached['measured_at_s']:.0f} s old"
         else:

@@ -51,11 +51,12 @@ def profile_links_task(
     alive: list[str],
     max_age_s: float = 0.0,
     known_bw_mbit: dict[str, float] | None = None,
+    reprobe_nodes: list[str] | None = None,
 ) -> list[LinkProbe]:
     scenario = load_scenario(Path(scenario_path))
     return pipeline.profile_links(
         backend_for(backend_name, scenario), scenario, set(alive), progress=get_run_logger().info,
-        max_age_s=max_age_s, known_bw_mbit=known_bw_mbit,
+        max_age_s=max_age_s, known_bw_mbit=known_bw_mbit, reprobe_nodes=frozenset(reprobe_nodes or ()),
     )  # fmt: skip
 
 
@@ -303,11 +304,11 @@ def reconfigure(
     refresh = [resource.removeprefix("mec.node.")] if resource and resource.startswith("mec.node.") else []
     profiles = profile_nodes_task(current.backend, scenario, current.model, refresh)
     # A link event carries the rate the daemon just read back: that link takes it, the others keep a
-    # recent probe; anything else probes every link.
+    # recent probe. A node event re-probes that node's links only. A run without an event probes all.
     link_event = bool(resource and resource.startswith("mec.link.") and bw_mbit is not None)
     known = {resource.removeprefix("mec.link."): bw_mbit} if link_event else None  # type: ignore[union-attr]
-    max_age_s = get_settings().flows.link_probe_max_age_s if link_event else 0.0
-    probes = profile_links_task(current.backend, scenario, sorted(profiles), max_age_s, known)
+    max_age_s = get_settings().flows.link_probe_max_age_s if link_event or refresh else 0.0
+    probes = profile_links_task(current.backend, scenario, sorted(profiles), max_age_s, known, refresh)
     profiled = time.time()
     problem = pipeline.build_problem(
         sc, pipeline.model_facts(get_settings(), current.model, profiles), profiles, probes
@@ -344,7 +345,8 @@ def reconfigure(
             deployed = deploy_task(current.backend, scenario, current.model, candidate, mode, recompute)
     after = candidate if deployed is not None else before
     assert after is not None
-    measured = measure_task(current.gateway_url, measure_tokens) if measure_tokens > 0 else None
+    # Only a new chain is measured: a completion injected into a kept one would only slow its sessions.
+    measured = measure_task(current.gateway_url, measure_tokens) if deployed and measure_tokens > 0 else None
     switch = None if deployed is None else deployed["switch_report"]
     _publish(sc, reason, resource, decision, before, after, measured, switch)
     reaction = None

@@ -94,6 +94,12 @@ def test_a_link_event_reuses_recent_probes_and_takes_the_events_rate(flows_home:
     assert by_key["edge-cloud"].bw_mbit == 50.0
     pipeline.profile_links(backend, backend.scenario, alive, progress=print, max_age_s=0)
     assert backend.probed.count("edge-cloud") == 2  # max age 0: always probed
+    # A node event: that node's links are probed again, the others keep their recent probe.
+    backend.probed.clear()
+    pipeline.profile_links(
+        backend, backend.scenario, alive, progress=print, max_age_s=300, reprobe_nodes=frozenset({"cloud"})
+    )
+    assert backend.probed == ["edge-cloud"]
 
 
 def _alive(endpoint: Endpoint) -> bool:
