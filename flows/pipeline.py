@@ -414,9 +414,9 @@ def deploy(
     started standby takes its stage (a ``load_range``, seconds instead of a cold process start), and
     afterwards every node whose memory allows it gets a fresh standby, started in the background.
 
-    ``old_chain_broken`` (a hop died; the switch is a replay): the old servers that are not kept are
-    stopped before the new ones start. Their KV is lost to the replay anyway, and their memory is what
-    the new stages need.
+    ``old_chain_broken`` (a hop died; the switch is a replay): the old servers on live nodes that are not
+    kept are stopped before the new ones start. Their KV is lost to the replay anyway, and their memory
+    is what the new stages need.
 
     ``probe(gateway_url)`` (optional) runs right after the switch and returns the wall clock of the first
     token streamed through the new chain: when the new plan is serving.
@@ -435,12 +435,14 @@ def deploy(
     }
     kept = _unchanged_servers(current, layout, model, alive, secret)
     replaced = [e for e in (current.segments if current is not None else ()) if e not in kept.values()]
-    if old_chain_broken:
-        for endpoint in replaced:
-            progress(
-                f"the chain is broken: stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}"
-            )
-            backend.stop_segment(endpoint)
+    # A broken chain's replaced servers on live nodes go first: their memory is what the new stages need.
+    # Those on dead nodes wait until after the switch (stopping a paused container can take seconds).
+    first_stopped = [e for e in replaced if old_chain_broken and e.node in alive]
+    for endpoint in first_stopped:
+        progress(
+            f"the chain is broken: stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}"
+        )
+        backend.stop_segment(endpoint)
     for node, first, end in layout:
         how = (
             "kept"
@@ -487,8 +489,8 @@ def deploy(
     switch_s = time.monotonic() - switch_started
     switched_at = time.time()
     first_token_at = probe(gateway_url) if probe is not None else None
-    if not old_chain_broken:
-        for endpoint in replaced:
+    for endpoint in replaced:
+        if endpoint not in first_stopped:
             progress(f"stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}")
             backend.stop_segment(endpoint)
     for node in sorted(set(spare) - alive):  # standbys on nodes that went away

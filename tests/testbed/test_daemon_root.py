@@ -122,11 +122,14 @@ def test_shaped_link_goodput_and_routed_rtt(client: TestbedClient) -> None:
     assert "refused" in out["stderr"], out  # reached n3's stack (nothing listens on port 9)
 
 
-def _run_compute(client: TestbedClient, node: str) -> float:
+def _start_compute(client: TestbedClient, node: str) -> None:
     import sys
 
+    client.deploy_segment(node, f"cpu-{node}", [sys.executable, "-c", COMPUTE])
+
+
+def _compute_result(client: TestbedClient, node: str) -> float:
     name = f"cpu-{node}"
-    client.deploy_segment(node, name, [sys.executable, "-c", COMPUTE])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         logs = client.segment_logs(node, name)
@@ -138,8 +141,12 @@ def _run_compute(client: TestbedClient, node: str) -> float:
 
 
 def test_half_cpu_share_doubles_per_layer_compute(client: TestbedClient) -> None:
-    full = _run_compute(client, "n2")  # cpus 1.0
-    half = _run_compute(client, "n3")  # cpus 0.5
+    # Both at once (1.5 CPUs of shares on 2 cores): whatever else the host does meanwhile slows both
+    # alike. Run one after the other, a burst of host work during one of them moved the ratio to 2.43.
+    _start_compute(client, "n2")  # cpus 1.0
+    _start_compute(client, "n3")  # cpus 0.5
+    full = _compute_result(client, "n2")
+    half = _compute_result(client, "n3")
     ratio = half / full
     print(f"per-forward ms: full {full:.3f}, half {half:.3f}, ratio {ratio:.3f}")
     assert 1.6 <= ratio <= 2.4, (full, half)
