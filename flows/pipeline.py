@@ -443,20 +443,14 @@ def deploy(
             f"the chain is broken: stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}"
         )
         backend.stop_segment(endpoint)
+    requests = []
     for node, first, end in layout:
-        how = (
-            "kept"
-            if (node, first, end) in kept
-            else "loading it into the standby"
-            if node in spare
-            else "starting a server"
-        )
+        if (node, first, end) in kept:
+            progress(f"segment [{first}, {end}) on {node}: kept")
+            continue
+        how = "loading it into the standby" if node in spare else "starting a server"
         progress(f"segment [{first}, {end}) on {node}: {how}")
-    requests = [
-        SegmentRequest(node, model, first, end, revision)
-        for node, first, end in layout
-        if (node, first, end) not in kept
-    ]
+        requests.append(SegmentRequest(node, model, first, end, revision))
     try:
         started, claimed, spare = _bring_up(backend, requests, spare, secret)
     except RuntimeFailure:
