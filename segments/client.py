@@ -43,6 +43,7 @@ from segments.protocol import (
     write_frame,
 )
 from segments.sampling import SamplingParams
+from segments.telemetry import StepTrace, Telemetry
 
 if TYPE_CHECKING:
     import torch
@@ -180,6 +181,7 @@ class StepResult:
     logits: torch.Tensor | None
     hidden: torch.Tensor | None
     latency_s: float
+    trace: StepTrace | None = None  # where the step's time went, hop by hop (segments.telemetry)
 
 
 class Link:
@@ -228,10 +230,11 @@ class Link:
                 if self.writer is not None:
                     self.writer.close()
 
-    def send(self, ftype: FrameType, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None) -> None:
+    def send(self, ftype: FrameType, header: dict[str, Any], tensors: dict[str, torch.Tensor] | None) -> int:
+        """Queue one frame; returns its size on the wire."""
         if self.writer is None or self.writer.is_closing():
             raise ChainError(f"connection to {self.hop.address} is closed; reconnect the client")
-        write_frame(self.writer, ftype, header, tensors)
+        return write_frame(self.writer, ftype, header, tensors)
 
     async def drain(self) -> None:
         assert self.writer is not None
@@ -282,6 +285,8 @@ class AsyncChainClient:
         self.recoveries: list[Recovery] = []
         # Old chains still freeing the moved sessions' KV after a switch (see ``_retire``).
         self._retiring: set[asyncio.Task[None]] = set()
+        # Every generated token's step, traced hop by hop (read by the gateway's /admin/telemetry).
+        self.telemetry = Telemetry()
 
     # ------------------------------------------------------------------------------- connections
 
@@ -415,6 +420,7 @@ class AsyncChainClient:
     ) -> StepResult:
         """One forward through ``links``; the last of them answers (with nothing if ``discard_output``)."""
         t0 = time.perf_counter()
+        sent_s = time.time()
         rid, future = self._new_request()
         route = [link.hop.address for link in links[1:]]
         header = {
@@ -428,19 +434,27 @@ class AsyncChainClient:
             "logits": logits,
             "sampling": None if sampling is None else sampling.to_dict(),
             "discard_output": discard_output,
+            "t0": sent_s,
         }
         tensors = {"x": inputs}
         if attention_mask is not None:
             tensors["mask"] = attention_mask
         first = links[0]
-        first.send(FrameType.FORWARD, header, tensors)
+        sent_bytes = first.send(FrameType.FORWARD, header, tensors)
         await first.drain()
         frame = await self._await(rid, future)
+        received_s = time.time()
+        trace = StepTrace.from_wire(
+            positions=int(inputs.shape[1]) if inputs.dim() > 1 else 1, t0=sent_s, received_s=received_s,
+            sent_bytes=sent_bytes, result_bytes=frame.wire_bytes, entries=frame.header.get("trace", ()),
+            hops=[(link.hop.address, link.hop.first, link.hop.end) for link in links],
+        )  # fmt: skip
         return StepResult(
             tokens=frame.header.get("tokens"),
             logits=frame.tensors.get("logits"),
             hidden=frame.tensors.get("hidden"),
             latency_s=time.perf_counter() - t0,
+            trace=trace,
         )
 
     async def generate(
@@ -459,7 +473,9 @@ class AsyncChainClient:
             if not pending:
                 raise ChainError("the session has no pending token to feed; give it a prompt")
             inputs = torch.tensor([pending], dtype=torch.int64)
+            idle_s = self.telemetry.step_started(session.id)
             result = await self._step_recovering(session, inputs, params)
+            self.telemetry.record(session.id, self.generation, idle_s, result.trace)
             assert result.tokens is not None
             session.kv_length += len(pending)
             token = result.tokens[0]
@@ -508,6 +524,7 @@ class AsyncChainClient:
 
     async def drop(self, session: Session) -> None:
         """Free the session's KV on every hop (errors ignored: a hop may never have seen it)."""
+        self.telemetry.forget(session.id)
         await self._drop_on(self.links, session)
 
     async def _drop_on(self, links: list[Link], session: Session, timeout_s: float | None = None) -> None:

@@ -253,6 +253,16 @@ def create_app(gateway: Gateway) -> FastAPI:
             "recoveries": [r.to_dict() for r in gateway.client.recoveries],
         }
 
+    @app.get("/admin/telemetry")
+    async def get_telemetry(since: int = 0) -> dict[str, Any]:
+        """Traced steps after ``since`` (segments.telemetry), the gateway's CPU time and token count."""
+        return {
+            **gateway.client.telemetry.snapshot(since),
+            "chain": gateway.client.chain.to_dict(),
+            "generation": gateway.client.generation,
+            "live_sessions": len(gateway.live),
+        }
+
     @app.post("/admin/chain")
     async def set_chain(request: Request) -> Any:
         body = await request.json()

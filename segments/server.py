@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ from segments.protocol import (
     write_frame,
 )
 from segments.sampling import SamplingError, SamplingParams, sample_tokens
+from segments.telemetry import HopStamp, TraceError, check_trace
 
 if TYPE_CHECKING:
     import torch
@@ -143,10 +145,19 @@ class ForwardRequest:
     mask: torch.Tensor | None
     # The hop that ends the route answers with no tensors (a recompute prefill only rebuilds KV).
     discard_output: bool = False
+    # Telemetry (segments.telemetry): the client's send time and the hops' entries so far; None: untraced.
+    t0: float | None = None
+    trace: tuple[list[float], ...] = ()
+    arrived_s: float = 0.0
+    bytes_in: int = 0
 
     @classmethod
-    def from_frame(cls, frame: Frame) -> ForwardRequest:
+    def from_frame(cls, frame: Frame, arrived_s: float = 0.0) -> ForwardRequest:
         h = frame.header
+        try:
+            traced = check_trace(h)
+        except TraceError as exc:
+            raise BadRequestError(str(exc)) from None
         route = tuple(str_list(h, "route"))
         for hop in route:
             parse_hop(hop)
@@ -180,7 +191,17 @@ class ForwardRequest:
             x=frame.tensors["x"],
             mask=frame.tensors.get("mask"),
             discard_output=optional(h, "discard_output", bool, False),
+            t0=None if traced is None else traced[0],
+            trace=() if traced is None else tuple(traced[1]),
+            arrived_s=arrived_s,
+            bytes_in=frame.wire_bytes,
         )
+
+    def traced(self, stamp: HopStamp) -> dict[str, Any]:
+        """The telemetry fields of the next frame (FORWARD or RESULT), with this hop's entry appended."""
+        if self.t0 is None:
+            return {}
+        return {"t0": self.t0, "trace": [*self.trace, stamp.entry(self.t0)]}
 
     def next_header(self, end: int) -> dict[str, Any]:
         return {
@@ -480,11 +501,12 @@ class SegmentServer:
             except ProtocolError as exc:
                 self._send_error(conn, exc.code, str(exc))
                 return
+            arrived_s = time.time()
             self.stats.frames_in += 1
             self.stats.bytes_in += frame.wire_bytes
             try:
                 if frame.type == FrameType.FORWARD:
-                    self._on_forward(conn, frame)
+                    self._on_forward(conn, frame, arrived_s)
                 elif frame.type == FrameType.CONTROL:
                     self._on_control(conn, frame)
                 else:
@@ -533,8 +555,8 @@ class SegmentServer:
 
     # ----------------------------------------------------------------------------------- forward
 
-    def _on_forward(self, conn: Connection, frame: Frame) -> None:
-        req = ForwardRequest.from_frame(frame)
+    def _on_forward(self, conn: Connection, frame: Frame, arrived_s: float) -> None:
+        req = ForwardRequest.from_frame(frame, arrived_s)
         self._validate_forward(req)
         self.stats.forwards += 1
         if self.draining and req.position == 0:
@@ -546,18 +568,32 @@ class SegmentServer:
             )
             return
         self._track(req.request_id, conn)
-        future = self._submit(lambda: self._compute_forward(req))
+        future = self._submit(lambda: self._timed_forward(req))
         conn.spawn(self._finish_forward(conn, req, future))
+
+    def _timed_forward(self, req: ForwardRequest) -> tuple[Result, HopStamp]:
+        """The forward and what it cost this hop: queue, wall and CPU time (the compute thread's own,
+        which neither a CPU quota's throttling nor other processes' preemption inflate)."""
+        started_s, cpu0 = time.time(), time.thread_time()
+        out = self._compute_forward(req)
+        done_s = time.time()
+        stamp = HopStamp(
+            first=self.first, arrived_s=req.arrived_s, queue_s=max(0.0, started_s - req.arrived_s),
+            compute_s=done_s - started_s, cpu_s=time.thread_time() - cpu0, left_s=done_s,
+            bytes_in=req.bytes_in,
+        )  # fmt: skip
+        return out, stamp
 
     async def _finish_forward(
         self, conn: Connection, req: ForwardRequest, future: asyncio.Future[Any]
     ) -> None:
         try:
-            result, tensors = await future
+            (result, tensors), stamp = await future
+            stamp = dataclasses.replace(stamp, left_s=time.time())
             if req.route:
-                await self._send_on(req, tensors)
+                await self._send_on(req, tensors, stamp)
             else:
-                self._deliver(req, result, tensors)
+                self._deliver(req, {**result, **req.traced(stamp)}, tensors)
         except Exception as exc:  # the request fails, the server and other sessions go on
             code = getattr(exc, "code", "internal")
             if code == "internal":
@@ -565,7 +601,7 @@ class SegmentServer:
             self.upstream.pop(req.request_id, None)
             self._send_error(conn, code, f"{type(exc).__name__}: {exc}", req.request_id)
 
-    async def _send_on(self, req: ForwardRequest, tensors: dict[str, torch.Tensor]) -> None:
+    async def _send_on(self, req: ForwardRequest, tensors: dict[str, torch.Tensor], stamp: HopStamp) -> None:
         hop = req.route[0]
         link = self.links.get(hop)
         if link is None:
@@ -573,7 +609,8 @@ class SegmentServer:
         writer = await link.ensure()
         if req.mask is not None:
             tensors = {**tensors, "mask": req.mask}
-        self.stats.bytes_out += write_frame(writer, FrameType.FORWARD, req.next_header(self.end), tensors)
+        header = {**req.next_header(self.end), **req.traced(stamp)}
+        self.stats.bytes_out += write_frame(writer, FrameType.FORWARD, header, tensors)
         self.stats.frames_out += 1
         await writer.drain()
 
