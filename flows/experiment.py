@@ -14,21 +14,29 @@ Static plans and baselines are served with ``failover_only``: they re-plan (with
 the surviving nodes) only when a node of their chain dies, so a node failure costs them a rebuild, not
 the rest of the run; they never adapt to the network otherwise.
 
-``results/<run>/``: scenario.yaml, meta.json, summary.json, ``<policy>/samples.parquet`` (one row per
-streamed token), ``<policy>/requests.json`` (every request: asked, received, lost, error),
-``<policy>/policy.json`` (its figures, reconfigurations with their times), latency.png (per-token
-latency over time, one panel per policy, timeline events marked) and bars.png (the per-policy figures).
+With ``repeats`` > 1 every policy runs that many times, interleaved: repeat k runs every policy once, in
+the given order rotated by k - 1, so that repeat k of each policy ran close in time to the others' and no
+policy always runs first or last. Each figure then gets its mean over the repeats with a 95 % interval,
+and the comparison a verdict from the paired per-repeat ratios (is adaptive's difference beyond noise?).
+
+``results/<run>/``: scenario.yaml, meta.json, summary.json, and per policy window (``<policy>/`` with one
+repeat, ``<policy>/r<k>/`` with several): samples.parquet (one row per streamed token), requests.json
+(every request: asked, received, lost, error), policy.json (its figures, reconfigurations with their
+times); latency.png (per-token latency over time, one panel per policy, timeline events marked) and
+bars.png (the per-policy figures, means over repeats with 95 % error bars).
 Every figure is defined in docs/experiments.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -118,22 +126,167 @@ def policy_stats(
     }
 
 
-def compare(per_policy: dict[str, dict[str, Any]], goal: float = GOAL_SPEEDUP) -> dict[str, Any] | None:
-    """Adaptive's mean per-token latency against the best static-like policy's (every other policy) in the
-    same run: ``speedup`` > 1 means adaptive was faster. None without adaptive or anything to compare."""
-    adaptive = per_policy.get(ADAPTIVE)
-    others = {p: s for p, s in per_policy.items() if p != ADAPTIVE and s.get("mean_tpot_ms")}
-    if not adaptive or not adaptive.get("mean_tpot_ms") or not others:
+# Figures averaged over a policy's repeats, each with a 95 % interval of its mean. Any other key of a
+# window's figures (plans, counts, keys added later such as predicted_tpot_ms) stays per repeat only.
+AGGREGATED_FIGURES = (
+    "mean_tpot_ms", "median_tpot_ms", "p95_tpot_ms", "mean_ttft_ms", "p95_ttft_ms", "throughput_tok_s",
+    "total_stall_s", "reconfigurations", "tokens_lost",
+)  # fmt: skip
+T_QUANTILE = 0.975  # two-sided 95 % Student-t interval
+ONE_RUN = results.ONE_RUN
+FASTER = "adaptive faster"
+SLOWER = "adaptive slower"
+UNRESOLVED = "no difference resolved"
+
+
+@dataclass(frozen=True)
+class MeanInterval:
+    """The mean of per-repeat values and the 95 % Student-t interval of that mean (none from one value)."""
+
+    values: tuple[float, ...]
+    mean: float
+    low: float | None
+    high: float | None
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def half_width(self) -> float | None:
+        return None if self.low is None or self.high is None else (self.high - self.low) / 2
+
+    def as_json(self, digits: int = 3) -> dict[str, Any]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, digits)
+
+        return {"n": self.n, "mean": r(self.mean), "low": r(self.low), "high": r(self.high),
+                "half_width": r(self.half_width), "values": list(self.values)}  # fmt: skip
+
+
+def mean_interval(values: Sequence[float]) -> MeanInterval:
+    """Mean and 95 % t-interval over per-repeat values: mean ± t(0.975, n-1) · s / √n (s: sample standard
+    deviation). With one value there is no spread to estimate, so no interval."""
+    if not values:
+        raise ValueError("mean_interval needs at least one value")
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return MeanInterval(tuple(values), mean, None, None)
+    from scipy.stats import t
+
+    half = float(t.ppf(T_QUANTILE, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    return MeanInterval(tuple(values), mean, mean - half, mean + half)
+
+
+def run_order(policies: Sequence[str], repeats: int) -> tuple[tuple[str, ...], ...]:
+    """The policies of each repeat in the order they run: repeat k is the given order rotated by k - 1, so
+    no policy always runs first or last (slow drifts of a shared machine spread over every policy)."""
+    shifts = [k % len(policies) if policies else 0 for k in range(repeats)]
+    return tuple(tuple(policies[s:]) + tuple(policies[:s]) for s in shifts)
+
+
+def window_dir(out_dir: Path, policy: str, repeat: int, repeats: int) -> Path:
+    """Where one (policy, repeat) window keeps its files: ``<policy>/`` for a single repeat (the layout of
+    runs made before repeats existed), ``<policy>/r<k>/`` otherwise."""
+    return out_dir / policy if repeats == 1 else out_dir / policy / f"r{repeat}"
+
+
+def policy_runs(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A policy's per-repeat figure dicts from its summary entry. An entry written before repeats existed
+    (its figures flat, no ``runs``) is one run, repeat 1."""
+    if "runs" in entry:
+        return [dict(r) for r in entry["runs"]]
+    return [{"repeat": 1, **entry}]
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def aggregate_policy(policy: str, runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A policy's summary entry from its windows' figures (one dict per repeat, ``error`` where it could
+    not run): for each of AGGREGATED_FIGURES the mean over repeats (flat, so that tables and plots read it
+    as before) and under ``over_repeats`` its 95 % interval; ``tokens_lost_total`` sums the repeats;
+    ``runs`` keeps every window's figures. With exactly one run the entry also carries that run's figures
+    flat, as before repeats existed."""
+    ok = [dict(r) for r in runs if "error" not in r]
+    failed = [r for r in runs if "error" in r]
+    counts: dict[str, Any] = {"policy": policy, "repeats": len(ok), "failed_repeats": len(failed)}
+    if not ok:
+        error = failed[0]["error"] if failed else "no window ran"
+        return {**counts, "error": error, "runs": [dict(r) for r in runs]}
+    entry: dict[str, Any] = {**(ok[0] if len(ok) == 1 else {}), **counts}
+    n = len(ok)
+    entry["interval"] = ONE_RUN if n == 1 else f"95 % Student-t interval of the mean over {n} repeats"
+    over: dict[str, Any] = {}
+    for key in AGGREGATED_FIGURES:
+        values = [r[key] for r in ok if _numeric(r.get(key))]
+        if not values:
+            entry[key] = None
+            continue
+        interval = mean_interval(values)
+        over[key] = interval.as_json()
+        entry[key] = values[0] if len(values) == 1 else round(interval.mean, 3)
+    entry["tokens_lost_total"] = sum(r.get("tokens_lost") or 0 for r in ok)
+    entry["over_repeats"] = over
+    entry["runs"] = [dict(r) for r in runs]
+    return entry
+
+
+def _tpot_by_repeat(entry: Mapping[str, Any]) -> dict[int, float]:
+    """Mean per-token latency (ms) of each repeat of a policy that produced one."""
+    return {
+        int(r.get("repeat", 1)): float(r["mean_tpot_ms"])
+        for r in policy_runs(entry)
+        if "error" not in r and r.get("mean_tpot_ms")
+    }
+
+
+def verdict(speedup: MeanInterval) -> str:
+    """Whether adaptive's speedup (best other / adaptive) is beyond the noise: its 95 % interval wholly
+    above 1 (faster), wholly below (slower), or straddling 1 (unresolved)."""
+    if speedup.low is None or speedup.high is None:
+        return ONE_RUN
+    if speedup.low > 1.0:
+        return FASTER
+    if speedup.high < 1.0:
+        return SLOWER
+    return UNRESOLVED
+
+
+def compare(per_policy: Mapping[str, Mapping[str, Any]], goal: float = GOAL_SPEEDUP) -> dict[str, Any] | None:
+    """Adaptive's mean per-token latency against the best static-like policy's (every other policy; best:
+    lowest mean over repeats) in the same run, paired by repeat: the interleaving runs repeat k of every
+    policy close in time, so the ratio best / adaptive of one repeat cancels what that stretch of the
+    machine's load shared. ``speedup_mean_tpot`` is the mean of those ratios (> 1: adaptive faster),
+    ``speedup_ci95`` its 95 % t-interval and ``verdict`` says whether that interval excludes 1. The goal is
+    met only when the mean reaches it and adaptive is faster beyond the noise. None without adaptive,
+    without another policy, or without a repeat in which both ran."""
+    tpot = {p: _tpot_by_repeat(entry) for p, entry in per_policy.items()}
+    adaptive = tpot.get(ADAPTIVE, {})
+    others = {p: v for p, v in tpot.items() if p != ADAPTIVE and v}
+    if not adaptive or not others:
         return None
-    best = min(sorted(others), key=lambda p: others[p]["mean_tpot_ms"])
-    speedup = others[best]["mean_tpot_ms"] / adaptive["mean_tpot_ms"]
+    best = min(sorted(others), key=lambda p: statistics.fmean(others[p].values()))
+    paired = sorted(set(adaptive) & set(others[best]))
+    if not paired:
+        return None
+    speedup = mean_interval([others[best][k] / adaptive[k] for k in paired])
+    said = verdict(speedup)
     return {
         "best_static": best,
-        "best_static_mean_tpot_ms": others[best]["mean_tpot_ms"],
-        "adaptive_mean_tpot_ms": adaptive["mean_tpot_ms"],
-        "speedup_mean_tpot": round(speedup, 3),
+        "best_static_mean_tpot_ms": round(statistics.fmean(others[best].values()), 3),
+        "adaptive_mean_tpot_ms": round(statistics.fmean(adaptive.values()), 3),
+        "repeats": speedup.n,
+        "speedup_per_repeat": [round(x, 4) for x in speedup.values],
+        "speedup_mean_tpot": round(speedup.mean, 3),
+        "speedup_ci95": None
+        if speedup.low is None or speedup.high is None
+        else [round(speedup.low, 4), round(speedup.high, 4)],
+        "verdict": said,
+        "worse_beyond_noise": said == SLOWER,
         "goal": goal,
-        "goal_met": speedup >= goal,
+        "goal_met": speedup.mean >= goal and said == FASTER,
     }
 
 
@@ -272,8 +425,10 @@ def _timeline(scenario_path: Path) -> list[dict[str, Any]]:
 
 
 def run_policy(
-    scenario_path: Path, policy: str, backend: str, duration_s: float, out_dir: Path
+    scenario_path: Path, policy: str, backend: str, duration_s: float, out_dir: Path, *, repeat: int = 1
 ) -> dict[str, Any]:
+    """One (policy, repeat) window from a fresh testbed; its files go to ``out_dir`` (``window_dir``).
+    Returns its figures: ``policy_stats`` plus what the run was (plans, reconfigurations, repeat)."""
     log = get_run_logger()
     settings = get_settings()
     scenario = load_scenario(scenario_path)
@@ -295,7 +450,7 @@ def run_policy(
             # Without the testbed nothing replays the timeline, so no event would ever reach a served run.
             since = datetime.now(UTC)
             serve = serve_process(
-                settings, server, scenario_path, log_name=f"serve-{policy}.log",
+                settings, server, scenario_path, log_name=f"serve-{policy}-r{repeat}.log",
                 policy=_deploy_policy(policy), failover_only=failover_only,
             )  # fmt: skip
             _wait_for_served(_deploy_policy(policy), failover_only, since)
@@ -322,6 +477,7 @@ def run_policy(
         state = load_state()
         stats.update(
             policy=policy,
+            repeat=repeat,
             deployed_policy=_deploy_policy(policy),
             failover_only=failover_only,
             window_s=round(window_s, 2),
@@ -334,16 +490,15 @@ def run_policy(
             reconfigurations=len(watcher.changes),
             predicted_tpot_ms=_ms(first["predicted_tpot_s"]),
         )
-        policy_dir = out_dir / policy
-        policy_dir.mkdir(parents=True, exist_ok=True)
-        results.write_samples(policy_dir / "samples.parquet", [x for s in sessions for x in s.samples])
-        (policy_dir / "requests.json").write_text(
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results.write_samples(out_dir / "samples.parquet", [x for s in sessions for x in s.samples])
+        (out_dir / "requests.json").write_text(
             json.dumps([{**vars(r), "lost": r.lost} for r in records], indent=1)
         )
-        (policy_dir / "policy.json").write_text(
+        (out_dir / "policy.json").write_text(
             json.dumps({"t0_wall_s": t0, "stats": stats, "plan_changes": watcher.changes}, indent=2)
         )
-        log.info(f"{policy}: {json.dumps(stats)}")
+        log.info(f"{policy} r{repeat}: {json.dumps(stats)}")
         return stats
     finally:
         for s in sessions:
@@ -363,14 +518,21 @@ def experiment(
     backend: str = "auto",
     duration_s: float | None = None,
     results_root: str = "results",
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Run the scenario under each policy in turn and compare them in ``results/<run>/``."""
+    """Run the scenario under each policy, ``repeats`` times interleaved (``run_order``), and compare
+    them in ``results/<run>/``."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1 (each repeat runs every policy once), got {repeats}")
+    if not policies or len(set(policies)) != len(policies):
+        raise ValueError(f"give each policy once (their windows are kept by name), got {policies}")
     scenario_path = Path(scenario)
     sc = load_scenario(scenario_path)
     prepare_model(sc.model, get_settings())
     chosen = choose_backend(backend)
+    log = get_run_logger()
     if chosen != "testbed":
-        get_run_logger().warning(
+        log.warning(
             "local backend: no emulated network, so the scenario's timeline (traces, load, failures) is not "
             "replayed and no reconfiguration is served; the comparison shows placement effects only"
         )
@@ -379,65 +541,137 @@ def experiment(
     out_dir.mkdir(parents=True)
     shutil.copy(scenario_path, out_dir / "scenario.yaml")
     (out_dir / "meta.json").write_text(json.dumps(results.meta(), indent=2))
-    per_policy: dict[str, dict[str, Any]] = {}
-    for p in policies:
-        try:
-            per_policy[p] = run_policy(scenario_path, p, chosen, duration, out_dir)
-        except Exception as exc:  # one policy that cannot run (no feasible plan) is a finding, not the end
-            get_run_logger().error(f"{p}: could not run: {type(exc).__name__}: {exc}")
-            per_policy[p] = {"policy": p, "error": f"{type(exc).__name__}: {exc}"}
-    return write_summary(out_dir, scenario_path, chosen, duration, per_policy)
+    order = run_order(policies, repeats)
+    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
+    for k, ordered in enumerate(order, start=1):
+        for p in ordered:
+            log.info(f"repeat {k} of {repeats}: {p}")
+            where = window_dir(out_dir, p, k, repeats)
+            try:
+                runs[p].append(run_policy(scenario_path, p, chosen, duration, where, repeat=k))
+            except Exception as exc:  # a window that cannot run (no feasible plan) is a finding, not the end
+                log.error(f"{p} r{k}: could not run: {type(exc).__name__}: {exc}")
+                runs[p].append({"policy": p, "repeat": k, "error": f"{type(exc).__name__}: {exc}"})
+    per_policy = {p: aggregate_policy(p, runs[p]) for p in policies}
+    info = RunInfo(
+        scenario=sc.name, scenario_duration_s=sc.duration_s, backend=chosen, duration_s=duration,
+        run_order=order, timeline=tuple(_timeline(scenario_path)) if chosen == "testbed" else (),
+    )  # fmt: skip
+    return write_summary(out_dir, info, per_policy)
 
 
-def write_summary(
-    out_dir: Path, scenario_path: Path, backend: str, duration_s: float, per_policy: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
-    """summary.json, latency.png and bars.png of a run from its per-policy figures."""
-    sc = load_scenario(scenario_path)
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run's summary says about the run itself, beside the per-policy figures."""
+
+    scenario: str
+    scenario_duration_s: float | None
+    backend: str
+    duration_s: float
+    run_order: tuple[tuple[str, ...], ...]  # the policies of each repeat, in the order they ran
+    timeline: tuple[dict[str, Any], ...] = ()  # the scenario's events, for the plot (testbed only)
+
+    @property
+    def repeats(self) -> int:
+        return len(self.run_order)
+
+
+def write_summary(out_dir: Path, run: RunInfo, per_policy: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """summary.json, latency.png and bars.png of a run from its per-policy entries (``aggregate_policy``)."""
     summary: dict[str, Any] = {
-        "scenario": sc.name,
-        "backend": backend,
-        "duration_s": duration_s,
-        "scenario_duration_s": sc.duration_s,
-        "timeline_replayed": backend == "testbed",
+        "scenario": run.scenario,
+        "backend": run.backend,
+        "duration_s": run.duration_s,
+        "scenario_duration_s": run.scenario_duration_s,
+        "timeline_replayed": run.backend == "testbed",
+        "repeats": run.repeats,
+        "run_order": [list(ordered) for ordered in run.run_order],
         "stall_definition": (
             f"a token gap (or TTFT) > {STALL_FACTOR:g} x the policy's median gap (median TTFT); "
             "total_stall_s sums the wait minus the median over stalls"
+        ),
+        "interval_definition": (
+            "mean over repeats, 95 % Student-t interval of that mean (t(0.975, n-1) s / sqrt(n)); "
+            f"{ONE_RUN} with n = 1"
         ),
         "results_dir": str(out_dir),
         "policies": per_policy,
         "adaptive_vs_best_static": compare(per_policy),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    results.plot_policies(out_dir, _timeline(scenario_path) if backend == "testbed" else [])
+    results.plot_policies(out_dir, run.timeline)
     results.plot_policy_bars(out_dir, per_policy)
     return summary
 
 
+def _load_records(path: Path) -> list[RequestRecord]:
+    return [
+        RequestRecord(
+            **{**{k: v for k, v in r.items() if k != "lost"}, "token_gaps_s": tuple(r["token_gaps_s"])}
+        )
+        for r in json.loads(path.read_text())
+    ]
+
+
+def _window_figures(window: Path, repeat: int) -> dict[str, Any]:
+    """One window's figures from its folder: recomputed from requests.json where the run kept it (the
+    reference copies in results/reference/ kept only policy.json: their recorded figures stand)."""
+    info = json.loads((window / "policy.json").read_text())
+    figures = {**info["stats"], "reconfigurations": len(info["plan_changes"]), "repeat": repeat}
+    requests = window / "requests.json"
+    if requests.exists():
+        figures.update(policy_stats(_load_records(requests), figures["window_s"]))
+    return figures
+
+
+def _order_by_mtime(found: Mapping[str, Mapping[int, Path]]) -> tuple[tuple[str, ...], ...]:
+    """A run cut short (no summary.json): the policies of each repeat in the order their windows ended."""
+    repeats = sorted({k for windows in found.values() for k in windows})
+    return tuple(
+        tuple(sorted((p for p in found if k in found[p]), key=lambda p: found[p][k].stat().st_mtime))
+        for k in repeats
+    )
+
+
+def _run_info(run_dir: Path, old: Mapping[str, Any], found: Mapping[str, Mapping[int, Path]]) -> RunInfo:
+    backend = old.get("backend", "testbed")
+    if "run_order" in old:
+        order = tuple(tuple(ordered) for ordered in old["run_order"])
+    elif "policies" in old:  # a summary from before repeats: one pass, in the order of its policies
+        order = (tuple(old["policies"]),)
+    else:
+        order = _order_by_mtime(found)
+    if "duration_s" in old:
+        duration_s = old["duration_s"]
+    else:
+        windows_s = [json.loads((w / "policy.json").read_text())["stats"]["window_s"]
+                     for ws in found.values() for w in ws.values()]  # fmt: skip
+        duration_s = round(min(windows_s, default=0.0))
+    scenario_path = run_dir / "scenario.yaml"
+    if not scenario_path.exists():  # the reference copies keep no scenario: what the summary said stands
+        return RunInfo(old.get("scenario", "?"), old.get("scenario_duration_s"), backend, duration_s, order)
+    sc = load_scenario(scenario_path)
+    timeline = tuple(_timeline(scenario_path)) if backend == "testbed" else ()
+    return RunInfo(sc.name, sc.duration_s, backend, duration_s, order, timeline)
+
+
 def summarise_run(run_dir: Path) -> dict[str, Any]:
-    """Recompute a finished run's figures from what it kept (``<policy>/requests.json`` and
-    ``policy.json``) and rewrite its summary and plots: the same definitions as a fresh run."""
+    """Recompute a finished run's figures from what it kept and rewrite its summary and plots: the same
+    definitions as a fresh run. Reads both layouts (``<policy>/`` and ``<policy>/r<k>/``), summaries from
+    before repeats, and a run cut short (no summary.json yet: the windows that finished)."""
     summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        old = json.loads(summary_path.read_text())
-    else:  # a run cut short: the policies that finished, in the order they ran
-        done = sorted(run_dir.glob("*/policy.json"), key=lambda f: f.stat().st_mtime)
-        windows = [json.loads(f.read_text())["stats"]["window_s"] for f in done]
-        old = {"policies": {f.parent.name: {} for f in done}, "backend": "testbed",
-               "duration_s": round(min(windows, default=0.0))}  # fmt: skip
+    old: dict[str, Any] = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    previous: dict[str, Any] = old.get("policies", {})
+    found = results.find_windows(run_dir)
+    names = list(previous)
+    for ordered in _order_by_mtime(found):
+        names += [p for p in ordered if p not in names]
     per_policy: dict[str, dict[str, Any]] = {}
-    for name, previous in old["policies"].items():
-        if "error" in previous:
-            per_policy[name] = previous
-            continue
-        info = json.loads((run_dir / name / "policy.json").read_text())
-        kept = {**info["stats"], "reconfigurations": len(info["plan_changes"])}
-        raw = json.loads((run_dir / name / "requests.json").read_text())
-        records = [
-            RequestRecord(
-                **{**{k: v for k, v in r.items() if k != "lost"}, "token_gaps_s": tuple(r["token_gaps_s"])}
-            )
-            for r in raw
-        ]
-        per_policy[name] = {**kept, **policy_stats(records, kept["window_s"])}
-    return write_summary(run_dir, run_dir / "scenario.yaml", old["backend"], old["duration_s"], per_policy)
+    for name in names:
+        # A window that could not run left no folder: the summary's record of it (its error) stands.
+        kept = policy_runs(previous[name]) if name in previous else []
+        by_repeat = {int(r.get("repeat", 1)): r for r in kept}
+        for k, window in found.get(name, {}).items():
+            by_repeat[k] = _window_figures(window, k)
+        per_policy[name] = aggregate_policy(name, [by_repeat[k] for k in sorted(by_repeat)])
+    return write_summary(run_dir, _run_info(run_dir, old, found), per_policy)

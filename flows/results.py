@@ -147,49 +147,84 @@ TIMELINE_COLOURS = {"fail": "red", "restore": "green", "join": "green", "cpu_loa
 
 
 NO_TOKEN_S = 5.0
+ONE_RUN = "one run: no interval"  # what a figure or the comparison says in place of an interval with n = 1
+# One colour per repeat when a policy's panel overlays several (green and red mean reconfigurations and
+# silences on these plots, so they are left out).
+REPEAT_COLOURS = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink",
+                  "tab:gray")  # fmt: skip
+
+
+def find_windows(run_dir: Path) -> dict[str, dict[int, Path]]:
+    """Every (policy, repeat) window folder of an experiment run that kept its figures (policy.json):
+    ``<policy>/`` (one repeat, and every run made before repeats existed) is repeat 1, ``<policy>/r<k>/``
+    repeat k."""
+    found: dict[str, dict[int, Path]] = {}
+    for path in sorted(run_dir.glob("*/policy.json")):
+        found.setdefault(path.parent.name, {})[1] = path.parent
+    for path in sorted(run_dir.glob("*/r*/policy.json")):
+        repeat = path.parent.name[1:]
+        if repeat.isdigit():
+            found.setdefault(path.parent.parent.name, {})[int(repeat)] = path.parent
+    return {p: dict(sorted(windows.items())) for p, windows in sorted(found.items())}
+
+
+def _draw_window(ax: Any, window: Path, colour: str | None, label: str | None) -> None:
+    """One window's per-token latency on a policy's panel: dots, a rolling median, shaded silences and
+    its adopted reconfigurations (the time axis starts where its workload started)."""
+    import pandas as pd
+
+    frame = pd.read_parquet(window / "samples.parquet")
+    meta_path = window / "policy.json"
+    info = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    t0 = info.get("t0_wall_s", frame["t_s"].min() if len(frame) else 0.0)
+    tokens = frame[frame["kind"] == "token"].sort_values("t_s")
+    if len(tokens):
+        x = (tokens["t_s"] - t0).to_numpy()
+        y = tokens["latency_s"].to_numpy() * 1e3
+        ax.plot(x, y, ".", markersize=2, alpha=0.5 if colour is None else 0.3, color=colour)
+        line = pd.Series(y).rolling(15, min_periods=1).median().to_numpy(copy=True)
+        # No token for a while (a chain being rebuilt): shaded, and the line is not drawn across it.
+        for i in range(1, len(x)):
+            if x[i] - x[i - 1] > NO_TOKEN_S:
+                ax.axvspan(x[i - 1], x[i], color="red", alpha=0.12, linewidth=0)
+                line[i - 1] = float("nan")
+        ax.plot(x, line, "-", linewidth=1, color=colour, label=label)
+        window_s = info.get("stats", {}).get("window_s")
+        if window_s is not None and window_s - x[-1] > NO_TOKEN_S:  # silent to the end of the window
+            ax.axvspan(x[-1], window_s, color="red", alpha=0.12, linewidth=0)
+    for change in info.get("plan_changes", []):
+        ax.axvline(change["t_s"], color="green", alpha=0.8, linewidth=1.2)
 
 
 def plot_policies(run_dir: Path, timeline: Sequence[dict[str, Any]] = ()) -> None:
     """latency.png of an experiment: per-token latency over time, one panel per policy (dots: tokens;
-    line: rolling median of 15), the scenario's timeline events as dashed lines and each policy's adopted
-    reconfigurations as solid green lines."""
+    line: rolling median of 15; with several repeats, every repeat overlaid in its own colour), the
+    scenario's timeline events as dashed lines and each window's adopted reconfigurations as solid green
+    lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
-    paths = sorted(run_dir.glob("*/samples.parquet"), key=lambda p: _policy_order(run_dir, p.parent.name))
-    if not paths:
+    windows = {
+        p: {k: w for k, w in ws.items() if (w / "samples.parquet").exists()}
+        for p, ws in find_windows(run_dir).items()
+    }
+    names = sorted((p for p, ws in windows.items() if ws), key=lambda p: _policy_order(run_dir, p))
+    if not names:
         return
-    fig, axes = plt.subplots(len(paths), 1, figsize=(10, 1.9 * len(paths) + 0.6), dpi=100, sharex=True,
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 1.9 * len(names) + 0.6), dpi=100, sharex=True,
                              sharey=True, squeeze=False)  # fmt: skip
-    for ax, path in zip(axes[:, 0], paths, strict=True):
-        policy = path.parent.name
-        frame = pd.read_parquet(path)
-        meta_path = path.parent / "policy.json"
-        info = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        t0 = info.get("t0_wall_s", frame["t_s"].min() if len(frame) else 0.0)
-        tokens = frame[frame["kind"] == "token"].sort_values("t_s")
-        if len(tokens):
-            x = (tokens["t_s"] - t0).to_numpy()
-            y = tokens["latency_s"].to_numpy() * 1e3
-            ax.plot(x, y, ".", markersize=2, alpha=0.5)
-            line = pd.Series(y).rolling(15, min_periods=1).median().to_numpy(copy=True)
-            # No token for a while (a chain being rebuilt): shaded, and the line is not drawn across it.
-            for i in range(1, len(x)):
-                if x[i] - x[i - 1] > NO_TOKEN_S:
-                    ax.axvspan(x[i - 1], x[i], color="red", alpha=0.12, linewidth=0)
-                    line[i - 1] = float("nan")
-            ax.plot(x, line, "-", linewidth=1)
-            window_s = info.get("stats", {}).get("window_s")
-            if window_s is not None and window_s - x[-1] > NO_TOKEN_S:  # silent to the end of the window
-                ax.axvspan(x[-1], window_s, color="red", alpha=0.12, linewidth=0)
+    for ax, policy in zip(axes[:, 0], names, strict=True):
+        several = len(windows[policy]) > 1
+        for i, (k, window) in enumerate(windows[policy].items()):
+            colour = REPEAT_COLOURS[i % len(REPEAT_COLOURS)] if several else None
+            _draw_window(ax, window, colour, f"r{k}" if several else None)
         for item in timeline:
             ax.axvline(item["at_s"], color=TIMELINE_COLOURS.get(item["kind"], "grey"), linestyle="--",
                        alpha=0.5, linewidth=0.8)  # fmt: skip
-        for change in info.get("plan_changes", []):
-            ax.axvline(change["t_s"], color="green", alpha=0.8, linewidth=1.2)
+        if several:
+            ax.legend(fontsize=6, loc="upper right", ncol=min(4, len(windows[policy])), framealpha=0.6)
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.set_ylabel(f"{policy}\n(ms)", fontsize=8)
@@ -214,12 +249,23 @@ BAR_FIGURES = (
     ("throughput_tok_s", "throughput (tok/s)"),
     ("total_stall_s", "total stall (s)"),
     ("reconfigurations", "reconfigurations"),
-    ("tokens_lost", "tokens lost"),
+    ("tokens_lost_total", "tokens lost (all repeats)"),
 )
 
 
+def _figure(entry: dict[str, Any], key: str) -> tuple[float | None, float | None]:
+    """A policy's figure (its mean over repeats) and the half-width of its 95 % interval (None with one
+    run). Entries from before repeats have the figure flat and no interval; their lost tokens are
+    ``tokens_lost``."""
+    if key == "tokens_lost_total" and key not in entry:
+        key = "tokens_lost"
+    interval = entry.get("over_repeats", {}).get(key) or {}
+    return entry.get(key), interval.get("half_width")
+
+
 def plot_policy_bars(run_dir: Path, per_policy: dict[str, dict[str, Any]]) -> None:
-    """bars.png of an experiment: each per-policy figure as a bar chart, policies in run order."""
+    """bars.png of an experiment: each per-policy figure as a bar chart, policies in run order; with
+    several repeats the bar is the mean over them and the error bar its 95 % interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,14 +274,21 @@ def plot_policy_bars(run_dir: Path, per_policy: dict[str, dict[str, Any]]) -> No
     names = list(per_policy)
     fig, axes = plt.subplots(2, 4, figsize=(13, 5.5), dpi=100)
     for ax, (key, label) in zip(axes.flat, BAR_FIGURES, strict=True):
-        values = [per_policy[p].get(key) or 0 for p in names]
-        bars = ax.bar(range(len(names)), values, color=["tab:green" if p == "adaptive" else "tab:blue"
-                                                         for p in names])  # fmt: skip
-        ax.bar_label(bars, fmt="%.4g", fontsize=7)
+        figures = [_figure(per_policy[p], key) for p in names]
+        values = [value or 0 for value, _ in figures]
+        errors = [half or 0 for _, half in figures]
+        bars = ax.bar(range(len(names)), values, yerr=errors if any(errors) else None, capsize=3,
+                      color=["tab:green" if p == "adaptive" else "tab:blue" for p in names])  # fmt: skip
+        # Inside the bar when error bars stand on its top, so that the label does not cover them.
+        ax.bar_label(bars, fmt="%.4g", fontsize=7, label_type="center" if any(errors) else "edge")
         labels = [f"{p} (failed)" if "error" in per_policy[p] else p for p in names]
         ax.set_xticks(range(len(names)), labels, rotation=35, ha="right", fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+    repeats = max((int(e.get("repeats", 1)) for e in per_policy.values()), default=1)
+    if repeats > 1:
+        fig.suptitle(f"mean over up to {repeats} repeats per policy; error bars: 95 % interval of the mean",
+                     fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(run_dir / "bars.png")
     plt.close(fig)
@@ -258,27 +311,49 @@ TABLE_COLUMNS = (
     ("throughput_tok_s", "tok/s"),
     ("reconfigurations", "reconf"),
     ("total_stall_s", "stall s"),
-    ("tokens_lost", "lost"),
+    ("tokens_lost_total", "lost"),
 )
 
 
+def _cell(entry: dict[str, Any], key: str) -> str:
+    value, half = _figure(entry, key)
+    if value is None:
+        return "-"
+    return f"{value:g}" if half is None else f"{value:g} ± {half:.3g}"
+
+
+def _verdict_line(cmp: dict[str, Any]) -> str:
+    """The comparison in one line; summaries from before repeats have no interval and no verdict."""
+    ci = cmp.get("speedup_ci95")
+    if ci is None:
+        spread, outcome = ONE_RUN, ""
+    else:
+        spread = f"{cmp['repeats']} paired repeats, 95 % interval {ci[0]:.3f}-{ci[1]:.3f}x"
+        outcome = f": **{cmp['verdict']}**"
+    return (
+        f"\nadaptive vs best static-like ({cmp['best_static']}): {cmp['speedup_mean_tpot']:.2f}x on mean "
+        f"per-token latency ({cmp['best_static_mean_tpot_ms']:g} -> {cmp['adaptive_mean_tpot_ms']:g} ms; "
+        f"{spread}){outcome}; goal {cmp['goal']:g}x {'met' if cmp['goal_met'] else 'not met'}"
+    )
+
+
 def policy_table(summary: dict[str, Any]) -> str:
-    """The experiment's summary as a Markdown table (per-token and TTFT in ms), with the comparison."""
-    head = "| policy | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    """The experiment's summary as a Markdown table (per-token and TTFT in ms; with several repeats the
+    mean over them ± the half-width of its 95 % interval, lost tokens summed), with the comparison."""
+    head = "| policy | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | runs |"
+    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
     for name, stats in summary["policies"].items():
         if "error" in stats:
             lines.append(f"| {name} | could not run: {stats['error'][:200]} |")
             continue
-        cells = ["-" if stats.get(k) is None else f"{stats[k]:g}" for k, _ in TABLE_COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        runs = str(stats.get("repeats", 1))
+        if stats.get("failed_repeats"):
+            runs += f" ({stats['failed_repeats']} failed)"
+        cells = [_cell(stats, k) for k, _ in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {runs} |")
     cmp = summary.get("adaptive_vs_best_static")
     if cmp:
-        lines.append(
-            f"\nadaptive vs best static-like ({cmp['best_static']}): {cmp['speedup_mean_tpot']:.2f}x on mean "
-            f"per-token latency ({cmp['best_static_mean_tpot_ms']:g} -> {cmp['adaptive_mean_tpot_ms']:g} ms; "
-            f"goal {cmp['goal']:g}x {'met' if cmp['goal_met'] else 'not met'})"
-        )
+        lines.append(_verdict_line(cmp))
     lines.append(f"results: {summary.get('results_dir', '')}")
     return "\n".join(lines)
 

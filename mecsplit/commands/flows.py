@@ -118,12 +118,26 @@ def experiment_run(
     ),
     backend: str = typer.Option("auto", help="auto, testbed or local (local: no timeline replay)"),
     duration_s: float | None = typer.Option(None, help="workload seconds per policy (default: scenario's)"),
+    repeats: int = typer.Option(
+        1,
+        "--repeats",
+        metavar="N",
+        help="run every policy N times, interleaved (repeat k runs the policies in the given order rotated "
+        "by k-1); figures get their mean with a 95 % interval and the comparison a verdict (adaptive "
+        "faster, slower, or no difference resolved). The run takes N times as long",
+    ),
     as_json: bool = typer.Option(False, "--json", help="print only the summary JSON"),
 ) -> None:
     """Run the scenario's workload and timeline under each policy; write results/<run>/ and compare."""
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise typer.BadParameter("give at least one policy", param_hint="--policies")
+    if len(set(names)) != len(names):
+        raise typer.BadParameter(f"a policy is named twice: {policies}", param_hint="--policies")
+    if repeats < 1:
+        raise typer.BadParameter(
+            f"must be at least 1 (each repeat runs every policy once), got {repeats}", param_hint="--repeats"
+        )
     # Before Prefect is imported: it reads PREFECT_API_URL then, and without it the flow would run on a
     # temporary server, apart from the one the served deployment and the testbed's events use.
     _use_prefect_server()
@@ -131,7 +145,9 @@ def experiment_run(
 
     # With --json stdout carries the summary only: progress lines go to stderr with Prefect's logs.
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        summary = experiment(scenario=str(scenario), policies=names, backend=backend, duration_s=duration_s)
+        summary = experiment(
+            scenario=str(scenario), policies=names, backend=backend, duration_s=duration_s, repeats=repeats
+        )
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
