@@ -21,6 +21,7 @@ import httpx
 from flows.runtime import Backend, LinkProbe, RuntimeFailure, SegmentRequest
 from flows.state import DeploymentState, Endpoint
 from mecsplit.settings import Settings, get_settings
+from policies.calibration import Calibration
 from policies.plan import Plan
 from policies.problem import Constraints, Link, Node, Problem, Workload
 from testbed.scenario import Scenario
@@ -31,6 +32,8 @@ Progress = Callable[[str], None]
 _FALLBACK_SPEED_FLOPS = {"device": 2e9, "edge": 8e9, "mec": 8e9, "cloud": 16e9}
 # What a segment process costs besides its weights: the interpreter, torch and transformers.
 PROCESS_OVERHEAD_BYTES = 320 * 1024 * 1024
+# The gateway on the source node: the interpreter, the tokenizer, the HTTP server (measured RSS, SmolLM2).
+GATEWAY_BYTES = 320 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -159,22 +162,44 @@ def profile_links(
     return probes
 
 
+def _profiled(profile: dict[str, Any], key: str) -> float:
+    """A profile's full-speed (burst) figure where it has one, its sustained one otherwise (profiles
+    cached before burst figures existed)."""
+    burst = profile.get(key.replace("_decode_s", "_decode_burst_s"), 0.0)
+    return float(burst) if burst > 0 else float(profile[key])
+
+
 def build_problem(
     scenario: Scenario,
     facts: ModelFacts,
     node_profiles: dict[str, dict[str, Any]],
     links: list[LinkProbe],
+    *,
+    quota: bool = False,
+    loads: dict[str, float] | None = None,
+    calibration: Calibration | None = None,
 ) -> Problem:
-    """The optimiser's problem from measured profiles and the scenario's constraints and workload."""
+    """The optimiser's problem from measured profiles and the scenario's constraints and workload.
+
+    Decode costs are the profiles' full-speed figures; ``quota`` (the testbed, where each node's ``cpus``
+    is a CPU quota) lets the model cap a node's work by its share over time (policies.contention);
+    ``loads`` are the nodes' background loads as the monitor measures them (fraction of their CPU), and
+    ``calibration`` what live traffic taught the model (policies.calibration)."""
     alive = sorted(node_profiles)
+    loads = loads or {}
     nodes = [
         Node(
             name=n.name,
             tier=n.tier,
             speed_flops=_FALLBACK_SPEED_FLOPS[n.tier],
-            mem_bytes=max(0, n.mem_mb * 1024 * 1024 - PROCESS_OVERHEAD_BYTES),
-            load=0.0,  # the profile ran under the node's current load, so it is already in the times
+            # A segment process's own overhead, and on the source the gateway beside it.
+            mem_bytes=max(
+                0,
+                n.mem_mb * 1024 * 1024 - PROCESS_OVERHEAD_BYTES - GATEWAY_BYTES * (n.name == scenario.source),
+            ),
+            load=min(0.95, max(0.0, loads.get(n.name, 0.0))),
             trust=n.trust / 3,
+            cpu_share=n.cpus if quota else None,
         )
         for n in scenario.nodes
         if n.name in node_profiles
@@ -191,9 +216,10 @@ def build_problem(
         links=[Link(a=p.a, b=p.b, bw_mbit=max(p.bw_mbit, 0.01), rtt_ms=p.rtt_ms) for p in links],
         source=scenario.source,
         prefill_s={m: [node_profiles[m]["layer_prefill_s_per_token"]] * n_layers for m in alive},
-        decode_s={m: [node_profiles[m]["layer_decode_s"]] * n_layers for m in alive},
+        decode_s={m: [_profiled(node_profiles[m], "layer_decode_s")] * n_layers for m in alive},
         head_decode_s={
-            m: node_profiles[m]["head_decode_s"] + node_profiles[m]["embed_decode_s"] for m in alive
+            m: _profiled(node_profiles[m], "head_decode_s") + _profiled(node_profiles[m], "embed_decode_s")
+            for m in alive
         },
         # The last segment computes logits for every prompt position: one head pass per prompt token.
         head_prefill_s={m: node_profiles[m]["head_decode_s"] for m in alive},
@@ -212,6 +238,7 @@ def build_problem(
             max_tpot_s=c.slo_tpot_s,
             min_throughput_tok_s=c.min_throughput_tok_s,
         ),
+        calibration=calibration,
     )
 
 

@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from policies.contention import Quota, Station, cycle_time_s, queue_lengths
+from policies.contention import bottleneck_s as contention_bottleneck_s
 from policies.plan import Metrics, Stage
 from policies.problem import Problem
 from policies.routes import Routes, all_routes, serialisation_s, transfer_s
@@ -19,12 +21,19 @@ from policies.routes import Routes, all_routes, serialisation_s, transfer_s
 
 @dataclass(frozen=True)
 class NodeTimes:
-    """Per-token seconds of each layer on one node, background load already applied."""
+    """Per-token seconds of each layer on one node, background load and calibration applied.
+
+    ``decode_s`` is wall time while the node is not held back by its CPU quota; ``decode_cpu_s`` the CPU
+    work behind it (what the quota counts); ``capacity`` the cores our work may use over time (the quota
+    less the background load; None: no quota)."""
 
     prefill_s: tuple[float, ...]
     decode_s: tuple[float, ...]
     head_prefill_s: float
     head_decode_s: float
+    decode_cpu_s: tuple[float, ...] = ()
+    head_cpu_s: float = 0.0
+    capacity: float | None = None
 
 
 @dataclass(frozen=True)
@@ -35,21 +44,50 @@ class Violation:
 
 def node_times(problem: Problem) -> dict[str, NodeTimes]:
     measured = {c.node: c for c in problem.costs}
+    cal = problem.calibration
     out: dict[str, NodeTimes] = {}
     for node in problem.nodes:
         # A node busy with other work a fraction `load` of the time runs our layers 1/(1-load) slower.
         slow = 1.0 / (1.0 - node.load)
         cost = measured.get(node.name)
         if cost is not None:
-            pre = tuple(t * slow for t in cost.prefill_s_per_token)
-            dec = tuple(t * slow for t in cost.decode_s_per_token)
-            hp, hd = cost.head_prefill_s_per_token * slow, cost.head_decode_s_per_token * slow
+            pre, dec = cost.prefill_s_per_token, cost.decode_s_per_token
+            hp, hd = cost.head_prefill_s_per_token, cost.head_decode_s_per_token
         else:
-            per = tuple(layer.flops_per_token / node.speed_flops * slow for layer in problem.model.layers)
-            pre = dec = per
-            hp = hd = problem.model.head_flops_per_token / node.speed_flops * slow
-        out[node.name] = NodeTimes(pre, dec, hp, hd)
+            pre = dec = tuple(layer.flops_per_token / node.speed_flops for layer in problem.model.layers)
+            hp = hd = problem.model.head_flops_per_token / node.speed_flops
+        capacity = None if node.cpu_share is None else node.cpu_share * (1.0 - node.load)
+        if cal is None:
+            wall, pre_scale, cpu_scale = slow, slow, 1.0
+        else:
+            c = cal.node(node.name)
+            wall, pre_scale, cpu_scale = c.cpu_scale * c.stretch * slow, c.prefill_scale * slow, c.cpu_scale
+        out[node.name] = NodeTimes(
+            prefill_s=tuple(t * pre_scale for t in pre),
+            decode_s=tuple(t * wall for t in dec),
+            head_prefill_s=hp * pre_scale,
+            head_decode_s=hd * wall,
+            decode_cpu_s=tuple(t * cpu_scale for t in dec),
+            head_cpu_s=hd * cpu_scale,
+            capacity=capacity,
+        )
     return out
+
+
+def hop_s(problem: Problem, routes: Routes, a: str, b: str, num_bytes: float) -> float:
+    """Seconds to move ``num_bytes`` from ``a`` to ``b``: propagation plus serialisation, and with a
+    calibration the learned software cost of the hop and its goodput (a hop within one node, gateway to
+    a stage on the source, then costs its software only)."""
+    cal = problem.calibration
+    route = routes.get(a, b)
+    if cal is None:
+        return transfer_s(route, num_bytes)
+    if a == b:
+        return max(0.0, cal.hop_overhead(a, a))
+    if route.bw_mbit == 0.0:
+        return math.inf
+    fixed = max(0.0, route.delay_s + cal.hop_overhead(a, b))
+    return fixed + cal.hop_slope(a, b) * serialisation_s(route, num_bytes)
 
 
 def stage_memory_bytes(problem: Problem, first: int, end: int) -> int:
@@ -92,6 +130,8 @@ def predict(problem: Problem, stages: Sequence[Stage], routes: Routes | None = N
 
     ttft = tpot = priv = 0.0
     bottleneck = 0.0
+    stage_pre: list[float] = []
+    stage_dec: list[float] = []
     for k, stage in enumerate(stages):
         t = times[stage.node]
         pre = sum(t.prefill_s[stage.first : stage.end])
@@ -100,19 +140,25 @@ def predict(problem: Problem, stages: Sequence[Stage], routes: Routes | None = N
             # The runtime's last segment computes logits for every prompt position, hence x prompt.
             pre += t.head_prefill_s
             dec += t.head_decode_s
+        stage_pre.append(prompt * pre)
+        stage_dec.append(dec)
         ttft += prompt * pre
         tpot += dec
         bottleneck = max(bottleneck, dec)
         priv += exposure(problem, stage.node, stage.first)
         a, b, nbytes = hops[k]
-        ttft += transfer_s(routes.get(a, b), prompt * nbytes)
-        tpot += transfer_s(routes.get(a, b), nbytes)
+        ttft += hop_s(problem, routes, a, b, prompt * nbytes)
+        tpot += hop_s(problem, routes, a, b, nbytes)
         bottleneck = max(bottleneck, serialisation_s(routes.get(a, b), nbytes))
     a, b, nbytes = hops[-1]
-    ret = transfer_s(routes.get(a, b), nbytes)  # only the sampled token goes back, prefill included
+    ret = hop_s(problem, routes, a, b, nbytes)  # only the sampled token goes back, prefill included
     ttft += ret
     tpot += ret
     bottleneck = max(bottleneck, serialisation_s(routes.get(a, b), nbytes))
+    if problem.calibration is not None:
+        ttft, tpot, bottleneck = _with_contention(
+            problem, stages, routes, times, hops, stage_pre, stage_dec, ttft
+        )
     throughput = math.inf if bottleneck == 0.0 else 1.0 / bottleneck
     latency = ttft + (problem.workload.gen_tokens - 1) * tpot
     return Metrics(
@@ -123,6 +169,76 @@ def predict(problem: Problem, stages: Sequence[Stage], routes: Routes | None = N
         bottleneck_s=bottleneck,
         request_latency_s=latency,
     )
+
+
+def _with_contention(
+    problem: Problem,
+    stages: Sequence[Stage],
+    routes: Routes,
+    times: dict[str, NodeTimes],
+    hops: Sequence[tuple[str, str, float]],
+    stage_pre: Sequence[float],
+    stage_dec: Sequence[float],
+    ttft_alone: float,
+) -> tuple[float, float, float]:
+    """(TTFT, TPOT, bottleneck) of the workload's concurrent sessions, with the gateway's own work and
+    the CPU quotas (policies.contention): what a calibrated model adds to the plain sums."""
+    cal = problem.calibration
+    assert cal is not None
+    w = problem.workload
+    gen = max(1, w.gen_tokens)
+
+    def mean(prefill: float, decode: float) -> float:  # per step over one request: 1 prefill, gen-1 decodes
+        return (prefill + (gen - 1) * decode) / gen
+
+    stations = [Station("gateway", cal.source_idle_s, cal.source_idle_s)]
+    cpu = {problem.source: cal.source_cpu_s}
+    for stage, pre, dec in zip(stages, stage_pre, stage_dec, strict=True):
+        stations.append(Station(f"stage:{stage.node}", dec, mean(pre, dec)))
+        t = times[stage.node]
+        dec_cpu = sum(t.decode_cpu_s[stage.first : stage.end])
+        dec_cpu += t.head_cpu_s if stage.end == problem.num_layers else 0.0
+        ratio = dec_cpu / dec if dec > 0 else 1.0
+        cpu[stage.node] = cpu.get(stage.node, 0.0) + mean(pre * ratio, dec_cpu)
+    links: dict[tuple[str, str], list[float]] = {}
+    for k, (a, b, nbytes) in enumerate(hops):
+        pre_bytes = nbytes if k == len(hops) - 1 else w.prompt_tokens * nbytes
+        dec_s = hop_s(problem, routes, a, b, nbytes)
+        ser_dec = _ser(problem, routes, a, b, nbytes)
+        ser_pre = _ser(problem, routes, a, b, pre_bytes)
+        stations.append(Station(f"hop:{a}>{b}", dec_s - ser_dec, dec_s - ser_dec, queue=False))
+        # Hops whose routes cross the same link direction at its narrowest share its queue.
+        key = _narrowest_link(problem, routes, a, b)
+        busy = links.setdefault(key, [0.0, 0.0])
+        busy[0] += ser_dec
+        busy[1] += mean(ser_pre, ser_dec)
+    stations += [Station(f"link:{a}>{b}", dec, avg) for (a, b), (dec, avg) in sorted(links.items())]
+    node_caps = {n: times[n].capacity for n in cpu}
+    quotas = [Quota(n, c, cap) for n, c in sorted(cpu.items()) if (cap := node_caps[n]) is not None]
+    sessions = w.concurrent_sessions
+    tpot = cycle_time_s(stations, sessions, quotas)
+    waiting = queue_lengths(stations, sessions - 1)
+    ttft = ttft_alone + cal.source_idle_s + sum(s.mean_s * q for s, q in zip(stations, waiting, strict=True))
+    return ttft, tpot, contention_bottleneck_s(stations, quotas)
+
+
+def _ser(problem: Problem, routes: Routes, a: str, b: str, num_bytes: float) -> float:
+    """Serialisation part of a hop (calibrated goodput), 0 within a node."""
+    if a == b:
+        return 0.0
+    cal = problem.calibration
+    slope = 1.0 if cal is None else cal.hop_slope(a, b)
+    return slope * serialisation_s(routes.get(a, b), num_bytes)
+
+
+def _narrowest_link(problem: Problem, routes: Routes, a: str, b: str) -> tuple[str, str]:
+    """The directed link of the route ``a`` -> ``b`` with the lowest rate (the first such on ties)."""
+    path = routes.get(a, b).nodes
+    if len(path) < 2:
+        return (a, b)
+    rate = {(lk.a, lk.b): lk.bw_mbit for lk in problem.links}
+    rate.update({(lk.b, lk.a): lk.bw_mbit for lk in problem.links})
+    return min(itertools.pairwise(path), key=lambda pair: rate.get(pair, math.inf))
 
 
 def metric_value(metrics: Metrics, name: str) -> float:

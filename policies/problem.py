@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from policies.calibration import Calibration
 from policies.errors import ProblemError
 
 Tier = Literal["device", "edge", "mec", "cloud"]
@@ -54,6 +55,9 @@ class Node(_Frozen):
     mem_bytes: int = Field(ge=0, description="memory available to model segments")
     load: float = Field(default=0.0, ge=0, lt=1, description="fraction of compute taken by other work")
     trust: float = Field(default=1.0, ge=0, le=1)
+    cpu_share: float | None = Field(
+        default=None, gt=0, description="cores its processes may use over time (a CPU quota); None: no cap"
+    )
 
 
 class Link(_Frozen):
@@ -127,6 +131,10 @@ class Problem(_Frozen):
     workload: Workload = Workload()
     constraints: Constraints = Constraints()
     objective: Objective = Objective()
+    # Learned from live traffic (policies.calibration). With it, plans are priced by the full model:
+    # learned compute and wire coefficients, the gateway's own work, queueing between the workload's
+    # concurrent sessions and CPU quotas (policies.contention). Without it, the plain analytic model.
+    calibration: Calibration | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Problem:
@@ -211,6 +219,7 @@ class Problem(_Frozen):
         workload: Workload | None = None,
         constraints: Constraints | None = None,
         objective: Objective | None = None,
+        calibration: Calibration | None = None,
     ) -> Problem:
         """Build a problem from measured profiles (what ``flows.profile`` produces) and model facts.
 
@@ -266,4 +275,5 @@ class Problem(_Frozen):
             workload=workload or Workload(),
             constraints=constraints or Constraints(),
             objective=objective or Objective(),
+            calibration=calibration,
         )

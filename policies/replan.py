@@ -1,22 +1,36 @@
-"""Re-planning with hysteresis: adopt a new plan only when its gain over a horizon clears its migration cost.
+"""Re-planning under uncertainty: adopt a plan when its expected gain over the forecast clears the cost.
 
-Costs follow a make-before-break switch (what ``flows.deploy`` does): the target nodes fetch the layer
-weights they lack while the current plan keeps serving, so fetching delays the gain rather than stopping
-service; then every live session pauses once for a fixed switch stall plus the time to bring its KV cache
-to the new owners. Per session, the first ``k`` stages of the candidate recompute their KV from the token
-history the gateway keeps (one prefill through them) and the other stages receive the KV of their layers
-from the old holders; ``k`` is chosen by predicted cost, from 0 (move everything: wins on fast links) to
-all stages (replay: wins when the KV would cross a slow link, and the only way when an old holder is gone).
+The rule (docs/policies.md, "Re-planning"):
+1. A current plan that breaks a constraint now (a node failed, memory shrank, an SLO cannot hold) is
+   left at once.
+2. Otherwise both plans are valued over the horizon ``H`` against the link forecast (policies.forecast):
+   requests served per session, ``N = integral of 1 / J(t) dt`` where ``J`` is the objective per request
+   (by default its latency) under the rates the forecast expects at ``t``. The gain, in session-seconds
+   of the current plan's service, is ``(N_new - N_cur) * (H / N_cur) * sessions``.
+3. The cost: every live session stalls once at the switch (a fixed ``switch_stall_s`` plus moving or
+   recomputing its KV), and the gain starts only when the new stages are ready (make-before-break: the
+   current plan serves meanwhile): loading them into a warm server, starting one, or fetching weights
+   a node's store lacks.
+4. Adopt when the gain is at least ``min_gain_ratio`` of what the current plan serves and exceeds the
+   cost by the hysteresis factor: ``gain > (1 + hysteresis) * cost``. Moving back later pays its own
+   cost again, so a plan that would be left soon does not pay for coming (break-even).
+
+Per session, the first ``k`` stages of the candidate recompute their KV from the token history the gateway
+keeps (one prefill through them) and the other stages receive the KV of their layers from the old
+holders; ``k`` is chosen by predicted cost, from 0 (move everything: wins on fast links) to all stages
+(replay: wins when the KV would cross a slow link, and the only way when an old holder is gone).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from policies.analytic import node_times, predict, violations, weighted_objective
+from policies.forecast import Forecast, persistent
 from policies.plan import Metrics, Plan, Stage
 from policies.problem import Problem
 from policies.routes import Routes, all_routes, transfer_s
@@ -26,7 +40,7 @@ class MigrationCost(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     weight_bytes: int
-    weight_s: float
+    weight_s: float  # until the new stages serve: fetching what stores lack, or loading / starting
     kv_bytes: int
     kv_move_s: float  # move every moved layer's KV (k = 0)
     kv_recompute_s: float  # recompute on every stage (k = all)
@@ -34,7 +48,7 @@ class MigrationCost(BaseModel):
     recompute_stages: int  # k: the candidate's first k stages recompute, the rest receive KV
     kv_s: float  # the predicted KV time per switch for the chosen k
     stall_s: float  # what each live session waits at the switch
-    total_s: float  # objective seconds lost: live sessions x stall + gain forgone while fetching
+    total_s: float  # session-seconds lost: live sessions x stall + gain forgone until the new plan serves
 
 
 class Decision(BaseModel):
@@ -42,10 +56,13 @@ class Decision(BaseModel):
 
     adopt: bool
     reason: str
-    gain_s: float  # objective seconds saved over the horizon, before cost
+    gain_s: float  # session-seconds gained over the horizon, before cost
     cost: MigrationCost
     current: Metrics | None
     candidate: Metrics
+    # What the forecast expected each plan to serve per session over the horizon (requests).
+    served_current: float | None = None
+    served_candidate: float | None = None
 
 
 def decide(
@@ -56,21 +73,26 @@ def decide(
     *,
     switch_stall_s: float = 0.05,
     min_gain_ratio: float = 0.05,
+    hysteresis: float = 0.0,
     store_node: str | None = None,
     kv_mode: Literal["auto", "move", "recompute"] = "auto",
+    forecast: Forecast | None = None,
+    ready_s: Mapping[str, float] | None = None,
+    holdings: Mapping[str, frozenset[int]] | None = None,
 ) -> Decision:
     """Compare ``current`` (re-priced under ``problem``, the newest profiles) with ``candidate``.
 
-    Adopt only when (a) the current plan is no longer feasible, or (b) the candidate's objective is at
-    least ``min_gain_ratio`` better per request AND the gain over ``horizon_s`` exceeds the migration
-    cost. ``store_node`` holds every layer (the model store); layers whose current holder is gone are
-    fetched from it (default: a cloud node, else the source).
-    """
+    ``forecast``: the links over the horizon (None: today's rates persist). ``ready_s[node]``: seconds
+    until ``node`` serves a new stage of its own (a warm server loads it; otherwise a process starts);
+    ``holdings[node]``: the layers its store holds (None: weights are fetched from the current holder or
+    ``store_node``, default a cloud node). See the module docstring for the rule."""
     routes = all_routes(problem)
     cand_metrics = predict(problem, candidate.stages, routes)
     cost = migration_cost(
-        problem, current.stages, candidate.stages, routes, store_node, kv_mode, switch_stall_s
+        problem, current.stages, candidate.stages, routes, store_node, kv_mode, switch_stall_s, holdings
     )
+    if ready_s is not None:
+        cost = cost.model_copy(update={"weight_s": max(cost.weight_s, _ready_s(current, candidate, ready_s))})
     broken = violations(problem, current.stages, routes)
     if broken:
         return Decision(
@@ -82,39 +104,57 @@ def decide(
             candidate=cand_metrics,
         )
     cur_metrics = predict(problem, current.stages, routes)
-    j_cur = weighted_objective(problem, cur_metrics)
-    j_new = weighted_objective(problem, cand_metrics)
-    per_request = j_cur - j_new
-    rate = _requests_per_s(problem, cur_metrics)
-    # Gain over the whole horizon; the part lost while the targets fetch weights is counted as cost.
-    gain = per_request * rate * horizon_s
-    forgone = per_request * rate * min(horizon_s, cost.weight_s)
-    total = cost.stall_s * problem.workload.concurrent_sessions + max(0.0, forgone)
+    fc = forecast or persistent({f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links})
+    j_cur = _per_request(problem, cur_metrics, current.stages, fc)
+    j_new = _per_request(problem, cand_metrics, candidate.stages, fc)
+    n_cur = fc.tokens(j_cur[0], j_cur[1], horizon_s)
+    n_new = fc.tokens(j_new[0], j_new[1], horizon_s)
+    sessions = problem.workload.concurrent_sessions
+    unit = horizon_s / n_cur if n_cur > 0 else 0.0  # session-seconds per request, current plan
+    gain = (n_new - n_cur) * unit * sessions
+    # Until the new stages serve, the current plan does: the gain of that window is forgone.
+    window = min(horizon_s, cost.weight_s)
+    forgone = max(0.0, fc.tokens(j_new[0], (), window) - fc.tokens(j_cur[0], (), window)) * unit * sessions
+    total = cost.stall_s * sessions + forgone
     cost = cost.model_copy(update={"total_s": total})
+
+    def verdict(adopt: bool, reason: str) -> Decision:
+        return Decision(
+            adopt=adopt, reason=reason, gain_s=gain, cost=cost, current=cur_metrics, candidate=cand_metrics,
+            served_current=n_cur, served_candidate=n_new,
+        )  # fmt: skip
+
     if candidate.layout() == _layout(current.stages):
-        return Decision(
-            adopt=False,
-            reason="same plan",
-            gain_s=0.0,
-            cost=cost,
-            current=cur_metrics,
-            candidate=cand_metrics,
+        return verdict(False, "same plan")
+    share = (n_new - n_cur) / n_cur if n_cur > 0 else 0.0
+    if n_cur <= 0 or share < min_gain_ratio:
+        return verdict(False, f"gain {share:.2%} per session < threshold {min_gain_ratio:.0%}")
+    bar = (1.0 + hysteresis) * total
+    if gain <= bar:
+        return verdict(False, f"gain {gain:.3g} s over {horizon_s:g} s does not clear the cost {total:.3g} s")
+    return verdict(True, f"gain {gain:.3g} s over {horizon_s:g} s clears the cost {total:.3g} s")
+
+
+def _per_request(
+    problem: Problem, now: Metrics, stages: Sequence[Stage], fc: Forecast
+) -> tuple[float, list[float]]:
+    """The objective per request (seconds) now and under each of the forecast's snapshots."""
+    future = []
+    for snap in fc.snapshots:
+        links = tuple(
+            lk.model_copy(update={"bw_mbit": max(0.01, snap.get(f"{lk.a}-{lk.b}", lk.bw_mbit))})
+            for lk in problem.links
         )
-    if j_cur <= 0 or per_request < min_gain_ratio * j_cur:
-        share = per_request / j_cur if j_cur > 0 else 0.0
-        reason = f"gain {share:.2%} per request < threshold {min_gain_ratio:.0%}"
-        return Decision(
-            adopt=False, reason=reason, gain_s=gain, cost=cost, current=cur_metrics, candidate=cand_metrics
-        )
-    if gain <= total:
-        reason = f"gain {gain:.3g} s over {horizon_s:g} s does not clear migration cost {total:.3g} s"
-        return Decision(
-            adopt=False, reason=reason, gain_s=gain, cost=cost, current=cur_metrics, candidate=cand_metrics
-        )
-    reason = f"gain {gain:.3g} s over {horizon_s:g} s exceeds migration cost {total:.3g} s"
-    return Decision(
-        adopt=True, reason=reason, gain_s=gain, cost=cost, current=cur_metrics, candidate=cand_metrics
-    )
+        p = problem.model_copy(update={"links": links})
+        future.append(weighted_objective(p, predict(p, stages)))
+    return weighted_objective(problem, now), future
+
+
+def _ready_s(current: Plan, candidate: Plan, ready_s: Mapping[str, float]) -> float:
+    """Until every changed stage of ``candidate`` serves (they come up in parallel)."""
+    kept = set(current.layout())
+    changed = [s.node for s in candidate.stages if (s.node, s.first, s.end) not in kept]
+    return max((ready_s.get(node, math.inf) for node in changed), default=0.0)
 
 
 def _layout(stages: Sequence[Stage]) -> tuple[tuple[str, int, int], ...]:
@@ -140,6 +180,7 @@ def migration_cost(
     store_node: str | None,
     kv_mode: Literal["auto", "move", "recompute"],
     switch_stall_s: float,
+    holdings: Mapping[str, frozenset[int]] | None = None,
 ) -> MigrationCost:
     names = set(problem.node_names)
     L = problem.num_layers
@@ -147,22 +188,11 @@ def migration_cost(
     old = {k: v for k, v in _holders(current).items() if v in names}
     new = _holders(candidate)
     m = problem.model
-    # Weights: each target fetches what it lacks from the current holder (or the store), targets in parallel.
-    fetch: dict[str, dict[str, int]] = {}
-    for layer in range(L):
-        target = new[layer]
-        if old.get(layer) == target:
-            continue
-        origin = old.get(layer, store)
-        fetch.setdefault(target, {}).setdefault(origin, 0)
-        fetch[target][origin] += m.layers[layer].weight_bytes
-    for edge_bytes, layer in ((m.embed_weight_bytes, 0), (m.head_weight_bytes, L - 1)):
-        owner = new[layer]
-        had = [s.node for s in current if (s.first == 0 if layer == 0 else s.end == L)]
-        if edge_bytes and (not had or had[0] != owner):
-            origin = had[0] if had and had[0] in names else store
-            fetch.setdefault(owner, {}).setdefault(origin, 0)
-            fetch[owner][origin] += edge_bytes
+    fetch = (
+        _fetches(problem, routes, new, holdings)
+        if holdings is not None
+        else _fetches_from_holders(problem, current, old, new, store)
+    )
     weight_bytes = sum(b for per in fetch.values() for b in per.values())
     weight_s = max(
         (
@@ -202,6 +232,55 @@ def migration_cost(
         stall_s=switch_stall_s + kv_s,
         total_s=0.0,
     )
+
+
+def _fetches_from_holders(
+    problem: Problem, current: Sequence[Stage], old: dict[int, str], new: dict[int, str], store: str
+) -> dict[str, dict[str, int]]:
+    """Weights each target lacks, from the layer's current holder (or the store node)."""
+    names = set(problem.node_names)
+    L = problem.num_layers
+    m = problem.model
+    fetch: dict[str, dict[str, int]] = {}
+    for layer in range(L):
+        target = new[layer]
+        if old.get(layer) == target:
+            continue
+        origin = old.get(layer, store)
+        fetch.setdefault(target, {}).setdefault(origin, 0)
+        fetch[target][origin] += m.layers[layer].weight_bytes
+    for edge_bytes, layer in ((m.embed_weight_bytes, 0), (m.head_weight_bytes, L - 1)):
+        owner = new[layer]
+        had = [s.node for s in current if (s.first == 0 if layer == 0 else s.end == L)]
+        if edge_bytes and (not had or had[0] != owner):
+            origin = had[0] if had and had[0] in names else store
+            fetch.setdefault(owner, {}).setdefault(origin, 0)
+            fetch[owner][origin] += edge_bytes
+    return fetch
+
+
+def _fetches(
+    problem: Problem, routes: Routes, new: dict[int, str], holdings: Mapping[str, frozenset[int]]
+) -> dict[str, dict[str, int]]:
+    """Weights each target's store lacks, from the holder it reaches fastest (the embeddings travel with
+    layer 0, the head with the last layer)."""
+    m = problem.model
+    L = problem.num_layers
+    fetch: dict[str, dict[str, int]] = {}
+    for layer in range(L):
+        target = new[layer]
+        if layer in holdings.get(target, frozenset()):
+            continue
+        nbytes = m.layers[layer].weight_bytes
+        nbytes += m.embed_weight_bytes if layer == 0 else 0
+        nbytes += m.head_weight_bytes if layer == L - 1 else 0
+        sources = sorted(n for n, held in holdings.items() if layer in held and n != target)
+        if not sources:
+            raise ValueError(f"no node's store holds layer {layer}; prepare the model in a store")
+        origin = min(sources, key=lambda n: transfer_s(routes.get(n, target), nbytes))
+        fetch.setdefault(target, {}).setdefault(origin, 0)
+        fetch[target][origin] += nbytes
+    return fetch
 
 
 def _kv_move_s(

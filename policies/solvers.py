@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from policies.analytic import predict, violations, weighted_objective
+from policies.analytic import node_times, predict, violations, weighted_objective
 from policies.errors import InfeasibleError, SearchLimitError
 from policies.plan import Plan, Stage
 from policies.problem import Constraints, Problem
@@ -85,7 +85,10 @@ def needs_milp(problem: Problem) -> bool:
 
 def latency_dp(problem: Problem, *, policy: str = "latency_dp") -> Plan:
     """Exact minimum of w_ttft*TTFT + w_tpot*TPOT + w_privacy*exposure under memory, trust and throughput
-    floor (all per-stage, so exact inside the search). SLO bounds hand over to the exact MILP."""
+    floor (all per-stage, so exact inside the search). SLO bounds hand over to the exact MILP. A
+    calibrated problem is priced by the full model (``calibrated_latency``)."""
+    if problem.calibration is not None and problem.objective.mode == "weighted":
+        return calibrated_latency(problem, policy=policy)
     if needs_milp(problem):
         from policies.milp import milp
 
@@ -97,6 +100,69 @@ def latency_dp(problem: Problem, *, policy: str = "latency_dp") -> Plan:
     if found is None:
         raise diagnose(problem)
     return to_plan(problem, t, found.stages, policy)
+
+
+# Bottleneck caps tried by ``calibrated_latency`` (plans that spread the work for concurrent sessions).
+CONTENTION_CAPS = 8
+
+
+def calibrated_latency(problem: Problem, *, policy: str = "latency_dp") -> Plan:
+    """The least weighted objective under the full (calibrated) model.
+
+    Queueing between concurrent sessions and CPU quotas make TPOT a max of sums (policies.contention), which
+    no additive search optimises directly. Candidates come from the exact search over the additive part
+    (the plan alone on an idle network), the same with each CPU-quota node priced at its quota (what a
+    node that does most of the work runs at), and with every stage and hop capped at a few bottleneck
+    values (plans that spread the work when sessions queue); the MILP's plan too where SLO bounds apply.
+    Every candidate is priced and checked by the full model and the best feasible one returned: exact
+    when nothing queues or saturates (then the first candidate is the optimum), otherwise the best of
+    these (measured against brute force in tests/policies/test_calibrated.py)."""
+    t = build(problem)
+    base = objective_costs(problem, t)
+    candidates: list[tuple[RawStage, ...]] = []
+    for costs in _candidate_costs(problem, t, base):
+        found = search_exact(costs)
+        if found is not None and found.stages not in candidates:
+            candidates.append(found.stages)
+    plans = []
+    for stages in candidates:
+        with contextlib.suppress(InfeasibleError):
+            plans.append(to_plan(problem, t, stages, policy))
+    if needs_milp(problem):
+        from policies.milp import milp
+
+        with contextlib.suppress(InfeasibleError, SearchLimitError):
+            plans.append(milp(problem, policy=policy, weights=_latency_weights(problem)))
+    if not plans:
+        raise diagnose(problem)
+    return min(plans, key=lambda plan: (plan.objective_value, plan.layout()))
+
+
+def _candidate_costs(problem: Problem, t: Tables, base: Costs) -> list[Costs]:
+    out = [base]
+    w_tpot = problem.tpot_weight()
+    times = node_times(problem)
+    for n, name in enumerate(t.names):
+        capacity = times[name].capacity
+        if capacity is None or capacity >= 1.0:
+            continue
+        # This node's stages at the pace its quota allows over time (its CPU work / its share).
+        cpu = np.concatenate([[0.0], np.cumsum(times[name].decode_cpu_s)])
+        span = cpu[None, :] - cpu[:, None]
+        span[:, -1] += times[name].head_cpu_s
+        slowed = base.stage.copy()
+        extra = np.maximum(0.0, span / capacity - t.stage_decode_s[n])
+        slowed[n] = np.where(np.isfinite(base.stage[n]), base.stage[n] + w_tpot * extra, INF)
+        out.append(Costs(slowed, base.hop, base.start, base.ret))
+    if problem.workload.concurrent_sessions > 1:
+        values = bottleneck_values(t, base)
+        picks = (
+            np.unique(np.linspace(0, values.size - 1, CONTENTION_CAPS).round().astype(int))
+            if values.size
+            else []
+        )
+        out += [objective_costs(problem, t, cap_s=min(float(values[i]), _floor(problem))) for i in picks]
+    return out
 
 
 def _latency_weights(problem: Problem) -> tuple[float, float, float, float]:

@@ -109,21 +109,26 @@ def build(problem: Problem, *, check_memory: bool | None = None, check_trust: bo
     act = np.array([_act_bytes(problem, i) for i in range(L + 1)], dtype=float)
     eye = np.eye(n_nodes, dtype=bool)
     same = eye[:, :, None]
+    overhead, slope = _hop_terms(problem, names)
     busy = np.where(same, 0.0, inv_bw[:, :, None] * act[None, None, :])
-    hop_pre = np.where(same, 0.0, delay[:, :, None] + prompt * busy)
-    hop_dec = np.where(same, 0.0, delay[:, :, None] + busy)
+    fixed = np.maximum(0.0, delay + overhead)  # per hop: propagation and the learned software cost
+    hop_pre = np.where(same, 0.0, fixed[:, :, None] + prompt * slope[:, :, None] * busy)
+    hop_dec = np.where(same, 0.0, fixed[:, :, None] + slope[:, :, None] * busy)
     private = depth < c.private_depth if check_trust else np.zeros(L + 1, dtype=bool)
     hop_ok = (~same) & reach[:, :, None] & (path_trusted[:, :, None] | ~private[None, None, :])
 
     s = names.index(problem.source)
     in_b = float(problem.model.input_bytes_per_token)
     out_b = float(problem.model.output_bytes_per_token)
+    # The source's own hops: to the first stage and back from the last; within the source node (the
+    # gateway and a stage there) they cost the hop's software only.
     start_busy = np.where(eye[s], 0.0, inv_bw[s] * in_b)
-    start_pre = np.where(eye[s], 0.0, delay[s] + prompt * start_busy)
-    start_dec = np.where(eye[s], 0.0, delay[s] + start_busy)
+    local = max(0.0, float(overhead[s, s]))
+    start_pre = np.where(eye[s], local, fixed[s] + prompt * slope[s] * start_busy)
+    start_dec = np.where(eye[s], local, fixed[s] + slope[s] * start_busy)
     start_ok = reach[s] & (path_trusted[s] | (not bool(private[0])))
     ret_busy = np.where(eye[s], 0.0, inv_bw[:, s] * out_b)
-    ret = np.where(eye[s], 0.0, delay[:, s] + ret_busy)
+    ret = np.where(eye[s], local, fixed[:, s] + slope[:, s] * ret_busy)
     return Tables(
         names=names,
         src=s,
@@ -147,6 +152,17 @@ def build(problem: Problem, *, check_memory: bool | None = None, check_trust: bo
         ret_ok=reach[:, s],
         routes=routes,
     )
+
+
+def _hop_terms(problem: Problem, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Learned software cost (seconds) and goodput slope of every directed hop; 0 and 1 uncalibrated."""
+    size = len(names)
+    cal = problem.calibration
+    if cal is None:
+        return np.zeros((size, size)), np.ones((size, size))
+    overhead = np.array([[cal.hop_overhead(a, b) for b in names] for a in names], dtype=float)
+    slope = np.array([[cal.hop_slope(a, b) for b in names] for a in names], dtype=float)
+    return overhead, slope
 
 
 def _act_bytes(problem: Problem, depth: int) -> int:

@@ -41,13 +41,26 @@ class ComputeProfile:
     kv_bytes_per_token_per_layer: int
     weight_bytes_per_layer: int
     wall_s: float
+    # The same at full speed: the median single step, which a CPU quota does not throttle (a step of a
+    # few ms fits in one quota period). A node that computes only part of each token's cycle runs at this
+    # speed; the quota bounds what it can do over a whole period (policies.contention).
+    layer_decode_burst_s: float = 0.0
+    embed_decode_burst_s: float = 0.0
+    head_decode_burst_s: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def _time_decode_s(runner: SegmentRunner, context: int, min_time_s: float) -> tuple[float, float]:
-    """(mean seconds of one decode step, prefill seconds per token) for this runner alone.
+@dataclass(frozen=True)
+class _Timing:
+    decode_s: float  # mean over a sustained run (what a CPU quota allows)
+    decode_burst_s: float  # median single step (full speed)
+    prefill_s_per_token: float
+
+
+def _time_decode_s(runner: SegmentRunner, context: int, min_time_s: float) -> _Timing:
+    """Decode step time (mean and median single step) and prefill seconds per token, this runner alone.
 
     Decode steps repeat for at least ``min_time_s`` of wall time, each on a cache of ``context`` tokens
     (truncated back after every step), and the mean is taken: a CPU quota (cgroup CFS) lets a short burst
@@ -70,15 +83,16 @@ def _time_decode_s(runner: SegmentRunner, context: int, min_time_s: float) -> tu
         runner.forward("profile", prompt, 0)
         prefills += 1
     prefill_s = (time.perf_counter() - started) / (prefills * context)
-    steps = 0
+    singles: list[float] = []
     started = time.perf_counter()
-    while steps < 3 or time.perf_counter() - started < min_time_s:
+    while len(singles) < 3 or time.perf_counter() - started < min_time_s:
+        t0 = time.perf_counter()
         runner.forward("profile", token, context)
         runner.truncate("profile", context)
-        steps += 1
-    decode_s = (time.perf_counter() - started) / steps
+        singles.append(time.perf_counter() - t0)
+    decode_s = (time.perf_counter() - started) / len(singles)
     runner.drop_session("profile")
-    return decode_s, prefill_s
+    return _Timing(decode_s, statistics.median(singles), prefill_s)
 
 
 def measure(
@@ -95,37 +109,40 @@ def measure(
     n = probe.info.num_layers
     if probe.is_encoder:
         raise ValueError(f"{model} is an encoder: decode profiling applies to causal LMs")
-    first_decode_s, _ = _time_decode_s(probe, context, min_time_s)
+    first = _time_decode_s(probe, context, min_time_s)
     del probe
     # Middle layers sampled evenly (at most 3): one layer each, neither embeddings nor head.
     middle = sorted({max(1, min(n - 2, i)) for i in (n // 4, n // 2, (3 * n) // 4)}) if n > 2 else []
-    decode, prefill, kv_per_layer, weight_per_layer = [], [], 0, 0
+    timings: list[_Timing] = []
+    kv_per_layer = weight_per_layer = 0
     for layer in middle:
         mid = runner(layer, layer + 1)
-        d, p = _time_decode_s(mid, context, min_time_s)
-        decode.append(d)
-        prefill.append(p)
+        timings.append(_time_decode_s(mid, context, min_time_s))
         kv_per_layer, weight_per_layer = mid.kv_bytes_per_token, mid.weight_bytes
         del mid
-    last = runner(n - 1, n)
-    last_decode_s, last_prefill = _time_decode_s(last, context, min_time_s)
-    if not decode:  # a model of one or two layers: no middle layer to isolate
-        decode, prefill = [last_decode_s], [last_prefill]
-        kv_per_layer, weight_per_layer = last.kv_bytes_per_token, last.weight_bytes
-    layer_s = statistics.median(decode)
+    last_runner = runner(n - 1, n)
+    last = _time_decode_s(last_runner, context, min_time_s)
+    if not timings:  # a model of one or two layers: no middle layer to isolate
+        timings = [last]
+        kv_per_layer, weight_per_layer = last_runner.kv_bytes_per_token, last_runner.weight_bytes
+    layer_s = statistics.median(t.decode_s for t in timings)
+    burst_s = statistics.median(t.decode_burst_s for t in timings)
     return ComputeProfile(
         model=model,
         num_layers=n,
         context_tokens=context,
         threads=threads,
         layer_decode_s=layer_s,
-        layer_prefill_s_per_token=statistics.median(prefill),
-        embed_decode_s=max(0.0, first_decode_s - layer_s),
-        head_decode_s=max(0.0, last_decode_s - layer_s),
-        layer_samples_decode_s=tuple(decode),
+        layer_prefill_s_per_token=statistics.median(t.prefill_s_per_token for t in timings),
+        embed_decode_s=max(0.0, first.decode_s - layer_s),
+        head_decode_s=max(0.0, last.decode_s - layer_s),
+        layer_samples_decode_s=tuple(t.decode_s for t in timings),
         kv_bytes_per_token_per_layer=kv_per_layer,
         weight_bytes_per_layer=weight_per_layer,
         wall_s=time.perf_counter() - started,
+        layer_decode_burst_s=burst_s,
+        embed_decode_burst_s=max(0.0, first.decode_burst_s - burst_s),
+        head_decode_burst_s=max(0.0, last.decode_burst_s - burst_s),
     )
 
 

@@ -1,0 +1,223 @@
+"""The cost model's coefficients as learned from live traffic, and the estimator that learns them (pure).
+
+A profile says how fast a node computes a layer alone; a link's configured rate and RTT say how fast it
+carries bytes. What a token really pays differs: host contention stretches compute, every transfer pays
+a software cost (framing, event-loop wake-ups, the kernel) that neither a profile nor a link probe sees,
+and the gateway on the source node has work of its own per token. :class:`Calibration` holds those
+coefficients; ``policies.analytic`` prices plans with them. The estimator updates them from what the
+running system measures (``segments.telemetry``: every traced step's compute and wire times), as plain
+functions of (state, observation) -> state: the caller keeps the state and feeds the observations.
+
+Estimators, and why: exponentially weighted moving averages (EWMA), arithmetic, because what a
+token pays on average is a mean (a few long preemptions matter as much as many short steps).
+- Per node: the CPU time of a stage against the profile's full-speed time (``cpu_scale``), and its wall
+  time against its CPU time (``stretch``: host contention) while the node's CPU quota is not what holds
+  it back. One slowly drifting ratio each (host contention, a node's background load): one EWMA tracks
+  it with one parameter, its weight per sample (``NODE_ALPHA``: about 30 steps, a few seconds).
+- Per directed hop: ``wire - propagation = overhead + slope x bytes x 8 / rate``. Two unknowns, seen
+  through two very different transfer sizes: decode steps (a few KB, serialisation well under
+  ``SLOPE_MIN_SER_MS``) pin the fixed overhead given the slope, prefills (tens of KB) the slope given
+  the overhead; the two EWMAs alternate and settle on the least-squares line through both sizes
+  without the conditioning trouble recursive least squares has when nearly every sample has one size.
+- The gateway's own time and CPU per token: EWMAs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# EWMA weight of one new sample (memory of ~1/alpha samples).
+NODE_ALPHA = 0.03
+SOURCE_ALPHA = 0.03
+# EWMA weight of a hop's overhead sample and of its slope sample (prefills are rarer: weigh them more).
+HOP_ALPHA = 0.05
+SLOPE_ALPHA = 0.2
+# Transfers whose serialisation at the configured rate is shorter than this inform the overhead only.
+SLOPE_MIN_SER_MS = 2.0
+# Stretch (wall / CPU) is learned only while the node is well inside its CPU quota: a throttled step's
+# wall time is the quota's doing, which the contention model prices separately.
+STRETCH_MAX_UTILISATION = 0.7
+# Measurements outside these ratios are taken as broken, not as information.
+_RATIO_RANGE = (0.05, 20.0)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NodeCalibration(_Frozen):
+    """How a node really computes against its profile: ``cpu_scale`` x the profile's full-speed time is
+    its CPU work per layer; ``stretch`` x that is the wall time when the node is not held by its quota."""
+
+    cpu_scale: float = Field(default=1.0, gt=0)
+    stretch: float = Field(default=1.0, ge=1.0)
+    prefill_scale: float = Field(default=1.0, gt=0)
+    samples: int = Field(default=0, ge=0)
+
+
+class HopCalibration(_Frozen):
+    """Wire time of one directed hop beyond propagation: ``overhead_s + slope * bytes * 8 / rate``."""
+
+    overhead_s: float
+    slope: float = Field(default=1.0, gt=0)
+    samples: int = Field(default=0, ge=0)
+    slope_samples: int = Field(default=0, ge=0)
+
+
+class Calibration(_Frozen):
+    """Everything the cost model learned from live traffic. Hops are keyed ``"a>b"`` (directed: the two
+    directions of a link are shaped and loaded apart); ``"a>a"`` is a hop between two processes of one
+    node (the gateway and a stage on the source). Hops never seen take the priors."""
+
+    nodes: dict[str, NodeCalibration] = Field(default_factory=dict)
+    hops: dict[str, HopCalibration] = Field(default_factory=dict)
+    hop_overhead_s: float = Field(default=0.0, description="prior overhead of a hop between nodes")
+    local_hop_overhead_s: float = Field(default=0.0, ge=0, description="prior of a hop within one node")
+    source_idle_s: float = Field(default=0.0, ge=0, description="gateway time per token outside the chain")
+    source_cpu_s: float = Field(default=0.0, ge=0, description="gateway CPU time per token (source node)")
+    tokens: int = Field(default=0, ge=0, description="decode steps learned from")
+
+    def node(self, name: str) -> NodeCalibration:
+        return self.nodes.get(name, NodeCalibration())
+
+    def hop_overhead(self, a: str, b: str) -> float:
+        hop = self.hops.get(hop_key(a, b))
+        if hop is not None:  # may be negative: a measured RTT that over-states propagation
+            return hop.overhead_s
+        return self.local_hop_overhead_s if a == b else self.hop_overhead_s
+
+    def hop_slope(self, a: str, b: str) -> float:
+        hop = self.hops.get(hop_key(a, b))
+        return 1.0 if hop is None else hop.slope
+
+
+def hop_key(a: str, b: str) -> str:
+    return f"{a}>{b}"
+
+
+def _clamp_ratio(value: float) -> float | None:
+    lo, hi = _RATIO_RANGE
+    return value if lo <= value <= hi and math.isfinite(value) else None
+
+
+def _ewma(current: float, sample: float, alpha: float) -> float:
+    return (1.0 - alpha) * current + alpha * sample
+
+
+def _with_node(cal: Calibration, name: str, node: NodeCalibration) -> Calibration:
+    return cal.model_copy(update={"nodes": {**cal.nodes, name: node}})
+
+
+def observe_decode(
+    cal: Calibration,
+    node: str,
+    *,
+    expected_s: float,
+    wall_s: float,
+    cpu_s: float,
+    utilisation: float,
+    capacity: float | None,
+) -> Calibration:
+    """One decode step's compute on ``node``: ``expected_s`` is the profile's full-speed time for the
+    stage, ``wall_s`` / ``cpu_s`` what the hop measured, ``utilisation`` the share of the node's CPU
+    quota (``capacity`` cores, None: none) in use over the last while: the stretch is learned only where
+    the quota cannot be what slowed the step (well inside it, or a quota of a core or more, which one
+    compute thread cannot exceed)."""
+    if expected_s <= 0 or cpu_s <= 0 or wall_s <= 0:
+        return cal
+    ratio = _clamp_ratio(cpu_s / expected_s)
+    if ratio is None:
+        return cal
+    old = cal.node(node)
+    alpha = max(NODE_ALPHA, 1.0 / (old.samples + 1))  # the first samples weigh in fully
+    stretch = old.stretch
+    if utilisation <= STRETCH_MAX_UTILISATION or capacity is None or capacity >= 1.0:
+        stretch = max(1.0, _ewma(old.stretch, max(1.0, wall_s / cpu_s), alpha))
+    new = old.model_copy(
+        update={
+            "cpu_scale": _ewma(old.cpu_scale, ratio, alpha),
+            "stretch": stretch,
+            "samples": old.samples + 1,
+        }
+    )
+    return _with_node(cal, node, new)
+
+
+def observe_prefill(cal: Calibration, node: str, *, expected_s: float, wall_s: float) -> Calibration:
+    """One prefill's compute on ``node`` against the profile's (sustained) prefill time for it."""
+    if expected_s <= 0 or wall_s <= 0:
+        return cal
+    ratio = _clamp_ratio(wall_s / expected_s)
+    if ratio is None:
+        return cal
+    old = cal.node(node)
+    new = old.model_copy(update={"prefill_scale": _ewma(old.prefill_scale, ratio, 0.2)})
+    return _with_node(cal, node, new)
+
+
+def observe_hop(
+    cal: Calibration, a: str, b: str, *, delay_s: float, ser_s: float, wire_s: float
+) -> Calibration:
+    """One transfer from ``a`` to ``b``: ``delay_s`` the route's one-way propagation, ``ser_s`` its bytes
+    at the configured rate, ``wire_s`` what was measured."""
+    if not (math.isfinite(delay_s) and math.isfinite(ser_s) and math.isfinite(wire_s)) or wire_s < 0:
+        return cal
+    key = hop_key(a, b)
+    old = cal.hops.get(key) or HopCalibration(overhead_s=cal.hop_overhead(a, b))
+    beyond = wire_s - delay_s
+    if ser_s * 1e3 < SLOPE_MIN_SER_MS:
+        # Too few bytes to tell a slower link from a fixed cost: the overhead, given the slope.
+        alpha = max(HOP_ALPHA, 1.0 / (old.samples + 1))
+        sample = beyond - old.slope * ser_s
+        new = old.model_copy(
+            update={"overhead_s": _ewma(old.overhead_s, sample, alpha), "samples": old.samples + 1}
+        )
+    else:
+        alpha = max(SLOPE_ALPHA, 1.0 / (old.slope_samples + 1))
+        ratio = _clamp_ratio((beyond - old.overhead_s) / ser_s)
+        if ratio is None:
+            return cal
+        new = old.model_copy(
+            update={"slope": max(0.5, _ewma(old.slope, ratio, alpha)), "slope_samples": old.slope_samples + 1}
+        )
+    hops = {**cal.hops, key: new}
+    return cal.model_copy(update={"hops": hops, **_priors(hops)})
+
+
+def _priors(hops: dict[str, HopCalibration]) -> dict[str, float]:
+    """Priors for hops not seen yet: the median learned overhead of hops between nodes, and of hops
+    within a node (software cost does not depend much on which link a hop takes)."""
+    between = sorted(h.overhead_s for k, h in hops.items() if _split(k)[0] != _split(k)[1] and h.samples >= 5)
+    within = sorted(h.overhead_s for k, h in hops.items() if _split(k)[0] == _split(k)[1] and h.samples >= 5)
+    out: dict[str, float] = {}
+    if between:
+        out["hop_overhead_s"] = max(0.0, between[len(between) // 2])
+    if within:
+        out["local_hop_overhead_s"] = max(0.0, within[len(within) // 2])
+    if within and not between:
+        out["hop_overhead_s"] = out["local_hop_overhead_s"]
+    if between and not within:
+        out["local_hop_overhead_s"] = out["hop_overhead_s"]
+    return out
+
+
+def _split(key: str) -> tuple[str, str]:
+    a, _, b = key.partition(">")
+    return a, b
+
+
+def observe_source(
+    cal: Calibration, *, idle_s: float | None = None, cpu_s_per_token: float | None = None
+) -> Calibration:
+    """The gateway's time outside the chain between two steps of a session, and its CPU per token."""
+    update: dict[str, float | int] = {}
+    if idle_s is not None and 0 <= idle_s < 1.0:  # longer: the client paused, not the gateway's work
+        alpha = max(SOURCE_ALPHA, 1.0 / (cal.tokens + 1))
+        update["source_idle_s"] = (1 - alpha) * cal.source_idle_s + alpha * idle_s
+        update["tokens"] = cal.tokens + 1
+    if cpu_s_per_token is not None and 0 <= cpu_s_per_token < 1.0:
+        first = cal.source_cpu_s == 0.0
+        update["source_cpu_s"] = cpu_s_per_token if first else 0.8 * cal.source_cpu_s + 0.2 * cpu_s_per_token
+    return cal.model_copy(update=update) if update else cal
