@@ -1,9 +1,11 @@
 """The full demo behind ``make demo``.
 
 prepare the model -> Prefect server -> testbed up (or the local backend) -> deploy flow (profile ->
-optimise -> deploy) -> serve the reconfigure deployment -> generate through the gateway -> drop a link's
-bandwidth -> the event triggers a reconfiguration -> keep generating -> results/<run>/ -> summary -> tear
-down (the Prefect server stays up so the runs can be looked at in its UI).
+optimise -> deploy) -> serve the reconfigure deployment with its controller -> generate through the
+gateway while the controller calibrates the cost model -> drop the source link's bandwidth -> the
+controller re-plans -> keep generating -> restore the link -> the controller re-plans back -> keep
+generating -> results/<run>/ -> summary (plans, per-token latency per phase, predicted against measured
+per plan, reactions) -> tear down (the Prefect server stays up so the runs can be looked at in its UI).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from flows import results
+from flows.calibrate import clear_calibration
+from flows.controller import clear_predictions, load_predictions
 from flows.prefect_server import PrefectServer, ensure_server
 from flows.runtime import RuntimeFailure, clear_local_links, set_local_link
 from flows.state import BackendName, load_state
@@ -33,7 +37,8 @@ from testbed.scenario import Scenario, load_scenario
 
 
 def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | None:
-    """The first reconfigure flow run that started after ``since_s`` and completed; None on timeout."""
+    """The first reconfigure flow run started after ``since_s`` that completed and adopted a plan (the
+    controller starts one only for a plan it adopts; a triggered run may keep the plan); None on timeout."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -51,23 +56,30 @@ def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | 
             runs = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=["reconfigure"])),
                 flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=after)),
-                sort=FlowRunSort.START_TIME_DESC,
+                sort=FlowRunSort.START_TIME_ASC,
                 limit=20,
             )
             for run in runs:
                 if run.start_time is None or run.start_time.timestamp() < since_s or run.state is None:
                     continue
-                if run.parameters.get("reason") != "mec.link.degraded":
-                    continue  # a run some other event queued; the demo follows the link drop
-                if run.state.is_final():
-                    result = _result_of(run.state)
-                    return {"id": str(run.id), "name": run.name, "state": run.state.name,
-                            "parameters": run.parameters, "result": result,
-                            "start_s": run.start_time.timestamp(),
-                            "created_s": run.created.timestamp() if run.created else None,
-                            "end_s": run.end_time.timestamp() if run.end_time else None}  # fmt: skip
+                if not run.state.is_final():
+                    break  # the next adopted run cannot start before this one ends
+                result = _result_of(run.state)
+                if not (result or {}).get("adopted"):
+                    continue
+                return {"id": str(run.id), "name": run.name, "state": run.state.name,
+                        "parameters": run.parameters, "result": result,
+                        "start_s": run.start_time.timestamp(),
+                        "created_s": run.created.timestamp() if run.created else None,
+                        "end_s": run.end_time.timestamp() if run.end_time else None}  # fmt: skip
             time.sleep(1.0)
     return None
+
+
+def clear_run_learning(settings: Any) -> None:
+    """A new deployment learns afresh: the last run's calibration and predictions describe another."""
+    clear_calibration(settings)
+    clear_predictions(settings)
 
 
 def _result_of(state: Any) -> Any:
@@ -83,10 +95,10 @@ def _result_of(state: Any) -> Any:
         return None
 
 
-def _degrade(
+def _set_source_link(
     backend: BackendName, scenario: Scenario, server: PrefectServer, bw_mbit: float
 ) -> tuple[str, str]:
-    """Drop the source's first link to ``bw_mbit``; on the testbed the daemon detects it and emits the
+    """Set the source's first link to ``bw_mbit``; on the testbed the daemon measures it and emits the
     event; the local backend has no daemon, so the demo emits the same event itself."""
     link = next(lk for lk in scenario.links if scenario.source in (lk.a, lk.b))
     if backend == "testbed":
@@ -101,11 +113,36 @@ def _degrade(
     changed_at_s = time.time()
     os.environ.update(server.env())
     emit_event(
-        event="mec.link.degraded",
+        event="mec.link.recovered" if bw_mbit >= link.bw_mbit else "mec.link.degraded",
         resource={"prefect.resource.id": f"mec.link.{link.a}-{link.b}"},
-        payload={"bw_mbit": bw_mbit, "previous_bw_mbit": link.bw_mbit, "changed_at_s": changed_at_s},
+        payload={"bw_mbit": bw_mbit, "nominal_bw_mbit": link.bw_mbit, "changed_at_s": changed_at_s},
     )
     return link.a, link.b
+
+
+def _change_and_follow(
+    name: str, bw_mbit: float, chosen: BackendName, scenario: Scenario, server: PrefectServer,
+    timeout_s: float,
+) -> dict[str, Any]:  # fmt: skip
+    """One change of the demo's timeline: set the source's link, wait for the reconfiguration it leads
+    to, and say what happened."""
+    changed_s = time.time()
+    a, b = _set_source_link(chosen, scenario, server, bw_mbit)
+    say(f"{name}: {a}-{b} set to {bw_mbit:g} Mbit/s; waiting for the controller's reconfiguration")
+    run = _wait_for_reconfigure(changed_s - 1, timeout_s)
+    if run is None:
+        say(f"{name}: no reconfiguration adopted within {timeout_s:.0f} s (see the serve log)")
+    else:
+        after = (run.get("result") or {}).get("after")
+        say(f"{name}: reconfigure run {run['name']} moved to {after}, {run['end_s'] - changed_s:.1f} s after")
+    return {"name": name, "link": f"{a}-{b}", "bw_mbit": bw_mbit, "changed_s": changed_s, "run": run}
+
+
+def _check_serve(proc: Any, log: Path) -> None:
+    """The serve process must be alive: a demo whose controller died would wait out every timeout."""
+    if proc is not None and proc.poll() is not None:
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        raise RuntimeFailure(f"`mecsplit serve` exited with {proc.returncode}; its log {log}:\n{tail}")
 
 
 def run_demo(
@@ -129,9 +166,11 @@ def run_demo(
     if load_state() is not None:
         raise RuntimeFailure("a deployment is already running: `mecsplit down` first")
     clear_local_links(settings)
+    clear_run_learning(settings)
     serve_proc = None
     generator: ChatSession | None = None
     timeline: list[dict[str, Any]] = []
+    nominal = next(lk.bw_mbit for lk in scenario.links if scenario.source in (lk.a, lk.b))
     try:
         if chosen == "testbed":
             from testbed.api import start_daemon
@@ -143,43 +182,46 @@ def run_demo(
         say("deploy flow: profile -> optimise -> deploy")
         first = deploy_flow(scenario=str(scenario_path), backend=chosen, model=scenario.model)
         timeline.append({"t_s": time.time(), "event": "deployed", "plan": first["plan"]})
-        say(f"plan: {first['plan']}  (predicted {first['predicted_tpot_s'] * 1e3:.0f} ms/token)")
+        say(
+            f"plan: {first['plan']}  (predicted {first['predicted_tpot_s'] * 1e3:.0f} ms/token, uncalibrated)"
+        )
         serve_proc = serve_process(settings, server, scenario_path)
         generator = ChatSession(first["gateway_url"], max_tokens)
         generator.start()
-        say(f"generating for {phase_s:.0f} s before the bandwidth drop")
+        say(f"generating for {phase_s:.0f} s (the controller calibrates the cost model meanwhile)")
         time.sleep(phase_s)
-        drop_s = time.time()
-        a, b = _degrade(chosen, scenario, server, degraded_bw_mbit)
-        timeline.append(
-            {"t_s": drop_s, "event": "link.degraded", "link": f"{a}-{b}", "bw_mbit": degraded_bw_mbit}
-        )
-        say(f"dropped {a}-{b} to {degraded_bw_mbit} Mbit/s; waiting for the triggered reconfiguration")
-        run = _wait_for_reconfigure(drop_s - 1, reaction_timeout_s)
-        if run is None:
-            say("no reconfiguration finished in time (see the serve log)")
-        else:
-            timeline.append({"t_s": run["end_s"], "event": "reconfigured", "run": run})
-            say(f"reconfigure run {run['name']}: {run['state']} after {run['end_s'] - drop_s:.1f} s")
-        say(f"generating for {phase_s:.0f} s after the reconfiguration")
-        time.sleep(phase_s)
+        changes = []
+        for name, bw in (("drop", degraded_bw_mbit), ("recovery", nominal)):
+            _check_serve(serve_proc, settings.run_dir / "serve.log")
+            change = _change_and_follow(name, bw, chosen, scenario, server, reaction_timeout_s)
+            changes.append(change)
+            timeline.append({"t_s": change["changed_s"], "event": f"link.{name}", "link": change["link"],
+                             "bw_mbit": bw})  # fmt: skip
+            if change["run"] is not None:
+                timeline.append(
+                    {"t_s": change["run"]["end_s"], "event": "reconfigured", "run": change["run"]}
+                )
+            say(f"generating for {phase_s:.0f} s")
+            time.sleep(phase_s)
         generator.stop()
         state = load_state()
         summary = results.summarise(
             scenario=scenario, backend=chosen, samples=generator.samples, errors=generator.errors,
-            timeline=timeline, drop_s=drop_s, reconfigured=run, first=first,
-            final_plan=None if state is None else state.plan,
+            timeline=timeline, changes=changes, first=first, final_plan=None if state is None else state.plan,
+            predictions=load_predictions(settings),
         )  # fmt: skip
-        reaction = ((run or {}).get("result") or {}).get("reaction")
-        summary["reaction"] = None if reaction is None else reaction["steps"]
         out_dir = results.write_run(results_root, scenario_path, summary, generator.samples, timeline)
         say(f"results in {out_dir}")
         print(json.dumps(summary["headline"], indent=2))
-        if summary["reaction"] is not None:
-            steps = summary["reaction"]
-            say("reaction, seconds per step: " + ", ".join(
-                f"{k.removesuffix('_s')} {v:.2f}" for k, v in steps.items() if isinstance(v, float)
-            ))  # fmt: skip
+        for row in summary["headline"]["prediction_check"]:
+            ratio = row.get("measured_over_predicted")
+            say(f"prediction: {row['plan']} predicted {row['predicted_tpot_ms']} ms/token ({row['kind']}), "
+                f"measured {row.get('measured_tpot_ms')} ms: x{ratio}")  # fmt: skip
+        for name, steps in summary["headline"]["reactions"].items():
+            if steps is not None:
+                say(f"reaction to the {name}, seconds per step: " + ", ".join(
+                    f"{k.removesuffix('_s')} {v:.2f}" for k, v in steps.items() if isinstance(v, float)
+                ))  # fmt: skip
         say(f"Prefect UI: {server.ui_url} (still running; `mecsplit prefect stop` stops it)")
         return summary
     finally:

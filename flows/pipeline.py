@@ -6,7 +6,6 @@ reused by the experiment runner without an API server.
 
 from __future__ import annotations
 
-import itertools
 import json
 import secrets
 import time
@@ -542,39 +541,72 @@ def deploy(
 
 
 # ---------------------------------------------------------------------------------------------- reaction
-REACTION_STEPS = (
-    "detection_s",  # the link's rate changed -> the daemon emitted the event (its sampling and streak)
-    "event_to_run_start_s",  # event occurred -> the flow run started (Prefect: trigger, runner poll, process)
-    "flow_setup_s",  # flow run started -> its body began (imports of the run's process, state read)
-    "profile_s",  # node profiles (cached on a link event) and link rates
-    "optimise_s",  # problem, solve, chain health, decision
-    "deploy_s",  # every new segment serving its range (standby load_range or cold start)
-    "switch_s",  # gateway /admin/chain: live sessions moved to the new chain
-    "first_token_s",  # switched -> first token streamed through the new chain
+# The steps of a reaction, as (step, stamp that ends it), in order from the change. A run the served
+# deployment's trigger started profiles and decides itself; a run the controller started carries its
+# decision (``flows.controller``), taken before the run.
+FLOW_STAMPS: tuple[tuple[str, str], ...] = (
+    ("detection_s", "event"),  # the link's rate changed -> the daemon emitted the event
+    ("event_to_run_start_s", "run_started"),  # event -> the flow run started (trigger, runner, process)
+    ("flow_setup_s", "body"),  # flow run started -> its body began
+    ("profile_s", "profiled"),  # node profiles (cached on a link event) and link rates
+    ("optimise_s", "decided"),  # problem, solve, chain health, decision
+    ("deploy_s", "ready"),  # every new segment serving its range (standby load_range or cold start)
+    ("switch_s", "switched"),  # gateway /admin/chain: live sessions moved to the new chain
+    ("first_token_s", "first_token"),  # switched -> first token through the new chain
 )
+CONTROLLER_STAMPS: tuple[tuple[str, str], ...] = (
+    ("detection_s", "event"),
+    ("decide_s", "decided"),  # event -> the controller's calibrated solve and forecast decision
+    ("run_start_s", "run_started"),  # decision -> the flow run started
+    ("flow_setup_s", "body"),
+    ("deploy_s", "ready"),
+    ("switch_s", "switched"),
+    ("first_token_s", "first_token"),
+)
+REACTION_STEPS = tuple(step for step, _ in FLOW_STAMPS)
 
 
-def reaction_timing(stamps: dict[str, float | None]) -> dict[str, float | None]:
+def reaction_timing(
+    stamps: dict[str, float | None], order: tuple[tuple[str, str], ...] = FLOW_STAMPS
+) -> dict[str, float | None]:
     """Per-step seconds of one reaction from the wall-clock stamps of its steps (time.time(): the daemon,
     the Prefect server and the flow run share this machine's clock). Stamps: ``changed`` (the link rate
-    set), ``event`` (the event's occurred time), ``run_started`` (the flow run's start time in Prefect),
-    ``body``, ``profiled``, ``decided``, ``ready``, ``switched``, ``first_token``; a missing stamp leaves
-    the steps it bounds None. ``end_to_end_s``: from the change (or, without it, the event) to the first
+    set) and then those ``order`` names; a missing stamp leaves the step it ends None, and the next step
+    runs from the last stamp there is (a decision the controller took on a periodic evaluation has no
+    event). ``end_to_end_s``: from the change (or, without it, the first stamp there is) to the first
     token on the new chain."""
-    order = ("changed", "event", "run_started", "body", "profiled", "decided", "ready", "switched",
-             "first_token")  # fmt: skip
 
-    def span(a: str, b: str) -> float | None:
-        x, y = stamps.get(a), stamps.get(b)
+    def span(a: str | None, b: str) -> float | None:
+        x, y = (None if a is None else stamps.get(a)), stamps.get(b)
         return None if x is None or y is None else round(y - x, 4)
 
-    steps: dict[str, float | None] = {
-        name: span(a, b) for name, (a, b) in zip(REACTION_STEPS, itertools.pairwise(order), strict=True)
-    }
-    origin = "changed" if stamps.get("changed") is not None else "event"
+    steps: dict[str, float | None] = {}
+    previous: str | None = "changed" if stamps.get("changed") is not None else None
+    for step, stamp in order:
+        steps[step] = span(previous, stamp)
+        if stamps.get(stamp) is not None:
+            previous = stamp
+    names = ["changed", *(stamp for _, stamp in order)]
+    origin = next((n for n in names if stamps.get(n) is not None), "changed")
     steps["end_to_end_s"] = span(origin, "first_token")
     steps["end_to_end_from"] = origin  # type: ignore[assignment]
     return steps
+
+
+def first_live_token_at(gateway_url: str, timeout_s: float = 2.0) -> float | None:
+    """Wall clock of the first token a live session got from the gateway's current chain (its step
+    telemetry, ``segments.telemetry``); None when none came within ``timeout_s`` (no session running)."""
+    deadline = time.monotonic() + timeout_s
+    seq = 0
+    with httpx.Client(timeout=5.0) as http:
+        while time.monotonic() < deadline:
+            data = http.get(f"{gateway_url}/admin/telemetry", params={"since": seq}).json()
+            fresh = [r["at_s"] for r in data["records"] if r["generation"] == data["generation"]]
+            if fresh:
+                return min(fresh)
+            seq = data["seq"]
+            time.sleep(0.01)
+    return None
 
 
 def first_token_at(gateway_url: str, prompt: str) -> float:

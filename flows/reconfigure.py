@@ -90,15 +90,21 @@ def decide_task(problem: Problem, current: Plan | None, candidate: Plan, horizon
         return {"adopt": True, "reason": "nothing deployed yet"}
     from policies.replan import decide
 
-    decision = decide(problem, current, candidate, horizon_s=horizon_s)
+    p = get_settings().policies
+    decision = decide(
+        problem, current, candidate, horizon_s=horizon_s, switch_stall_s=p.replan_switch_stall_s,
+        min_gain_ratio=p.replan_min_gain_ratio, hysteresis=p.replan_hysteresis,
+    )  # fmt: skip
     return decision.model_dump(mode="json")
 
 
 def _first_token_probe(gateway_url: str) -> float | None:
-    """When the new chain serves: the first token of a one-token completion right after the switch.
-    None (and a warning) where it fails: the switch is done, and a broken chain is the next run's."""
+    """When the new chain serves: the first token a live session got from it, or, with no session
+    running, the first token of a one-token completion right after the switch. None (and a warning)
+    where it fails: the switch is done, and a broken chain is the next run's."""
     try:
-        return pipeline.first_token_at(gateway_url, MEASURE_PROMPT)
+        live = pipeline.first_live_token_at(gateway_url)
+        return live if live is not None else pipeline.first_token_at(gateway_url, MEASURE_PROMPT)
     except Exception as exc:
         get_run_logger().warning(f"first-token probe on the new chain failed: {exc}")
         return None
@@ -204,8 +210,10 @@ def _run_started_s() -> float | None:
     return None if start is None else start.timestamp()
 
 
-def _reaction(stamps: dict[str, float | None]) -> dict[str, Any]:
-    steps = pipeline.reaction_timing(stamps)
+def _reaction(
+    stamps: dict[str, float | None], order: tuple[tuple[str, str], ...] = pipeline.FLOW_STAMPS
+) -> dict[str, Any]:
+    steps = pipeline.reaction_timing(stamps, order)
     return {"steps": steps, "stamps": {k: v for k, v in stamps.items() if v is not None}}
 
 
@@ -268,8 +276,11 @@ def reconfigure(
     switch_mode: str = "auto",
     measure_tokens: int = 8,
     failover_only: bool = False,
-    event_occurred: str | None = None,
+    event_occurred: str | float | None = None,
     trigger: dict[str, Any] | None = None,
+    plan: dict[str, Any] | None = None,
+    decision: dict[str, Any] | None = None,
+    decided_at_s: float | None = None,
 ) -> dict[str, Any]:
     """Profile nodes and links, re-solve the placement, and redeploy only if the gain beats the cost.
 
@@ -284,12 +295,22 @@ def reconfigure(
     ``event_occurred`` and ``trigger`` (the triggering event's time and payload, filled in by the served
     deployment's triggers) time the reaction: the result's ``reaction`` has the seconds of each step,
     from the change the event reports (``changed_at_s`` in the payload) to the first token on the new
-    chain."""
+    chain.
+
+    ``plan`` and ``decision`` (what ``mecsplit serve``'s controller chose, ``decided_at_s`` when): the
+    decision is already taken on the calibrated model and the forecast, so the run deploys ``plan``
+    (make-before-break) without profiling or solving again."""
     started = time.monotonic()
     body_started = time.time()
     current = load_state()
     if current is None:
         raise RuntimeError("nothing is deployed: run `mecsplit deploy --scenario F` (or the demo) first")
+    if plan is not None:
+        stamps = {"changed": _epoch_s((trigger or {}).get("changed_at_s")), "event": _epoch_s(event_occurred),
+                  "decided": decided_at_s, "run_started": _run_started_s(), "body": body_started}  # fmt: skip
+        return _deploy_decided(
+            scenario, current, Plan.model_validate(plan), decision or {}, reason, switch_mode, stamps, started
+        )
     if failover_only and check_chain_task(current.gateway_url)[0]:
         _log(f"reconfigure (failover only): {reason} {resource or ''}: the chain is healthy, plan kept")
         kept = Plan.model_validate(current.plan)
@@ -375,6 +396,46 @@ def reconfigure(
         "reaction": reaction,
         "wall_s": time.monotonic() - started,
     }
+
+
+def _deploy_decided(
+    scenario: str,
+    current: DeploymentState,
+    plan: Plan,
+    decision: dict[str, Any],
+    reason: str,
+    switch_mode: str,
+    stamps: dict[str, float | None],
+    started: float,
+) -> dict[str, Any]:
+    """The controller's decision carried out: deploy ``plan``, time the reaction, publish artifacts."""
+    sc = load_scenario(Path(scenario))
+    before = _plan_of(current)
+    assert before is not None
+    layout = [list(x) for x in plan.layout()]
+    if plan.layout() == before.layout():
+        return {"reason": reason, "adopted": False, "decision": decision, "before": layout, "after": layout,
+                "predicted_tpot_s": plan.predicted.tpot_s, "measured": None, "deploy": None,
+                "wall_s": time.monotonic() - started}  # fmt: skip
+    mode, recompute = _chosen_switch(decision, switch_mode)
+    _log(f"reconfigure ({reason}): deploying {layout}, decided by the controller: {decision.get('reason')}")
+    deployed = deploy_task(current.backend, scenario, current.model, plan, mode, recompute)
+    switch = deployed["switch_report"]
+    _publish(sc, reason, None, decision, before, plan, None, switch)
+    reaction = _reaction(
+        {**stamps, "ready": deployed["ready_at_s"], "switched": deployed["switched_at_s"],
+         "first_token": deployed["first_token_at_s"]},
+        order=pipeline.CONTROLLER_STAMPS,
+    )  # fmt: skip
+    _publish_reaction(reaction, reason)
+    _log(f"reaction: {reaction['steps']}")
+    return {
+        "reason": reason, "resource": None, "adopted": True, "decision": decision,
+        "before": [list(x) for x in before.layout()], "after": layout,
+        "predicted_tpot_s": plan.predicted.tpot_s, "measured": None, "deploy": deployed,
+        "session_move": None if switch is None else {"predicted": decision.get("cost"), "measured": switch},
+        "reaction": reaction, "wall_s": time.monotonic() - started,
+    }  # fmt: skip
 
 
 @flow(name="deploy", log_prints=True)

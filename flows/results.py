@@ -59,40 +59,63 @@ def summarise(
     samples: Sequence[StreamSample],
     errors: Sequence[str],
     timeline: list[dict[str, Any]],
-    drop_s: float,
-    reconfigured: dict[str, Any] | None,
+    changes: Sequence[dict[str, Any]],
     first: dict[str, Any],
     final_plan: dict[str, Any] | None,
+    predictions: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
+    """The demo's summary: per-token latency in each phase (before the first change, between a change and
+    the plan that answers it, and after that plan serves), the plans, predicted against measured per plan
+    (``flows.controller.PredictionLog``), the reactions and, after a recovery, whether the latency came
+    back within ``RECOVERY_TOLERANCE`` of before the drop."""
     rows = token_rows(samples)
-    switch_s = reconfigured["end_s"] if reconfigured and reconfigured.get("end_s") else drop_s
-    before = _phase_stats(rows, 0.0, drop_s)
-    measured_before = before["median_ms"]
-    predicted_ms = first["predicted_tpot_s"] * 1e3
+    per_phase: dict[str, Any] = {}
+    plans: dict[str, Any] = {"before": first["plan"]}
+    reactions: dict[str, Any] = {}
+    lo = 0.0
+    name = "before"
+    for change in changes:
+        run = change.get("run")
+        per_phase[name] = _phase_stats(rows, lo, change["changed_s"])
+        served_s = run["end_s"] if run and run.get("end_s") else change["changed_s"]
+        per_phase[f"{change['name']} (until re-planned)"] = _phase_stats(rows, change["changed_s"], served_s)
+        name, lo = f"after the {change['name']}", served_s
+        result = (run or {}).get("result") or {}
+        plans[name] = result.get("after")
+        reactions[change["name"]] = (result.get("reaction") or {}).get("steps")
+    per_phase[name] = _phase_stats(rows, lo, float("inf"))
+    before = per_phase["before"].get("mean_ms")
+    last = per_phase[name].get("mean_ms")
     headline = {
         "scenario": scenario.name,
         "backend": backend,
-        "plan_before": first["plan"],
-        "plan_after": _layout(final_plan),
-        "plan_changed": _layout(final_plan) != first["plan"],
-        "reconfigure_run": None if reconfigured is None else reconfigured["state"],
-        "reaction_s": None if reconfigured is None else round(reconfigured["end_s"] - drop_s, 2),
-        "per_token_ms": {
-            "before": before,
-            "during": _phase_stats(rows, drop_s, switch_s),
-            "after": _phase_stats(rows, switch_s, float("inf")),
+        "plans": plans,
+        "final_plan": _layout(final_plan),
+        "reconfigurations": sum(1 for c in changes if c.get("run")),
+        "per_token_ms": per_phase,
+        "recovery_check": None
+        if not before or not last or len(changes) < 2
+        else {
+            "before_mean_ms": before,
+            "after_recovery_mean_ms": last,
+            "after_over_before": round(last / before, 3),
+            "within_tolerance": abs(last / before - 1.0) <= RECOVERY_TOLERANCE,
+            "returned_to_first_plan": _layout(final_plan) == first["plan"],
         },
-        "prediction_check": {
-            "predicted_tpot_ms": round(predicted_ms, 2),
-            "measured_tpot_ms": measured_before,
-            "measured_over_predicted": None
-            if not measured_before
-            else round(float(measured_before) / predicted_ms, 3),
-        },
+        "prediction_check": [{k: row.get(k) for k in PREDICTION_FIELDS} for row in predictions],
+        "uncalibrated_prediction_ms": round(first["predicted_tpot_s"] * 1e3, 2),
+        "reactions": reactions,
         "requests": len(samples),
         "errors": len(errors),
     }
     return {"headline": headline, "errors": list(errors), "timeline": timeline}
+
+
+# After the link comes back, per-token latency must be within this share of before the drop.
+RECOVERY_TOLERANCE = 0.10
+PREDICTION_FIELDS = (
+    "plan", "kind", "predicted_tpot_ms", "measured_tpot_ms", "measured_steps", "measured_over_predicted",
+)  # fmt: skip
 
 
 def meta() -> dict[str, Any]:
@@ -369,10 +392,9 @@ def _plot(rows: list[dict[str, Any]], timeline: list[dict[str, Any]], path: Path
     fig, ax = plt.subplots(figsize=(9, 3.5), dpi=100)
     ax.plot([r["t_s"] - t0 for r in tokens], [r["latency_s"] * 1e3 for r in tokens], ".", markersize=3)
     for item in timeline:
-        if item["event"] in ("link.degraded", "reconfigured") and item.get("t_s"):
-            ax.axvline(
-                item["t_s"] - t0, color="red" if item["event"] == "link.degraded" else "green", alpha=0.6
-            )
+        if item["event"].startswith("link.") or item["event"] == "reconfigured":
+            color = "green" if item["event"] == "reconfigured" else "red"
+            ax.axvline(item["t_s"] - t0, color=color, alpha=0.6)
             ax.annotate(item["event"], (item["t_s"] - t0, ax.get_ylim()[1] * 0.9), fontsize=8)
     ax.set_xlabel("time since first token (s)")
     ax.set_ylabel("per-token latency (ms)")

@@ -1,9 +1,15 @@
-"""Serving the reconfiguration deployment: on a schedule and on testbed events.
+"""Serving the reconfiguration deployment: on a schedule, on testbed events, and by the controller.
 
 ``mecsplit serve`` registers the ``reconfigure`` flow as a deployment with an interval or cron schedule
-and one trigger per testbed event (``mec.link.degraded``, ``mec.node.overloaded``, ``mec.node.failed``);
-the event's resource id and payload become the run's parameters. The deployment's concurrency limit of
-one, with queued collisions, keeps two reconfigurations from ever running at once.
+and event triggers; the event's resource id and payload become the run's parameters. The deployment's
+concurrency limit of one, with queued collisions, keeps two reconfigurations from ever running at once.
+
+With the controller (``flows.controller``, the default for an adaptive policy) the serve process also
+learns the cost model from live traffic and watches the network both ways: every network event (a link
+degraded or recovered, a node overloaded, recovered or joined) and a periodic evaluation re-plan with
+the calibrated model and the link forecast, and a run of the deployment starts only for a plan whose
+expected gain clears its cost. Node failures keep their own trigger: a broken chain is rebuilt whatever
+the forecast says. Without the controller every event starts a run that decides for itself.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -49,7 +56,24 @@ TRIGGERS: tuple[TriggerSpec, ...] = (
         "mec.node.*",
         {"reason": "{{ event.event }}", "resource": "{{ event.resource.id }}"},
     ),
+    TriggerSpec(
+        "mec.link.recovered",
+        "mec.link.*",
+        {
+            "reason": "{{ event.event }}",
+            "resource": "{{ event.resource.id }}",
+            "bw_mbit": "{{ event.payload.bw_mbit }}",
+        },
+    ),
+    TriggerSpec(
+        "mec.node.recovered",
+        "mec.node.*",
+        {"reason": "{{ event.event }}", "resource": "{{ event.resource.id }}"},
+    ),
 )
+# Events the controller evaluates itself (both ways); failures stay with the deployment's trigger.
+CONTROLLER_EVENTS = ("mec.link.degraded", "mec.link.recovered", "mec.node.overloaded", "mec.node.recovered")
+FAILURE_EVENTS = ("mec.node.failed",)
 
 
 # Every triggered run also gets the event's time and payload, which time its reaction (the payload of a
@@ -60,7 +84,8 @@ EVENT_TIMING_PARAMETERS = {
 }
 
 
-def build_triggers(scenario: str) -> list[DeploymentEventTrigger]:
+def build_triggers(scenario: str, events: tuple[str, ...] | None = None) -> list[DeploymentEventTrigger]:
+    """One trigger per event of ``events`` (all of ``TRIGGERS`` by default)."""
     return [
         DeploymentEventTrigger(
             name=f"on-{spec.event}",
@@ -69,6 +94,7 @@ def build_triggers(scenario: str) -> list[DeploymentEventTrigger]:
             parameters={"scenario": scenario, **spec.parameters, **EVENT_TIMING_PARAMETERS},
         )
         for spec in TRIGGERS
+        if events is None or spec.event in events
     ]
 
 
@@ -79,8 +105,10 @@ def deployment_options(
     cron: str | None = None,
     policy: str = "latency_dp",
     failover_only: bool = False,
+    controller: bool = False,
 ) -> dict[str, Any]:
-    """What the served ``reconfigure`` deployment is: ``Runner.add_flow``'s keyword arguments."""
+    """What the served ``reconfigure`` deployment is: ``Runner.add_flow``'s keyword arguments. With the
+    ``controller`` the deployment triggers on failures only (the controller evaluates the rest)."""
     if interval_s is not None and cron is not None:
         raise ValueError("give either an interval or a cron schedule, not both")
     return {
@@ -94,7 +122,7 @@ def deployment_options(
             "policy": policy,
             "failover_only": failover_only,
         },
-        "triggers": build_triggers(scenario),
+        "triggers": build_triggers(scenario, FAILURE_EVENTS if controller else None),
         "concurrency_limit": ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         ),
@@ -138,17 +166,21 @@ def serve_forever(
     cron: str | None = None,
     policy: str = "latency_dp",
     failover_only: bool = False,
+    controller: bool = True,
 ) -> None:
     """Block serving the deployment; each flow run gets a process of its own, as Prefect does. The flow
     is added to the runner as a flow (``Runner.add_flow``), not loaded from storage, so with
-    ``flows.warm_start_runs`` that process is a fork of one that has already imported it."""
+    ``flows.warm_start_runs`` that process is a fork of one that has already imported it. With
+    ``controller`` (never for ``failover_only``) the controller runs beside the runner."""
     from prefect.runner import Runner
 
     from flows.reconfigure import reconfigure
 
+    controlled = controller and not failover_only
     options = deployment_options(
-        scenario, interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only
-    )
+        scenario, interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only,
+        controller=controlled,
+    )  # fmt: skip
     cancelled = cancel_stale_runs()
     if cancelled:
         print(f"cancelled {cancelled} reconfigure runs left waiting by an earlier serve")
@@ -162,6 +194,120 @@ def serve_forever(
     # The runner's poll is the wait between a triggered run being created and being started.
     runner = Runner(name="mecsplit-serve", query_seconds=get_settings().flows.runner_poll_s)
     runner.add_flow(reconfigure, **options)
-    print(f"serving {reconfigure.name}/{DEPLOYMENT_NAME} on " + ", ".join(spec.event for spec in TRIGGERS))
+    events = FAILURE_EVENTS if controlled else tuple(spec.event for spec in TRIGGERS)
+    print(f"serving {reconfigure.name}/{DEPLOYMENT_NAME} on " + ", ".join(events))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(runner.start())
+        if controlled:
+            print("controller: learning from traffic, evaluating on " + ", ".join(CONTROLLER_EVENTS)
+                  + f" and every {get_settings().flows.evaluate_every_s:g} s")  # fmt: skip
+            asyncio.run(_serve_with_controller(runner, scenario, policy))
+        else:
+            asyncio.run(runner.start())
+
+
+async def _serve_with_controller(runner: Any, scenario: str, policy: str) -> None:
+    import anyio
+
+    from flows.controller import Controller, ControllerConfig
+
+    settings = get_settings()
+    starter = RunStarter(runner, asyncio.get_running_loop())
+    control = Controller(
+        Path(scenario), ControllerConfig.from_settings(settings, policy), starter.start, starter.active
+    )
+    wake = anyio.Event()
+
+    def notify(reason: str, occurred_s: float | None, payload: dict[str, Any]) -> None:
+        nonlocal wake
+        control.notify(reason, occurred_s, payload)
+        wake.set()
+
+    async def ticks() -> None:
+        nonlocal wake
+        while True:
+            with anyio.move_on_after(settings.flows.evaluate_every_s):
+                await wake.wait()
+            wake = anyio.Event()
+            try:
+                evaluation = await anyio.to_thread.run_sync(control.tick)
+            except Exception as exc:  # one bad tick (a reading mid-write) must not stop the controller
+                print(f"controller: tick failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            if evaluation is not None:
+                verdict = "adopt" if evaluation.adopt else "keep"
+                why = evaluation.decision.get("reason")
+                print(f"controller: {evaluation.reason}: {verdict} {evaluation.candidate} ({why}; "
+                      f"{evaluation.solve_s * 1e3:.0f} ms)", flush=True)  # fmt: skip
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(runner.start)
+        group.start_soon(ticks)
+        group.start_soon(listen_for_events, notify)
+
+
+async def listen_for_events(notify: Any) -> None:
+    """Network events (both ways) from Prefect's event stream, to the controller as they arrive."""
+    import anyio
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    flt = EventFilter(event=EventNameFilter(name=list(CONTROLLER_EVENTS)))
+    while True:
+        try:
+            async with get_events_subscriber(filter=flt) as subscriber:
+                async for event in subscriber:
+                    notify(event.event, event.occurred.timestamp(), dict(event.payload))
+        except Exception as exc:  # the server restarting: subscribe again (the periodic tick goes on)
+            print(f"controller: event stream lost ({type(exc).__name__}); subscribing again", flush=True)
+            await anyio.sleep(1.0)
+
+
+class RunStarter:
+    """Starts reconfigure runs of the served deployment for the controller (from its worker thread) and
+    says whether one is still going. After creating a run it asks the runner to look for runs at once,
+    rather than at its next poll."""
+
+    def __init__(self, runner: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.runner = runner
+        self.loop = loop
+        self.last: str | None = None
+
+    def start(self, parameters: dict[str, Any]) -> str | None:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name(f"reconfigure/{DEPLOYMENT_NAME}")
+            run = client.create_flow_run_from_deployment(
+                deployment.id, parameters={**deployment.parameters, **parameters}, tags=["controller"]
+            )
+        self.last = str(run.id)
+        # Private but stable across Prefect 3: the poller's own "look now"; without it the runner finds
+        # the run at its next poll (runner_poll_s later).
+        poll = getattr(self.runner, "_get_and_submit_flow_runs", None)
+        if poll is not None:
+            asyncio.run_coroutine_threadsafe(poll(), self.loop)
+        return self.last
+
+    def active(self) -> bool:
+        """A reconfigure run of the deployment is scheduled, pending or running."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.objects import StateType
+
+        waiting = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterName,
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT_NAME])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=waiting))
+                ),
+                limit=1,
+            )
+        return bool(runs)

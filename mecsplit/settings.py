@@ -102,6 +102,15 @@ class FlowSettings(BaseModel):
         description="keep one started, nearly empty segment server per node (where memory allows) that the "
         "next deploy loads a layer range into instead of starting a process cold",
     )
+    evaluate_every_s: float = Field(
+        default=2.0, gt=0, description="how often `serve`'s controller learns from traffic and re-evaluates"
+    )
+    standby_load_s: float = Field(
+        default=0.5, ge=0, description="time for a warm standby to load a new stage (priced by decisions)"
+    )
+    cold_start_s: float = Field(
+        default=12.0, ge=0, description="time to start a segment server where no standby waits (priced)"
+    )
     warm_start_runs: bool = Field(
         default=True,
         description="start served flow runs as forks of a process that has already imported the flow "
@@ -119,8 +128,13 @@ class PolicySettings(BaseModel):
     heuristic_budget: int | None = Field(
         default=None, ge=0, description="exact-search states after the beam (None: 4e6 / (nodes x (L+1)))"
     )
-    replan_horizon_s: float = Field(default=600.0, gt=0, description="gain horizon of a re-plan decision")
-    replan_min_gain_ratio: float = Field(default=0.05, ge=0, description="least relative gain to move")
+    replan_horizon_s: float = Field(default=60.0, gt=0, description="gain horizon of a re-plan decision")
+    replan_min_gain_ratio: float = Field(
+        default=0.1, ge=0, description="least relative gain to move: the cost model's accuracy bound"
+    )
+    replan_hysteresis: float = Field(
+        default=0.5, ge=0, description="a move's expected gain must exceed (1 + this) x its cost"
+    )
     replan_switch_stall_s: float = Field(default=0.05, ge=0, description="pause of a session at a switch")
 
 

@@ -80,14 +80,26 @@ def serve(
     failover_only: bool = typer.Option(
         False, "--failover-only", help="re-plan only when the deployed chain is broken (a dead hop)"
     ),
+    controller: bool = typer.Option(
+        True,
+        "--controller/--no-controller",
+        help="learn the cost model from live traffic and re-plan on network changes both ways and every "
+        "few seconds, starting a run only when a better plan clears its cost (off: every event starts a run)",
+    ),
 ) -> None:
-    """Serve the reconfigure deployment: on its schedule and on mec.link.degraded, mec.node.overloaded and
-    mec.node.failed events (one reconfiguration at a time). Blocks; Ctrl-C stops it."""
+    """Serve the reconfigure deployment (one reconfiguration at a time): on its schedule, on node failures
+    (a broken chain is rebuilt), and through the controller, which learns the cost model from live traffic
+    and re-plans when a link degrades or recovers, a node is overloaded, recovers or joins, and every few
+    seconds (MECSPLIT_FLOWS__EVALUATE_EVERY_S), adopting a plan only when its expected gain over the link
+    forecast clears the cost of moving (docs/flows.md). Blocks; Ctrl-C stops it."""
     ui = _use_prefect_server()  # before Prefect is imported: it reads PREFECT_API_URL then
     from flows.serve import serve_forever
 
     typer.echo(f"serving reconfigure for {scenario}; Prefect UI: {ui}")
-    serve_forever(str(scenario), interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only)
+    serve_forever(
+        str(scenario), interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only,
+        controller=controller,
+    )  # fmt: skip
 
 
 def down() -> None:

@@ -1,0 +1,473 @@
+"""The reconfiguration controller inside ``mecsplit serve``: learn, watch both ways, re-plan when it pays.
+
+Every ``evaluate_every_s`` (and at once on every network event, either way: a link degraded or
+recovered, a node overloaded, recovered or joined) the controller
+
+1. reads the gateway's step telemetry since its last read and updates the calibration
+   (``flows.calibrate``; saved for the flow runs);
+2. reads the network monitor (the testbed daemon: each link's rate and each node's background load;
+   on the local backend the declared rates) into each link's history: passive, no probe;
+3. records how the plan serving now is doing against what was predicted for it (``predictions.json``);
+4. when something changed (an event, a link rate or load that moved, the calibration drifting), builds
+   the problem from the cached profiles, the monitored network and the calibration, solves it and
+   decides with the forecast (``policies.replan.decide``): a better plan is adopted only if its expected
+   gain over the horizon clears the cost of moving to it;
+5. only then starts a ``reconfigure`` flow run of the served deployment, with the chosen plan and the
+   decision as parameters (visible in the Prefect UI), and waits for it before deciding again.
+
+With nothing changing, a tick is two small HTTP reads and no solve, no flow run (``bench controller``
+measures its CPU). Node failures stay with the deployment's own trigger (a broken chain is rebuilt by
+replay whatever the forecast says).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from flows import pipeline
+from flows.calibrate import LinkHistory, Snapshot, learn, load_calibration, save_calibration
+from flows.runtime import LinkProbe, local_link_overrides
+from flows.state import DeploymentState, load_state
+from mecsplit.settings import Settings, get_settings
+from policies.calibration import Calibration
+from policies.forecast import forecast
+from policies.plan import Plan
+from policies.problem import Problem
+from testbed.scenario import Scenario, load_scenario
+
+# A link rate or node load that moved by more than this (relative) since the last evaluation is a
+# change worth re-solving for; below it the tick only learns and records.
+CHANGE_RATIO = 0.1
+# The calibrated prediction of a plan is taken once the model has seen this many of its decode steps.
+CALIBRATED_AFTER_STEPS = 100
+# Decode steps of a new chain left out of its measured pace (the switch's own stall is in the first).
+SETTLE_STEPS = 5
+
+
+@dataclass(frozen=True)
+class NetworkSample:
+    """The monitor's view now: link id -> rate (Mbit/s), node -> background load (fraction), alive."""
+
+    at_s: float
+    rates_mbit: dict[str, float]
+    loads: dict[str, float]
+    alive: frozenset[str]
+
+
+class NetworkView(Protocol):
+    def sample(self) -> NetworkSample: ...
+
+
+class TestbedView:
+    """The testbed daemon's monitor: the rate set on each link now (its shaping; for a link shaped per
+    direction, the slower one) and each node's background load."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        from testbed.api import TestbedClient
+
+        self.client = TestbedClient(timeout_s=10.0)
+
+    def sample(self) -> NetworkSample:
+        status = self.client.status()
+        rates = {
+            row["link"]: float(row.get("measured_bw_mbit", row.get("bw_mbit", 0.0)) or 0.0)
+            for row in status["links"]
+        }
+        loads = {row["name"]: float(row.get("load_pct", 0.0)) / 100.0 for row in status["nodes"]}
+        alive = frozenset(
+            row["name"] for row in status["nodes"] if not row["failed"] and row["state"] == "running"
+        )
+        return NetworkSample(time.time(), rates, loads, alive)
+
+
+class LocalView:
+    """The local backend has no shaping: the declared rates (and the demo's overrides)."""
+
+    def __init__(self, scenario: Scenario, settings: Settings) -> None:
+        self.scenario = scenario
+        self.settings = settings
+
+    def sample(self) -> NetworkSample:
+        overrides = local_link_overrides(self.settings)
+        rates = {
+            lk.id: overrides.get("-".join(sorted((lk.a, lk.b))), lk.bw_mbit) for lk in self.scenario.links
+        }
+        alive = frozenset(n.name for n in self.scenario.nodes if n.joins_at_s is None)
+        return NetworkSample(time.time(), rates, {}, alive)
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    evaluate_every_s: float
+    horizon_s: float
+    min_gain_ratio: float
+    hysteresis: float
+    switch_stall_s: float
+    policy: str = "latency_dp"
+
+    @classmethod
+    def from_settings(cls, settings: Settings, policy: str) -> ControllerConfig:
+        p = settings.policies
+        return cls(
+            evaluate_every_s=settings.flows.evaluate_every_s, horizon_s=p.replan_horizon_s,
+            min_gain_ratio=p.replan_min_gain_ratio, hysteresis=p.replan_hysteresis,
+            switch_stall_s=p.replan_switch_stall_s, policy=policy,
+        )  # fmt: skip
+
+
+@dataclass
+class Evaluation:
+    """One evaluation that solved and decided (kept for the record and the tests)."""
+
+    at_s: float
+    reason: str
+    plan: list[list[Any]]
+    candidate: list[list[Any]]
+    adopt: bool
+    decision: dict[str, Any]
+    solve_s: float
+
+
+@dataclass
+class _Watch:
+    """What the last evaluation saw, to tell whether anything changed since."""
+
+    rates: dict[str, float] = field(default_factory=dict)
+    loads: dict[str, float] = field(default_factory=dict)
+    alive: frozenset[str] = frozenset()
+    revision: int = -1
+    scales: dict[str, float] = field(default_factory=dict)
+
+
+StartRun = Callable[[dict[str, Any]], str | None]
+
+
+class Controller:
+    """See the module docstring. ``start_run(parameters)`` starts a reconfigure flow run and returns its
+    id; ``run_active()`` says whether one is still running (the controller never starts a second)."""
+
+    def __init__(
+        self,
+        scenario_path: Path,
+        config: ControllerConfig,
+        start_run: StartRun,
+        run_active: Callable[[], bool],
+        *,
+        view: NetworkView | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        self.scenario_path = scenario_path
+        self.scenario = load_scenario(scenario_path)
+        self.config = config
+        self.start_run = start_run
+        self.run_active = run_active
+        self.settings = settings or get_settings()
+        self._view = view
+        self.history = LinkHistory()
+        self.calibration = load_calibration(self.settings) or Calibration()
+        self.evaluations: list[Evaluation] = []
+        self._seq = 0
+        self._last_snapshot: Snapshot | None = None
+        self._gateway: str | None = None
+        self._http = httpx.Client(timeout=5.0)
+        self._watch = _Watch()
+        self._pending: list[str] = []
+        self._event: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.predictions = PredictionLog(self.settings.run_dir / "predictions.json")
+
+    # ------------------------------------------------------------------------------------------ entry
+    def notify(
+        self, reason: str, occurred_s: float | None = None, payload: dict[str, Any] | None = None
+    ) -> None:
+        """An event arrived: the next tick re-solves whatever else changed (thread-safe). Its time and
+        payload go to the run a decision starts, which times its reaction from them."""
+        with self._lock:
+            self._pending.append(reason)
+            self._event = {"event_occurred": occurred_s, "trigger": payload or {}}
+
+    def tick(self) -> Evaluation | None:
+        """One evaluation round; returns the evaluation when it solved and decided."""
+        state = load_state(self.settings)
+        if state is None:
+            return None
+        with self._lock:
+            reasons, self._pending = self._pending, []
+            event, self._event = self._event, {}
+        net = self._network(state)
+        if net is None:
+            return None
+        problem = self._problem(state, net)
+        if problem is None:
+            return None
+        self._learn(state, problem)
+        self.predictions.measure(state, self.calibration, problem)
+        changed = self._changed(state, net)
+        if (not reasons and changed is None) or self.run_active():
+            return None
+        return self._evaluate(state, net, ", ".join(reasons) or changed or "tick", event)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------------------------------ steps
+    def view(self, backend: str) -> NetworkView:
+        if self._view is None:
+            self._view = TestbedView() if backend == "testbed" else LocalView(self.scenario, self.settings)
+        return self._view
+
+    def _network(self, state: DeploymentState) -> NetworkSample | None:
+        try:
+            net = self.view(state.backend).sample()
+        except Exception:  # the monitor is away (testbed restarting): nothing to decide on
+            return None
+        for link, rate in net.rates_mbit.items():
+            self.history.add(link, net.at_s, rate)
+        return net
+
+    def _problem(self, state: DeploymentState, net: NetworkSample) -> Problem | None:
+        profiles = _cached_profiles(self.settings, state, self.scenario)
+        alive = {n: p for n, p in profiles.items() if n in net.alive}
+        if state.scenario and Path(state.scenario).resolve() != self.scenario_path.resolve():
+            return None  # another scenario's deployment: not ours to steer
+        if not alive:
+            return None
+        rtt = _cached_rtts(self.settings, state.backend)
+        probes = [
+            LinkProbe(
+                lk.a,
+                lk.b,
+                max(0.01, net.rates_mbit.get(lk.id, lk.bw_mbit)),
+                rtt.get(lk.id, 2 * lk.delay_ms),
+                True,
+            )
+            for lk in self.scenario.links
+            if lk.a in alive and lk.b in alive
+        ]
+        facts = pipeline.model_facts(self.settings, state.model, alive)
+        return pipeline.build_problem(
+            self.scenario, facts, alive, probes, quota=state.backend == "testbed", loads=net.loads,
+            calibration=self.calibration,
+        )  # fmt: skip
+
+    def _learn(self, state: DeploymentState, problem: Problem) -> None:
+        if self._gateway != state.gateway_url:
+            self._gateway, self._seq, self._last_snapshot = state.gateway_url, 0, None
+        try:
+            data = self._http.get(f"{state.gateway_url}/admin/telemetry", params={"since": self._seq}).json()
+        except (httpx.HTTPError, ValueError):
+            return
+        snap = Snapshot.from_json(data)
+        self._seq = snap.seq
+        batch = [s for s in (self._last_snapshot, snap) if s is not None]
+        hop_nodes = {f"{e.host}:{e.port}": e.node for e in state.segments}
+        before = self.calibration
+        self.calibration = learn(before, problem, hop_nodes, batch, self._rate_at)
+        self._last_snapshot = dataclasses.replace(snap, records=())  # its counters, for the next batch
+        if self.calibration is not before:
+            save_calibration(self.calibration, self.settings)
+        self.predictions.add_records(state, snap.records)
+
+    def _rate_at(self, a: str, b: str, t_s: float) -> float | None:
+        return self.history.rate_at(f"{a}-{b}", t_s) or self.history.rate_at(f"{b}-{a}", t_s)
+
+    def _changed(self, state: DeploymentState, net: NetworkSample) -> str | None:
+        """What moved since the last evaluation beyond ``CHANGE_RATIO``; None if nothing did."""
+        w = self._watch
+        if state.revision != w.revision:
+            return "new deployment"
+        if net.alive != w.alive:
+            return "nodes up or down"
+        for link, rate in net.rates_mbit.items():
+            if _moved(w.rates.get(link), rate):
+                return f"link {link} {w.rates.get(link, 0):.3g} -> {rate:.3g} Mbit/s"
+        for node, load in net.loads.items():
+            if abs(load - w.loads.get(node, 0.0)) > CHANGE_RATIO:
+                return f"node {node} load {load:.0%}"
+        for node, cal in self.calibration.nodes.items():
+            scale = cal.cpu_scale * cal.stretch
+            if _moved(w.scales.get(node), scale):
+                return f"node {node} compute x{scale:.2f}"
+        return None
+
+    def _evaluate(
+        self, state: DeploymentState, net: NetworkSample, reason: str, event: dict[str, Any]
+    ) -> Evaluation | None:
+        from policies import InfeasibleError, solve
+        from policies.replan import decide
+
+        started = time.perf_counter()
+        problem = self._problem(state, net)
+        if problem is None:
+            return None
+        current = Plan.model_validate(state.plan)
+        try:
+            candidate = solve(problem, self.config.policy)
+        except InfeasibleError:
+            candidate = solve(_without_slo(problem), self.config.policy)
+        fc = forecast(
+            {link: self.history.series(link, net.at_s - 120) for link in self.history.links()},
+            net.rates_mbit, net.at_s,
+        )  # fmt: skip
+        decision = decide(
+            problem, current, candidate, self.config.horizon_s, forecast=fc,
+            switch_stall_s=self.config.switch_stall_s, min_gain_ratio=self.config.min_gain_ratio,
+            hysteresis=self.config.hysteresis, ready_s=_ready_s(state, net, self.settings),
+            holdings=_holdings(problem, state),
+        )  # fmt: skip
+        self._watch = _Watch(
+            dict(net.rates_mbit), dict(net.loads), net.alive, state.revision,
+            {n: c.cpu_scale * c.stretch for n, c in self.calibration.nodes.items()},
+        )  # fmt: skip
+        evaluation = Evaluation(
+            at_s=time.time(), reason=reason, plan=[list(x) for x in current.layout()],
+            candidate=[list(x) for x in candidate.layout()], adopt=decision.adopt,
+            decision=decision.model_dump(mode="json"), solve_s=time.perf_counter() - started,
+        )  # fmt: skip
+        self.evaluations.append(evaluation)
+        del self.evaluations[:-200]
+        if decision.adopt and candidate.layout() != current.layout():
+            self.predictions.expect(candidate, decision.candidate.tpot_s, "decision", state.revision + 1)
+            self.start_run({
+                "reason": f"controller: {reason}", "plan": candidate.model_dump(mode="json"),
+                "decision": evaluation.decision, "decided_at_s": evaluation.at_s,
+                "event_occurred": event.get("event_occurred"), "trigger": event.get("trigger") or {},
+            })  # fmt: skip
+        return evaluation
+
+
+def _moved(old: float | None, new: float) -> bool:
+    if old is None:
+        return True
+    if old <= 0 or new <= 0:
+        return old != new
+    return abs(math.log(new / old)) > math.log1p(CHANGE_RATIO)
+
+
+def _without_slo(problem: Problem) -> Problem:
+    c = problem.constraints.model_copy(
+        update={"max_ttft_s": None, "max_tpot_s": None, "min_throughput_tok_s": None}
+    )
+    return problem.model_copy(update={"constraints": c})
+
+
+def _cached_profiles(
+    settings: Settings, state: DeploymentState, scenario: Scenario
+) -> dict[str, dict[str, Any]]:
+    path = settings.run_dir / f"profiles-{state.backend}-{state.model}-{scenario.workload.prompt_tokens}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _cached_rtts(settings: Settings, backend: str) -> dict[str, float]:
+    try:
+        cache = json.loads((settings.run_dir / f"links-{backend}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {key: float(v["rtt_ms"]) for key, v in cache.items()}
+
+
+def _ready_s(state: DeploymentState, net: NetworkSample, settings: Settings) -> dict[str, float]:
+    """Seconds until each node serves a new stage: a standby loads it, otherwise a server starts."""
+    warm = {e.node for e in state.standbys}
+    f = settings.flows
+    return {n: (f.standby_load_s if n in warm else f.cold_start_s) for n in net.alive}
+
+
+def _holdings(problem: Problem, state: DeploymentState) -> dict[str, frozenset[int]]:
+    """The layers each node's store holds. Every backend here serves the one prepared store to every
+    node (the testbed mounts it into each node's containers), so every node holds every layer: a move
+    loads layers, it fetches none."""
+    every = frozenset(range(problem.num_layers))
+    return {n.name: every for n in problem.nodes}
+
+
+class PredictionLog:
+    """Predicted against measured per-token latency, per deployed plan (``predictions.json``).
+
+    A plan's prediction is the one made before it was deployed (the decision's), or for the first plan
+    the calibrated model's once it has seen ``CALIBRATED_AFTER_STEPS`` of its decode steps; its measure
+    is the mean of the gateway's token gaps (step time plus the gateway's time between steps) over the
+    decode steps it served after that."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[int, dict[str, Any]] = {}
+        self._steps: dict[int, list[float]] = {}
+        self._seen: dict[int, int] = {}
+        self._dirty = False
+
+    def expect(self, plan: Plan, tpot_s: float, kind: str, revision: int) -> None:
+        self.rows[revision] = {
+            "revision": revision, "plan": [list(x) for x in plan.layout()], "kind": kind,
+            "predicted_tpot_ms": round(tpot_s * 1e3, 2), "predicted_at_s": round(time.time(), 3),
+        }  # fmt: skip
+        self._steps[revision] = []
+        self._dirty = True
+
+    def add_records(self, state: DeploymentState, records: tuple[dict[str, Any], ...]) -> None:
+        hops = {f"{e.host}:{e.port}" for e in state.segments}
+        gaps = self._steps.setdefault(state.revision, [])
+        for r in records:
+            if r["positions"] == 1 and r["idle_s"] > 0 and {s[0] for s in r["stages"]} <= hops:
+                self._seen[state.revision] = self._seen.get(state.revision, 0) + 1
+                # The first steps on a new chain carry the switch (KV moved or recomputed): not its pace.
+                if self._seen[state.revision] > SETTLE_STEPS:
+                    gaps.append(r["total_s"] + r["idle_s"])
+
+    def measure(self, state: DeploymentState, cal: Calibration, problem: Problem) -> None:
+        from policies.analytic import predict
+
+        rev = state.revision
+        gaps = self._steps.get(rev, [])
+        row = self.rows.get(rev)
+        if row is None and len(gaps) >= CALIBRATED_AFTER_STEPS:
+            plan = Plan.model_validate(state.plan)
+            self.expect(plan, predict(problem, plan.stages).tpot_s, "calibrated", rev)
+            row, gaps = self.rows[rev], self._steps[rev]
+        if row is None or not gaps:
+            self._flush()
+            return
+        row["measured_tpot_ms"] = round(sum(gaps) / len(gaps) * 1e3, 2)
+        row["measured_steps"] = len(gaps)
+        row["measured_over_predicted"] = round(row["measured_tpot_ms"] / row["predicted_tpot_ms"], 3)
+        self._dirty = True
+        self._flush()
+
+    def _flush(self) -> None:
+        if not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".predictions-", suffix=".json")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(sorted(self.rows.values(), key=lambda r: r["revision"]), handle, indent=1)
+        os.replace(tmp, self.path)
+        self._dirty = False
+
+
+def load_predictions(settings: Settings | None = None) -> list[dict[str, Any]]:
+    path = (settings or get_settings()).run_dir / "predictions.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def clear_predictions(settings: Settings | None = None) -> None:
+    ((settings or get_settings()).run_dir / "predictions.json").unlink(missing_ok=True)
