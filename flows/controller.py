@@ -52,8 +52,13 @@ from testbed.scenario import Scenario, load_scenario
 CHANGE_RATIO = 0.1
 # The calibrated prediction of a plan is taken once the model has seen this many of its decode steps.
 CALIBRATED_AFTER_STEPS = 100
-# Decode steps of a new chain left out of its measured pace (the switch's own stall is in the first).
-SETTLE_STEPS = 5
+# After a deployment changes, its transients (the switch, the old servers stopping, new standbys
+# importing torch on the nodes' CPU shares) are not the plan's pace: for this long nothing is learned
+# from the traffic and nothing measured against the plan's prediction.
+SETTLE_S = 10.0
+# A plan is left for a better one (other than for a broken constraint) only after the model has learned
+# from this many of its decode steps: until then the calibration describes another plan.
+MIN_LEARNED_STEPS = 50
 
 
 @dataclass(frozen=True)
@@ -209,17 +214,24 @@ class Controller:
             reasons, self._pending = self._pending, []
             event, self._event = self._event, {}
         net = self._network(state)
-        if net is None:
-            return None
-        problem = self._problem(state, net)
-        if problem is None:
+        problem = None if net is None else self._problem(state, net)
+        if net is None or problem is None:
+            self._requeue(reasons, event)
             return None
         self._learn(state, problem)
         self.predictions.measure(state, self.calibration, problem)
         changed = self._changed(state, net)
-        if (not reasons and changed is None) or self.run_active():
+        if not reasons and changed is None:
+            return None
+        if self.run_active():
+            self._requeue(reasons, event)  # decided once the run in flight is done
             return None
         return self._evaluate(state, net, ", ".join(reasons) or changed or "tick", event)
+
+    def _requeue(self, reasons: list[str], event: dict[str, Any]) -> None:
+        with self._lock:
+            self._pending = reasons + self._pending
+            self._event = self._event or event
 
     def close(self) -> None:
         self._http.close()
@@ -273,14 +285,17 @@ class Controller:
             return
         snap = Snapshot.from_json(data)
         self._seq = snap.seq
-        batch = [s for s in (self._last_snapshot, snap) if s is not None]
-        hop_nodes = {f"{e.host}:{e.port}": e.node for e in state.segments}
-        before = self.calibration
-        self.calibration = learn(before, problem, hop_nodes, batch, self._rate_at)
-        self._last_snapshot = dataclasses.replace(snap, records=())  # its counters, for the next batch
-        if self.calibration is not before:
+        settled = state.updated_at_s + SETTLE_S
+        fresh = tuple(r for r in snap.records if r["at_s"] >= settled)
+        if fresh:
+            batch = [
+                s for s in (self._last_snapshot, dataclasses.replace(snap, records=fresh)) if s is not None
+            ]
+            hop_nodes = {f"{e.host}:{e.port}": e.node for e in state.segments}
+            self.calibration = learn(self.calibration, problem, hop_nodes, batch, self._rate_at)
             save_calibration(self.calibration, self.settings)
-        self.predictions.add_records(state, snap.records)
+            self.predictions.add_records(state, fresh)
+        self._last_snapshot = dataclasses.replace(snap, records=())  # its counters, for the next batch
 
     def _rate_at(self, a: str, b: str, t_s: float) -> float | None:
         return self.history.rate_at(f"{a}-{b}", t_s) or self.history.rate_at(f"{b}-{a}", t_s)
@@ -340,7 +355,13 @@ class Controller:
         )  # fmt: skip
         self.evaluations.append(evaluation)
         del self.evaluations[:-200]
-        if decision.adopt and candidate.layout() != current.layout():
+        learned = self.predictions.learned_steps(state.revision)
+        if decision.adopt and decision.current is not None and learned < MIN_LEARNED_STEPS:
+            evaluation.adopt = False
+            evaluation.decision = {**evaluation.decision, "adopt": False,
+                                   "reason": f"still learning ({learned} of {MIN_LEARNED_STEPS} steps); "
+                                   + str(decision.reason)}  # fmt: skip
+        elif decision.adopt and candidate.layout() != current.layout():
             self.predictions.expect(candidate, decision.candidate.tpot_s, "decision", state.revision + 1)
             self.start_run({
                 "reason": f"controller: {reason}", "plan": candidate.model_dump(mode="json"),
@@ -422,14 +443,16 @@ class PredictionLog:
         self._dirty = True
 
     def add_records(self, state: DeploymentState, records: tuple[dict[str, Any], ...]) -> None:
+        """Settled decode steps of the plan serving now (the caller drops those of its transient)."""
         hops = {f"{e.host}:{e.port}" for e in state.segments}
         gaps = self._steps.setdefault(state.revision, [])
         for r in records:
             if r["positions"] == 1 and r["idle_s"] > 0 and {s[0] for s in r["stages"]} <= hops:
                 self._seen[state.revision] = self._seen.get(state.revision, 0) + 1
-                # The first steps on a new chain carry the switch (KV moved or recomputed): not its pace.
-                if self._seen[state.revision] > SETTLE_STEPS:
-                    gaps.append(r["total_s"] + r["idle_s"])
+                gaps.append(r["total_s"] + r["idle_s"])
+
+    def learned_steps(self, revision: int) -> int:
+        return self._seen.get(revision, 0)
 
     def measure(self, state: DeploymentState, cal: Calibration, problem: Problem) -> None:
         from policies.analytic import predict

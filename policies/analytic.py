@@ -214,7 +214,11 @@ def _with_contention(
         busy[1] += mean(ser_pre, ser_dec)
     stations += [Station(f"link:{a}>{b}", dec, avg) for (a, b), (dec, avg) in sorted(links.items())]
     node_caps = {n: times[n].capacity for n in cpu}
-    quotas = [Quota(n, c, cap) for n, c in sorted(cpu.items()) if (cap := node_caps[n]) is not None]
+    quotas = [
+        Quota(n, c, cap, cal.node(n).quota_stretch)
+        for n, c in sorted(cpu.items())
+        if (cap := node_caps[n]) is not None
+    ]
     sessions = w.concurrent_sessions
     tpot = cycle_time_s(stations, sessions, quotas)
     waiting = queue_lengths(stations, sessions - 1)

@@ -54,6 +54,9 @@ class NodeCalibration(_Frozen):
     cpu_scale: float = Field(default=1.0, gt=0)
     stretch: float = Field(default=1.0, ge=1.0)
     prefill_scale: float = Field(default=1.0, gt=0)
+    # Held by its quota, the node's compute runs this much slower than its share alone allows (the
+    # quota is enforced per period, and work waiting on other processes loses part of it).
+    quota_stretch: float = Field(default=1.0, ge=1.0)
     samples: int = Field(default=0, ge=0)
 
 
@@ -80,7 +83,20 @@ class Calibration(_Frozen):
     tokens: int = Field(default=0, ge=0, description="decode steps learned from")
 
     def node(self, name: str) -> NodeCalibration:
-        return self.nodes.get(name, NodeCalibration())
+        """A node's coefficients; a node not seen yet takes the median of those seen (what slows one
+        node on a shared host slows the others too, and a node assumed faster than the ones measured
+        would be chosen for being unknown)."""
+        known = self.nodes.get(name)
+        if known is not None:
+            return known
+        seen = [n for n in self.nodes.values() if n.samples > 0]
+        if not seen:
+            return NodeCalibration()
+        return NodeCalibration(
+            cpu_scale=_median([n.cpu_scale for n in seen]),
+            stretch=_median([n.stretch for n in seen]),
+            prefill_scale=_median([n.prefill_scale for n in seen]),
+        )
 
     def hop_overhead(self, a: str, b: str) -> float:
         hop = self.hops.get(hop_key(a, b))
@@ -91,6 +107,12 @@ class Calibration(_Frozen):
     def hop_slope(self, a: str, b: str) -> float:
         hop = self.hops.get(hop_key(a, b))
         return 1.0 if hop is None else hop.slope
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def hop_key(a: str, b: str) -> str:
@@ -130,15 +152,18 @@ def observe_decode(
     ratio = _clamp_ratio(cpu_s / expected_s)
     if ratio is None:
         return cal
-    old = cal.node(node)
+    old = cal.nodes.get(node) or cal.node(node)  # a node's first samples start from the others' median
     alpha = max(NODE_ALPHA, 1.0 / (old.samples + 1))  # the first samples weigh in fully
-    stretch = old.stretch
+    stretch, quota_stretch = old.stretch, old.quota_stretch
     if utilisation <= STRETCH_MAX_UTILISATION or capacity is None or capacity >= 1.0:
         stretch = max(1.0, _ewma(old.stretch, max(1.0, wall_s / cpu_s), alpha))
+    else:
+        quota_stretch = max(1.0, _ewma(old.quota_stretch, max(1.0, wall_s / cpu_s * capacity), alpha))
     new = old.model_copy(
         update={
             "cpu_scale": _ewma(old.cpu_scale, ratio, alpha),
             "stretch": stretch,
+            "quota_stretch": quota_stretch,
             "samples": old.samples + 1,
         }
     )
@@ -152,7 +177,7 @@ def observe_prefill(cal: Calibration, node: str, *, expected_s: float, wall_s: f
     ratio = _clamp_ratio(wall_s / expected_s)
     if ratio is None:
         return cal
-    old = cal.node(node)
+    old = cal.nodes.get(node) or cal.node(node)
     new = old.model_copy(update={"prefill_scale": _ewma(old.prefill_scale, ratio, 0.2)})
     return _with_node(cal, node, new)
 

@@ -43,6 +43,7 @@ class Quota:
     node: str
     cpu_s: float
     share: float
+    stretch: float = 1.0  # learned: how much slower than the share alone allows (calibration)
 
 
 def cycle_time_s(stations: Sequence[Station], sessions: int, quotas: Sequence[Quota] = ()) -> float:
@@ -51,7 +52,7 @@ def cycle_time_s(stations: Sequence[Station], sessions: int, quotas: Sequence[Qu
         raise ValueError("sessions must be >= 1")
     seen = queue_lengths(stations, sessions - 1)
     cycle = sum(s.decode_s + (s.mean_s * q if s.queue else 0.0) for s, q in zip(stations, seen, strict=True))
-    bound = max((sessions * q.cpu_s / q.share for q in quotas if q.share > 0), default=0.0)
+    bound = max((sessions * q.cpu_s * q.stretch / q.share for q in quotas if q.share > 0), default=0.0)
     return max(cycle, bound)
 
 
@@ -74,5 +75,5 @@ def queue_lengths(stations: Sequence[Station], customers: int) -> list[float]:
 def bottleneck_s(stations: Sequence[Station], quotas: Sequence[Quota] = ()) -> float:
     """The busiest resource's time per token (1 / saturated throughput)."""
     busy = [s.mean_s for s in stations if s.queue]
-    busy += [q.cpu_s / q.share for q in quotas if q.share > 0]
+    busy += [q.cpu_s * q.stretch / q.share for q in quotas if q.share > 0]
     return max(busy, default=0.0)

@@ -128,7 +128,8 @@ def calibrated_latency(problem: Problem, *, policy: str = "latency_dp") -> Plan:
     for stages in candidates:
         with contextlib.suppress(InfeasibleError):
             plans.append(to_plan(problem, t, stages, policy))
-    if needs_milp(problem):
+    if not plans and needs_milp(problem):
+        # Only SLO bounds can reject every candidate: the MILP searches under them (on the additive model).
         from policies.milp import milp
 
         with contextlib.suppress(InfeasibleError, SearchLimitError):

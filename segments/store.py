@@ -18,10 +18,12 @@ hashes a file once and re-hashes it only when its size, mtime or inode changed (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -179,11 +181,52 @@ def verify_file(store_dir: Path, manifest: Manifest, relpath: str) -> Path:
     return path
 
 
+# Hashes that stand across processes: after a full verify, each file's stat and sha256 are recorded
+# beside the manifest, and a later process (a standby starting on every deploy) trusts a file whose size,
+# mtime and inode still match instead of hashing 540 MB again on a node's small CPU share. A file
+# rewritten in place or replaced changes its mtime or inode and is hashed again.
+VERIFIED_RECORD = ".verified.json"
+
+
+def _read_record(directory: Path) -> dict[str, list[Any]]:
+    try:
+        data = json.loads((directory / VERIFIED_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_record(directory: Path, record: dict[str, list[Any]]) -> None:
+    """Best effort: a store mounted read-only (a node's container) keeps hashing in each process."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".verified-", suffix=".json")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(record, handle, sort_keys=True)
+        os.replace(tmp, directory / VERIFIED_RECORD)
+    except OSError:
+        pass
+
+
 def verify(store_dir: Path, name: str) -> Manifest:
     """Check every file of the entry; raise ``ChecksumError``/``ModelNotPreparedError`` on the first fault."""
     manifest = read_manifest(store_dir, name)
+    directory = model_dir(store_dir, name)
+    record = _read_record(directory)
+    changed = False
     for relpath in sorted(manifest.files):
+        path = directory / relpath
+        entry = manifest.files[relpath]
+        with contextlib.suppress(OSError):
+            key = list(_stat_key(path, entry.sha256))
+            if record.get(relpath) == key:
+                with _verified_lock:
+                    _verified[path] = tuple(key)  # type: ignore[assignment]
+                continue
         verify_file(store_dir, manifest, relpath)
+        record[relpath] = list(_stat_key(path, entry.sha256))
+        changed = True
+    if changed:
+        _write_record(directory, {k: v for k, v in record.items() if k in manifest.files})
     return manifest
 
 
