@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from mecsplit.settings import Settings, get_settings
-from policies.calibration import Calibration, observe_decode, observe_hop, observe_prefill, observe_source
+from policies.calibration import (
+    Calibration,
+    observe_concurrency,
+    observe_decode,
+    observe_hop,
+    observe_prefill,
+    observe_source,
+)
 from policies.problem import Problem
 from policies.routes import Routes, all_routes
 
@@ -126,6 +133,7 @@ def learn(
     for snap in snapshots:
         decode = [r for r in snap.records if r["positions"] == 1]
         busy = _busy_share(decode, hop_nodes, caps, base.source, cal.source_cpu_s)
+        cal = _learn_concurrency(cal, snap.records)
         for record in snap.records:
             nodes = [hop_nodes.get(stage[0]) for stage in record["stages"]]
             if None in nodes or any(n not in costs for n in nodes):
@@ -213,6 +221,20 @@ def _busy_share(
             if node is not None:
                 cpu[node] = cpu.get(node, 0.0) + stage[5]
     return {n: c / span / cap for n, c in cpu.items() if (cap := caps.get(n))}
+
+
+def _learn_concurrency(cal: Calibration, records: Sequence[dict[str, Any]]) -> Calibration:
+    """Sessions generating at once (Little's law): steps per second x the mean time a step keeps its
+    session (its step time plus the gateway's time before it)."""
+    steps = [r for r in records if r["positions"] == 1 and r.get("idle_s", 0) > 0]
+    if len(steps) < 10:
+        return cal
+    span = max(r["at_s"] for r in records) - min(r["at_s"] for r in records)
+    if span <= 1.0:
+        return cal
+    per_step = sum(r["total_s"] + r["idle_s"] for r in steps) / len(steps)
+    busy = sum(r["total_s"] for r in records) + sum(r["idle_s"] for r in steps)
+    return observe_concurrency(cal, busy / span if per_step > 0 else 1.0)
 
 
 def _learn_source_cpu(cal: Calibration, snapshots: Sequence[Snapshot]) -> Calibration:

@@ -168,7 +168,7 @@ def run_demo(
     clear_local_links(settings)
     clear_run_learning(settings)
     serve_proc = None
-    generator: ChatSession | None = None
+    sessions: list[ChatSession] = []
     timeline: list[dict[str, Any]] = []
     nominal = next(lk.bw_mbit for lk in scenario.links if scenario.source in (lk.a, lk.b))
     try:
@@ -186,9 +186,14 @@ def run_demo(
             f"plan: {first['plan']}  (predicted {first['predicted_tpot_s'] * 1e3:.0f} ms/token, uncalibrated)"
         )
         serve_proc = serve_process(settings, server, scenario_path)
-        generator = ChatSession(first["gateway_url"], max_tokens)
-        generator.start()
-        say(f"generating for {phase_s:.0f} s (the controller calibrates the cost model meanwhile)")
+        # The scenario's workload: its concurrent sessions, each streaming requests back to back.
+        sessions = [
+            ChatSession(first["gateway_url"], max_tokens, first_prompt=i)
+            for i in range(scenario.workload.sessions)
+        ]
+        for session in sessions:
+            session.start()
+        say(f"{len(sessions)} sessions generating for {phase_s:.0f} s (the controller calibrates the model)")
         time.sleep(phase_s)
         changes = []
         for name, bw in (("drop", degraded_bw_mbit), ("recovery", nominal)):
@@ -203,14 +208,17 @@ def run_demo(
                 )
             say(f"generating for {phase_s:.0f} s")
             time.sleep(phase_s)
-        generator.stop()
+        for session in sessions:
+            session.stop()
+        samples = [x for session in sessions for x in session.samples]
         state = load_state()
         summary = results.summarise(
-            scenario=scenario, backend=chosen, samples=generator.samples, errors=generator.errors,
+            scenario=scenario, backend=chosen, samples=samples,
+            errors=[e for session in sessions for e in session.errors],
             timeline=timeline, changes=changes, first=first, final_plan=None if state is None else state.plan,
             predictions=load_predictions(settings),
         )  # fmt: skip
-        out_dir = results.write_run(results_root, scenario_path, summary, generator.samples, timeline)
+        out_dir = results.write_run(results_root, scenario_path, summary, samples, timeline)
         say(f"results in {out_dir}")
         print(json.dumps(summary["headline"], indent=2))
         for row in summary["headline"]["prediction_check"]:
@@ -225,7 +233,7 @@ def run_demo(
         say(f"Prefect UI: {server.ui_url} (still running; `mecsplit prefect stop` stops it)")
         return summary
     finally:
-        if generator is not None:
-            generator.stop()
+        for session in sessions:
+            session.stop()
         stop_process(serve_proc)
         teardown(chosen, scenario)

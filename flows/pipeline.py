@@ -302,6 +302,36 @@ def standby_nodes(
     return chosen
 
 
+def retained_servers(
+    scenario: Scenario,
+    alive: Iterable[str],
+    layout: list[tuple[str, int, int]],
+    manifest: dict[str, Any],
+    replaced: Iterable[Endpoint],
+    spare: dict[str, Endpoint],
+) -> dict[str, Endpoint]:
+    """Old servers kept running, idle, as their node's standby (at most one per node) where the node's
+    memory holds them beside its new stages: moving back to a plan that used them (a link that recovers,
+    a load that ends) then costs a switch, not a cold start of the process and its layers (29 s on the
+    default scenario's edge). Among a node's old servers the one holding the most layers is kept."""
+    alive = set(alive)
+    by_node: dict[str, Endpoint] = {}
+    for endpoint in replaced:
+        best = by_node.get(endpoint.node)
+        if endpoint.node in alive and (best is None or endpoint.end - endpoint.first > best.end - best.first):
+            by_node[endpoint.node] = endpoint
+    kept = {}
+    for node in scenario.nodes:
+        endpoint = by_node.get(node.name)
+        if endpoint is None:
+            continue
+        committed = sum(stage_bytes(manifest, f, e) for n, f, e in layout if n == node.name)
+        committed += PROCESS_OVERHEAD_BYTES if node.name == scenario.source else 0
+        if node.mem_mb * 1024 * 1024 - committed >= stage_bytes(manifest, endpoint.first, endpoint.end):
+            kept[node.name] = endpoint
+    return kept
+
+
 def control(endpoint: Endpoint, secret: str, op: str, timeout_s: float = 30.0, **args: Any) -> dict[str, Any]:
     """One control operation on a segment server, from the flow's process."""
     import asyncio
@@ -333,8 +363,9 @@ def claim_standby(standby: Endpoint, request: SegmentRequest, secret: str) -> En
     """Load the request's range into a started standby server: no process start, no imports; the store
     is per layer, so the server reads only the tensors of its range."""
     wait_ready(standby, secret)
-    control(standby, secret, "load_range", timeout_s=300.0, model=request.model, first=request.first,
-            end=request.end)  # fmt: skip
+    if (standby.first, standby.end) != (request.first, request.end):  # a retained server may hold it
+        control(standby, secret, "load_range", timeout_s=300.0, model=request.model, first=request.first,
+                end=request.end)  # fmt: skip
     return standby.model_copy(update={"first": request.first, "end": request.end})
 
 
@@ -509,12 +540,26 @@ def deploy(
     switch_s = time.monotonic() - switch_started
     switched_at = time.time()
     first_token_at = probe(gateway_url) if probe is not None else None
+    retained = (
+        retained_servers(backend.scenario, alive, layout, manifest, replaced, spare)
+        if settings.flows.warm_standby
+        else {}
+    )
     for endpoint in replaced:
-        if endpoint not in first_stopped:
-            progress(f"stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}")
-            backend.stop_segment(endpoint)
+        if endpoint in first_stopped:
+            continue
+        if retained.get(endpoint.node) == endpoint:
+            progress(
+                f"keeping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node} as its warm standby"
+            )
+            continue
+        progress(f"stopping segment [{endpoint.first}, {endpoint.end}) on {endpoint.node}")
+        backend.stop_segment(endpoint)
     for node in sorted(set(spare) - alive):  # standbys on nodes that went away
         backend.stop_segment(spare.pop(node))
+    for node in sorted(set(spare) & set(retained)):  # a retained server is the better standby
+        backend.stop_segment(spare.pop(node))
+    spare.update(retained)
     standbys = list(spare.values())
     if settings.flows.warm_standby:
         for node in standby_nodes(backend.scenario, alive, layout, manifest):

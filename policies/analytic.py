@@ -219,7 +219,7 @@ def _with_contention(
         for n, c in sorted(cpu.items())
         if (cap := node_caps[n]) is not None
     ]
-    sessions = w.concurrent_sessions
+    sessions = cal.concurrency if cal.concurrency is not None else w.concurrent_sessions
     tpot = cycle_time_s(stations, sessions, quotas)
     waiting = queue_lengths(stations, sessions - 1)
     ttft = ttft_alone + cal.source_idle_s + sum(s.mean_s * q for s, q in zip(stations, waiting, strict=True))

@@ -80,6 +80,9 @@ class Calibration(_Frozen):
     local_hop_overhead_s: float = Field(default=0.0, ge=0, description="prior of a hop within one node")
     source_idle_s: float = Field(default=0.0, ge=0, description="gateway time per token outside the chain")
     source_cpu_s: float = Field(default=0.0, ge=0, description="gateway CPU time per token (source node)")
+    concurrency: float | None = Field(
+        default=None, ge=1.0, description="sessions generating at once, as measured (None: the workload's)"
+    )
     tokens: int = Field(default=0, ge=0, description="decode steps learned from")
 
     def node(self, name: str) -> NodeCalibration:
@@ -231,6 +234,15 @@ def _priors(hops: dict[str, HopCalibration]) -> dict[str, float]:
 def _split(key: str) -> tuple[str, str]:
     a, _, b = key.partition(">")
     return a, b
+
+
+def observe_concurrency(cal: Calibration, sessions: float) -> Calibration:
+    """Sessions generating at once over a batch (Little's law: steps per second x seconds per step)."""
+    if not math.isfinite(sessions) or sessions <= 0:
+        return cal
+    sample = max(1.0, sessions)
+    value = sample if cal.concurrency is None else _ewma(cal.concurrency, sample, 0.2)
+    return cal.model_copy(update={"concurrency": value})
 
 
 def observe_source(

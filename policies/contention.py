@@ -20,6 +20,7 @@ Two departures from textbook MVA, both measured on the testbed:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,21 +47,34 @@ class Quota:
     stretch: float = 1.0  # learned: how much slower than the share alone allows (calibration)
 
 
-def cycle_time_s(stations: Sequence[Station], sessions: int, quotas: Sequence[Quota] = ()) -> float:
-    """Per-token latency of each of ``sessions`` closed-loop sessions."""
+def cycle_time_s(stations: Sequence[Station], sessions: float, quotas: Sequence[Quota] = ()) -> float:
+    """Per-token latency of each of ``sessions`` closed-loop sessions; a measured, fractional number of
+    sessions interpolates between its two neighbours."""
     if sessions < 1:
         raise ValueError("sessions must be >= 1")
+    low = math.floor(sessions)
+    if sessions > low:
+        share = sessions - low
+        return (1 - share) * cycle_time_s(stations, low, quotas) + share * cycle_time_s(
+            stations, low + 1, quotas
+        )
+    sessions = int(sessions)
     seen = queue_lengths(stations, sessions - 1)
     cycle = sum(s.decode_s + (s.mean_s * q if s.queue else 0.0) for s, q in zip(stations, seen, strict=True))
     bound = max((sessions * q.cpu_s * q.stretch / q.share for q in quotas if q.share > 0), default=0.0)
     return max(cycle, bound)
 
 
-def queue_lengths(stations: Sequence[Station], customers: int) -> list[float]:
+def queue_lengths(stations: Sequence[Station], customers: float) -> list[float]:
     """Mean customers at each station with ``customers`` in the network (MVA on the mean demands): what
-    an arriving step finds there (the arrival theorem)."""
+    an arriving step finds there (the arrival theorem); fractional: interpolated."""
+    low = math.floor(customers)
+    if customers > low:
+        share = customers - low
+        a, b = queue_lengths(stations, low), queue_lengths(stations, low + 1)
+        return [(1 - share) * x + share * y for x, y in zip(a, b, strict=True)]
     queue_len = [0.0] * len(stations)
-    for n in range(1, customers + 1):
+    for n in range(1, int(customers) + 1):
         resp = [
             s.mean_s * (1.0 + q) if s.queue else s.mean_s for s, q in zip(stations, queue_len, strict=True)
         ]
