@@ -50,6 +50,7 @@ from testbed.scenario import Scenario, load_scenario
 # A link rate or node load that moved by more than this (relative) since the last evaluation is a
 # change worth re-solving for; below it the tick only learns and records.
 CHANGE_RATIO = 0.1
+CHANGE_WAIT_S = 0.002
 # The calibrated prediction of a plan is taken once the model has seen this many of its decode steps.
 CALIBRATED_AFTER_STEPS = 100
 # After a deployment changes, its transients (the switch, the old servers stopping, new standbys
@@ -155,7 +156,7 @@ class _Watch:
     loads: dict[str, float] = field(default_factory=dict)
     alive: frozenset[str] = frozenset()
     revision: int = -1
-    scales: dict[str, float] = field(default_factory=dict)
+    scales: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 StartRun = Callable[[dict[str, Any]], str | None]
@@ -314,9 +315,9 @@ class Controller:
             if abs(load - w.loads.get(node, 0.0)) > CHANGE_RATIO:
                 return f"node {node} load {load:.0%}"
         for node, cal in self.calibration.nodes.items():
-            scale = cal.cpu_scale * cal.stretch
-            if _moved(w.scales.get(node), scale):
-                return f"node {node} compute x{scale:.2f}"
+            scale, wait = w.scales.get(node, (None, None))
+            if _moved(scale, cal.cpu_scale) or wait is None or abs(cal.wait_s - wait) > CHANGE_WAIT_S:
+                return f"node {node} compute x{cal.cpu_scale:.2f} + {cal.wait_s * 1e3:.1f} ms"
         return None
 
     def _evaluate(
@@ -346,12 +347,13 @@ class Controller:
         )  # fmt: skip
         self._watch = _Watch(
             dict(net.rates_mbit), dict(net.loads), net.alive, state.revision,
-            {n: c.cpu_scale * c.stretch for n, c in self.calibration.nodes.items()},
+            {n: (c.cpu_scale, c.wait_s) for n, c in self.calibration.nodes.items()},
         )  # fmt: skip
         evaluation = Evaluation(
             at_s=time.time(), reason=reason, plan=[list(x) for x in current.layout()],
             candidate=[list(x) for x in candidate.layout()], adopt=decision.adopt,
-            decision=decision.model_dump(mode="json"), solve_s=time.perf_counter() - started,
+            decision={**decision.model_dump(mode="json"), "forecast": fc.to_dict()},
+            solve_s=time.perf_counter() - started,
         )  # fmt: skip
         self.evaluations.append(evaluation)
         del self.evaluations[:-200]

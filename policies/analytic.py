@@ -34,6 +34,7 @@ class NodeTimes:
     decode_cpu_s: tuple[float, ...] = ()
     head_cpu_s: float = 0.0
     capacity: float | None = None
+    wait_s: float = 0.0  # added to every decode step of a stage here (calibration: waiting for a CPU)
 
 
 @dataclass(frozen=True)
@@ -57,11 +58,13 @@ def node_times(problem: Problem) -> dict[str, NodeTimes]:
             pre = dec = tuple(layer.flops_per_token / node.speed_flops for layer in problem.model.layers)
             hp = hd = problem.model.head_flops_per_token / node.speed_flops
         capacity = None if node.cpu_share is None else node.cpu_share * (1.0 - node.load)
+        wait = 0.0
         if cal is None:
             wall, pre_scale, cpu_scale = slow, slow, 1.0
         else:
             c = cal.node(node.name)
-            wall, pre_scale, cpu_scale = c.cpu_scale * c.stretch * slow, c.prefill_scale * slow, c.cpu_scale
+            wall, pre_scale, cpu_scale = c.cpu_scale * slow, c.prefill_scale * slow, c.cpu_scale
+            wait = c.wait_s
         out[node.name] = NodeTimes(
             prefill_s=tuple(t * pre_scale for t in pre),
             decode_s=tuple(t * wall for t in dec),
@@ -70,6 +73,7 @@ def node_times(problem: Problem) -> dict[str, NodeTimes]:
             decode_cpu_s=tuple(t * cpu_scale for t in dec),
             head_cpu_s=hd * cpu_scale,
             capacity=capacity,
+            wait_s=wait,
         )
     return out
 
@@ -135,7 +139,7 @@ def predict(problem: Problem, stages: Sequence[Stage], routes: Routes | None = N
     for k, stage in enumerate(stages):
         t = times[stage.node]
         pre = sum(t.prefill_s[stage.first : stage.end])
-        dec = sum(t.decode_s[stage.first : stage.end])
+        dec = sum(t.decode_s[stage.first : stage.end]) + t.wait_s
         if stage.end == problem.num_layers:
             # The runtime's last segment computes logits for every prompt position, hence x prompt.
             pre += t.head_prefill_s

@@ -3,14 +3,19 @@
 The rule (docs/policies.md, "Re-planning"):
 1. A current plan that breaks a constraint now (a node failed, memory shrank, an SLO cannot hold) is
    left at once.
-2. Otherwise both plans are valued over the horizon ``H`` against the link forecast (policies.forecast):
-   requests served per session, ``N = integral of 1 / J(t) dt`` where ``J`` is the objective per request
-   (by default its latency) under the rates the forecast expects at ``t``. The gain, in session-seconds
-   of the current plan's service, is ``(N_new - N_cur) * (H / N_cur) * sessions``.
-3. The cost: every live session stalls once at the switch (a fixed ``switch_stall_s`` plus moving or
-   recomputing its KV), and the gain starts only when the new stages are ready (make-before-break: the
-   current plan serves meanwhile): loading them into a warm server, starting one, or fetching weights
-   a node's store lacks.
+2. Otherwise both plans are valued while the present network lasts: requests served per session at
+   today's rates, ``N = W / J`` where ``J`` is the objective per request (by default its latency) and
+   ``W = tau (1 - exp(-H / tau))`` the part of the horizon ``H`` that the link forecast
+   (policies.forecast) expects today's rates to persist. Beyond that the network will have changed and
+   the controller will decide again: from then on either plan is worth what the better of the two is,
+   so that part of the horizon gains nothing (a plan adopted for a link that recovers is left as soon as
+   the link fails again; it is not charged the whole next outage). The gain, in session-seconds of the
+   current plan's service, is ``(N_new - N_cur) * J_cur * sessions``. On a link that swings every few
+   seconds ``tau`` is short, the gain small, and switching back and forth does not pay.
+3. The gain starts only when the new stages are ready (make-before-break: the current plan serves
+   meanwhile): loading them into a warm server, starting one, or fetching weights a node's store lacks.
+   The cost: every live session stalls once at the switch (a fixed ``switch_stall_s`` plus moving or
+   recomputing its KV).
 4. Adopt when the gain is at least ``min_gain_ratio`` of what the current plan serves and exceeds the
    cost by the hysteresis factor: ``gain > (1 + hysteresis) * cost``. Moving back later pays its own
    cost again, so a plan that would be left soon does not pay for coming (break-even).
@@ -48,7 +53,7 @@ class MigrationCost(BaseModel):
     recompute_stages: int  # k: the candidate's first k stages recompute, the rest receive KV
     kv_s: float  # the predicted KV time per switch for the chosen k
     stall_s: float  # what each live session waits at the switch
-    total_s: float  # session-seconds lost: live sessions x stall + gain forgone until the new plan serves
+    total_s: float  # session-seconds lost: live sessions x stall
 
 
 class Decision(BaseModel):
@@ -60,9 +65,10 @@ class Decision(BaseModel):
     cost: MigrationCost
     current: Metrics | None
     candidate: Metrics
-    # What the forecast expected each plan to serve per session over the horizon (requests).
+    # Requests each plan serves per session while the present lasts (``lasting_s`` of the horizon).
     served_current: float | None = None
     served_candidate: float | None = None
+    lasting_s: float | None = None
 
 
 def decide(
@@ -105,23 +111,22 @@ def decide(
         )
     cur_metrics = predict(problem, current.stages, routes)
     fc = forecast or persistent({f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links})
-    j_cur = _per_request(problem, cur_metrics, current.stages, fc)
-    j_new = _per_request(problem, cand_metrics, candidate.stages, fc)
-    n_cur = fc.tokens(j_cur[0], j_cur[1], horizon_s)
-    n_new = fc.tokens(j_new[0], j_new[1], horizon_s)
-    sessions = problem.workload.concurrent_sessions
-    unit = horizon_s / n_cur if n_cur > 0 else 0.0  # session-seconds per request, current plan
-    gain = (n_new - n_cur) * unit * sessions
-    # Until the new stages serve, the current plan does: the gain of that window is forgone.
-    window = min(horizon_s, cost.weight_s)
-    forgone = max(0.0, fc.tokens(j_new[0], (), window) - fc.tokens(j_cur[0], (), window)) * unit * sessions
-    total = cost.stall_s * sessions + forgone
+    j_cur = weighted_objective(problem, cur_metrics)
+    j_new = weighted_objective(problem, cand_metrics)
+    lasting = fc.weight_now(horizon_s)
+    # Until the new stages serve (make-before-break), the current plan does.
+    ready = min(lasting, cost.weight_s)
+    n_cur = lasting / j_cur if j_cur > 0 else 0.0
+    n_new = (lasting - ready) / j_new + ready / j_cur if j_new > 0 and j_cur > 0 else 0.0
+    sessions = _sessions(problem)
+    gain = (n_new - n_cur) * j_cur * sessions
+    total = cost.stall_s * sessions
     cost = cost.model_copy(update={"total_s": total})
 
     def verdict(adopt: bool, reason: str) -> Decision:
         return Decision(
             adopt=adopt, reason=reason, gain_s=gain, cost=cost, current=cur_metrics, candidate=cand_metrics,
-            served_current=n_cur, served_candidate=n_new,
+            served_current=n_cur, served_candidate=n_new, lasting_s=lasting,
         )  # fmt: skip
 
     if candidate.layout() == _layout(current.stages):
@@ -131,23 +136,18 @@ def decide(
         return verdict(False, f"gain {share:.2%} per session < threshold {min_gain_ratio:.0%}")
     bar = (1.0 + hysteresis) * total
     if gain <= bar:
-        return verdict(False, f"gain {gain:.3g} s over {horizon_s:g} s does not clear the cost {total:.3g} s")
-    return verdict(True, f"gain {gain:.3g} s over {horizon_s:g} s clears the cost {total:.3g} s")
+        return verdict(False, f"gain {gain:.3g} s over {lasting:.3g} s does not clear the cost {total:.3g} s")
+    return verdict(True, f"gain {gain:.3g} s over {lasting:.3g} s clears the cost {total:.3g} s")
 
 
-def _per_request(
-    problem: Problem, now: Metrics, stages: Sequence[Stage], fc: Forecast
-) -> tuple[float, list[float]]:
-    """The objective per request (seconds) now and under each of the forecast's snapshots."""
-    future = []
-    for snap in fc.snapshots:
-        links = tuple(
-            lk.model_copy(update={"bw_mbit": max(0.01, snap.get(f"{lk.a}-{lk.b}", lk.bw_mbit))})
-            for lk in problem.links
-        )
-        p = problem.model_copy(update={"links": links})
-        future.append(weighted_objective(p, predict(p, stages)))
-    return weighted_objective(problem, now), future
+def _sessions(problem: Problem) -> float:
+    """Sessions generating at once: measured where the model is calibrated, else the workload's."""
+    cal = problem.calibration
+    return (
+        cal.concurrency
+        if cal is not None and cal.concurrency
+        else float(problem.workload.concurrent_sessions)
+    )
 
 
 def _ready_s(current: Plan, candidate: Plan, ready_s: Mapping[str, float]) -> float:

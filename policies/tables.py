@@ -75,7 +75,13 @@ def build(problem: Problem, *, check_memory: bool | None = None, check_trust: bo
     st_pre = prompt * (
         pre_cum[:, None, :] - pre_cum[:, :, None] + last[None, None, :] * head_p[:, None, None]
     )
-    st_dec = dec_cum[:, None, :] - dec_cum[:, :, None] + last[None, None, :] * head_d[:, None, None]
+    wait = np.array([times[n].wait_s for n in names], dtype=float)  # per step on the node (calibration)
+    st_dec = (
+        dec_cum[:, None, :]
+        - dec_cum[:, :, None]
+        + last[None, None, :] * head_d[:, None, None]
+        + wait[:, None, None]
+    )
     # Entries outside e > i are never chosen (the *_ok masks exclude them); zeros keep weighted sums free
     # of inf * 0 = nan.
     st_pre = np.where(valid[None], st_pre, 0.0)
