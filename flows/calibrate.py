@@ -211,7 +211,8 @@ def _busy_share(
     """Each node's CPU use over the batch's span as a share of its quota (1.0: at its quota)."""
     if len(decode) < 2:
         return {}
-    span = max(r["at_s"] for r in decode) - min(r["at_s"] for r in decode)
+    # From the first step's start to the last one's end: the steps' end times alone miss one step.
+    span = max(r["at_s"] for r in decode) - min(r["at_s"] - r["total_s"] - r["idle_s"] for r in decode)
     if span <= 0:
         return {}
     cpu: dict[str, float] = {source: source_cpu_s * len(decode)}

@@ -40,7 +40,7 @@ SLOPE_ALPHA = 0.2
 SLOPE_MIN_SER_MS = 2.0
 # The wait (wall - CPU) is learned only while the node is well inside its CPU quota: a throttled step's
 # wall time is the quota's doing, which the contention model prices separately.
-STRETCH_MAX_UTILISATION = 0.7
+STRETCH_MAX_UTILISATION = 0.5
 # Measurements outside these ratios are taken as broken, not as information.
 _RATIO_RANGE = (0.05, 20.0)
 
