@@ -131,8 +131,7 @@ def learn(
     costs = {c.node: c for c in base.costs}
     caps = {n.name: n.cpu_share * (1 - n.load) if n.cpu_share else None for n in base.nodes}
     for snap in snapshots:
-        decode = [r for r in snap.records if r["positions"] == 1]
-        busy = _busy_share(decode, hop_nodes, caps, base.source, cal.source_cpu_s)
+        busy = _busy_share(snap.records, hop_nodes, caps, base.source, cal.source_cpu_s)
         cal = _learn_concurrency(cal, snap.records)
         for record in snap.records:
             nodes = [hop_nodes.get(stage[0]) for stage in record["stages"]]
@@ -202,21 +201,22 @@ def _route_rate(
 
 
 def _busy_share(
-    decode: Sequence[dict[str, Any]],
+    records: Sequence[dict[str, Any]],
     hop_nodes: dict[str, str],
     caps: dict[str, float | None],
     source: str,
     source_cpu_s: float,
 ) -> dict[str, float]:
-    """Each node's CPU use over the batch's span as a share of its quota (1.0: at its quota)."""
-    if len(decode) < 2:
+    """Each node's CPU use over the batch's span as a share of its quota (1.0: at its quota): every
+    step's CPU, prefills included (a quarter of a node's work when requests are 16 tokens)."""
+    if len(records) < 2:
         return {}
     # From the first step's start to the last one's end: the steps' end times alone miss one step.
-    span = max(r["at_s"] for r in decode) - min(r["at_s"] - r["total_s"] - r["idle_s"] for r in decode)
+    span = max(r["at_s"] for r in records) - min(r["at_s"] - r["total_s"] - r["idle_s"] for r in records)
     if span <= 0:
         return {}
-    cpu: dict[str, float] = {source: source_cpu_s * len(decode)}
-    for record in decode:
+    cpu: dict[str, float] = {source: source_cpu_s * len(records)}
+    for record in records:
         for stage in record["stages"]:
             node = hop_nodes.get(stage[0])
             if node is not None:

@@ -286,6 +286,8 @@ class Controller:
             return
         snap = Snapshot.from_json(data)
         self._seq = snap.seq
+        if self.settings.flows.keep_telemetry:
+            _append_jsonl(self.settings.run_dir / "telemetry.jsonl", {**data, "revision": state.revision})
         settled = state.updated_at_s + SETTLE_S
         fresh = tuple(r for r in snap.records if r["at_s"] >= settled)
         if fresh:
@@ -371,6 +373,11 @@ class Controller:
                 "event_occurred": event.get("event_occurred"), "trigger": event.get("trigger") or {},
             })  # fmt: skip
         return evaluation
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
 
 
 def _moved(old: float | None, new: float) -> bool:

@@ -102,6 +102,10 @@ class FlowSettings(BaseModel):
         description="keep one started, nearly empty segment server per node (where memory allows) that the "
         "next deploy loads a layer range into instead of starting a process cold",
     )
+    keep_telemetry: bool = Field(
+        default=False,
+        description="append every telemetry read of the controller to run/telemetry.jsonl (to study it)",
+    )
     evaluate_every_s: float = Field(
         default=2.0, gt=0, description="how often `serve`'s controller learns from traffic and re-evaluates"
     )

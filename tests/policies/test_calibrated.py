@@ -1,0 +1,302 @@
+"""The calibrated cost model: the estimators, the contention model, the forecast and the decision rule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from policies import Problem, decide, predict, solve
+from policies.analytic import node_times
+from policies.calibration import (
+    Calibration,
+    NodeCalibration,
+    observe_concurrency,
+    observe_decode,
+    observe_hop,
+    observe_source,
+)
+from policies.contention import Quota, Station, cycle_time_s, queue_lengths
+from policies.forecast import MAX_TAU_S, MIN_TAU_S, forecast, persistent
+from policies.plan import Stage
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "smollm2_mec.json"
+
+
+def _base() -> Problem:
+    """The example instance with one session (its 4 would queue, which some tests leave out on purpose)."""
+    p = Problem.from_json(EXAMPLE.read_text())
+    return p.model_copy(update={"workload": p.workload.model_copy(update={"concurrent_sessions": 1})})
+
+
+# ------------------------------------------------------------------------------------------ estimators
+def test_hop_estimator_separates_overhead_and_goodput() -> None:
+    """Decode-size transfers pin the fixed cost, prefill-size ones the slope; they settle on the truth."""
+    truth_overhead, truth_slope, delay = 0.0015, 1.2, 0.005
+    cal = Calibration()
+    rng = random.Random(0)
+    for k in range(600):
+        ser = 0.036 if k % 16 == 0 else 0.0011  # one prefill (90 KB at 20 Mbit/s) per 16 steps
+        wire = delay + truth_overhead + truth_slope * ser + rng.gauss(0, 0.0002)
+        cal = observe_hop(cal, "a", "b", delay_s=delay, ser_s=ser, wire_s=wire)
+    assert cal.hop_overhead("a", "b") == pytest.approx(truth_overhead, abs=2e-4)
+    assert cal.hop_slope("a", "b") == pytest.approx(truth_slope, rel=0.03)
+    # An unseen hop takes the seen one's overhead as its prior, a hop within a node too.
+    assert cal.hop_overhead("c", "d") == pytest.approx(cal.hop_overhead("a", "b"))
+    assert cal.hop_overhead("c", "c") == pytest.approx(cal.hop_overhead("a", "b"))
+
+
+def test_small_transfers_alone_never_invent_a_slope() -> None:
+    cal = Calibration()
+    for _ in range(300):
+        cal = observe_hop(cal, "a", "b", delay_s=0.005, ser_s=0.0001, wire_s=0.008)
+    assert cal.hop_slope("a", "b") == 1.0
+    assert cal.hop_overhead("a", "b") == pytest.approx(0.0029, abs=1e-4)
+
+
+def test_node_wait_is_not_learned_at_the_quota() -> None:
+    """Wall minus CPU is a wait behind other processes while the node is well inside its quota; at the
+    quota it is the throttling, which the contention model prices, so it goes to the quota stretch."""
+    cal = Calibration()
+    for _ in range(200):
+        cal = observe_decode(
+            cal, "n", expected_s=0.01, wall_s=0.0152, cpu_s=0.012, utilisation=0.2, capacity=0.5
+        )
+    assert cal.node("n").cpu_scale == pytest.approx(1.2, rel=1e-6)
+    assert cal.node("n").wait_s == pytest.approx(0.0032, rel=1e-6)
+    for _ in range(200):
+        cal = observe_decode(
+            cal, "n", expected_s=0.01, wall_s=0.03, cpu_s=0.012, utilisation=0.95, capacity=0.5
+        )
+    assert cal.node("n").wait_s == pytest.approx(0.0032, rel=1e-3)
+    assert cal.node("n").quota_stretch == pytest.approx(0.03 / 0.012 * 0.5, rel=1e-3)
+
+
+def test_an_unseen_node_takes_the_median_of_the_seen() -> None:
+    cal = Calibration(
+        nodes={
+            "a": NodeCalibration(cpu_scale=1.1, wait_s=0.001, samples=5),
+            "b": NodeCalibration(cpu_scale=1.3, wait_s=0.003, samples=5),
+            "c": NodeCalibration(cpu_scale=1.2, wait_s=0.009, samples=5),
+        }
+    )
+    unseen = cal.node("z")
+    assert (unseen.cpu_scale, unseen.wait_s) == (1.2, 0.003)
+
+
+def test_source_and_concurrency_estimators() -> None:
+    cal = observe_source(Calibration(), idle_s=0.002, cpu_s_per_token=0.003)
+    assert (cal.source_idle_s, cal.source_cpu_s) == (0.002, 0.003)
+    cal = observe_source(cal, idle_s=5.0)  # a client's pause, not the gateway's work
+    assert cal.source_idle_s == 0.002
+    cal = observe_concurrency(observe_concurrency(Calibration(), 2.0), 2.0)
+    assert cal.concurrency == 2.0
+
+
+# ------------------------------------------------------------------------------------------ contention
+def test_one_session_is_the_sum_and_many_approach_the_bottleneck() -> None:
+    stations = [
+        Station("cpu", 0.06, 0.06),
+        Station("link", 0.01, 0.01),
+        Station("delay", 0.02, 0.02, queue=False),
+    ]
+    assert cycle_time_s(stations, 1) == pytest.approx(0.09)
+    big = cycle_time_s(stations, 50)
+    assert big == pytest.approx(50 * 0.06, rel=0.02)
+    assert cycle_time_s(stations, 2) > cycle_time_s(stations, 1)
+    # Fractional sessions interpolate.
+    assert cycle_time_s(stations, 1.5) == pytest.approx(
+        (cycle_time_s(stations, 1) + cycle_time_s(stations, 2)) / 2
+    )
+
+
+def test_mva_matches_exact_two_customer_enumeration() -> None:
+    """Two customers, two single-server stations with exponential service: the exact CTMC answer."""
+    d1, d2 = 0.05, 0.03
+    stations = [Station("a", d1, d1), Station("b", d2, d2)]
+    mu1, mu2 = 1 / d1, 1 / d2
+    # States by customers at station a: 0, 1, 2; balance of the birth-death chain.
+    p = [1.0, mu2 / mu1, (mu2 / mu1) ** 2]
+    total = sum(p)
+    throughput = mu1 * (p[1] + p[2]) / total
+    assert cycle_time_s(stations, 2) == pytest.approx(2 / throughput, rel=1e-9)
+    assert sum(queue_lengths(stations, 2)) == pytest.approx(2.0)
+
+
+def test_a_quota_bounds_the_cycle() -> None:
+    """SmolLM2 whole on a 0.5-CPU node: 72 ms of CPU per token cannot run faster than 144 ms per token."""
+    stations = [Station("stage", 0.075, 0.075), Station("gateway", 0.001, 0.001)]
+    assert cycle_time_s(stations, 1) == pytest.approx(0.076)
+    assert cycle_time_s(stations, 1, [Quota("n", 0.074, 0.5)]) == pytest.approx(0.148)
+    assert cycle_time_s(stations, 2, [Quota("n", 0.074, 0.5, stretch=1.1)]) == pytest.approx(2 * 0.148 * 1.1)
+
+
+# --------------------------------------------------------------------------------------- the full model
+def test_uncalibrated_and_neutral_calibration_agree_for_one_session() -> None:
+    """A calibration that learned nothing changes nothing for one session on nodes without quotas."""
+    p = _base()
+    neutral = p.model_copy(update={"calibration": Calibration()})
+    plans = [
+        [Stage(node="edge-ap", first=0, end=2), Stage(node="mec-1", first=2, end=30)],
+        [
+            Stage(node="phone", first=0, end=10),
+            Stage(node="mec-2", first=10, end=20),
+            Stage(node="cloud", first=20, end=30),
+        ],
+    ]
+    for stages in plans:
+        a, b = predict(p, stages), predict(neutral, stages)
+        assert b.tpot_s == pytest.approx(a.tpot_s, rel=1e-9)
+        assert b.ttft_s == pytest.approx(a.ttft_s, rel=1e-9)
+
+
+def test_calibration_terms_add_up() -> None:
+    p = _base()
+    stages = [Stage(node="edge-ap", first=0, end=2), Stage(node="mec-1", first=2, end=30)]
+    base = predict(p.model_copy(update={"calibration": Calibration()}), stages).tpot_s
+    cal = Calibration(
+        # edge-ap learned nothing new (an unseen node would take mec-1's figures as its prior).
+        nodes={
+            "mec-1": NodeCalibration(cpu_scale=2.0, wait_s=0.004, samples=1),
+            "edge-ap": NodeCalibration(samples=1),
+        },
+        hop_overhead_s=0.001,
+        local_hop_overhead_s=0.0005,
+        source_idle_s=0.002,
+    )
+    priced = predict(p.model_copy(update={"calibration": cal}), stages).tpot_s
+    t = node_times(p)["mec-1"]
+    mec_compute = sum(t.decode_s[2:30]) + t.head_decode_s
+    # mec-1's compute doubles and pays a 4 ms wait; 3 hops between nodes pay 1 ms each (the phone is
+    # the source, not edge-ap: every hop is between nodes); the gateway adds 2 ms.
+    assert priced - base == pytest.approx(mec_compute + 0.004 + 3 * 0.001 + 0.002, rel=1e-9)
+
+
+def test_calibrated_latency_dp_is_the_brute_force_optimum_for_one_session() -> None:
+    """With one session and no quota the full model is additive: the search is exact."""
+    p = _base()
+    cal = Calibration(
+        nodes={"mec-1": NodeCalibration(cpu_scale=1.5, wait_s=0.003, samples=1)},
+        hop_overhead_s=0.002,
+        local_hop_overhead_s=0.001,
+        source_idle_s=0.001,
+    )
+    p = p.model_copy(update={"calibration": cal})
+    plan = solve(p, "latency_dp")
+    best = _brute_force(p, max_nodes=3, step=2)
+    assert plan.objective_value <= best + 1e-9
+
+
+def test_calibrated_latency_dp_under_contention_is_close_to_brute_force() -> None:
+    """Two sessions and a CPU quota on the phone: not additive; the candidates' best against brute force."""
+    p = _base()
+    nodes = tuple(n.model_copy(update={"cpu_share": 0.5}) if n.name == "phone" else n for n in p.nodes)
+    workload = p.workload.model_copy(update={"concurrent_sessions": 2})
+    p = p.model_copy(
+        update={"nodes": nodes, "workload": workload, "calibration": Calibration(source_cpu_s=0.002)}
+    )
+    plan = solve(p, "latency_dp")
+    best = _brute_force(p, max_nodes=3, step=2)
+    assert plan.objective_value <= best * 1.05
+
+
+def _brute_force(p: Problem, *, max_nodes: int, step: int) -> float:
+    """Least objective over plans of up to ``max_nodes`` distinct nodes with boundaries on a grid."""
+    from policies.analytic import violations, weighted_objective
+
+    L = p.num_layers
+    names = p.node_names
+    best = math.inf
+    cuts = list(range(step, L, step))
+    for k in range(1, max_nodes + 1):
+        for order in itertools.permutations(names, k):
+            for bounds in itertools.combinations(cuts, k - 1):
+                edges = (0, *bounds, L)
+                stages = [
+                    Stage(node=n, first=a, end=b) for n, a, b in zip(order, edges, edges[1:], strict=False)
+                ]
+                if violations(p, stages):
+                    continue
+                best = min(best, weighted_objective(p, predict(p, stages)))
+    return best
+
+
+# -------------------------------------------------------------------------------------------- forecast
+def test_a_steady_link_persists_and_a_swinging_one_does_not() -> None:
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    steady = forecast({"a-b": (times, [20.0] * 300)}, {"a-b": 20.0}, now)
+    assert steady.tau_s == MAX_TAU_S
+    swinging = [20.0 if int(t) % 2 else 0.1 for t in times]  # up one second, down the next
+    fc = forecast({"a-b": (times, swinging)}, {"a-b": 20.0}, now)
+    assert fc.tau_s == MIN_TAU_S
+    assert fc.links["a-b"].p10_mbit == 0.1 and fc.links["a-b"].p90_mbit == 20.0
+    assert fc.weight_now(60) == pytest.approx(MIN_TAU_S * (1 - math.exp(-60)))
+    assert persistent({"a-b": 5.0}).weight_now(60) == pytest.approx(MAX_TAU_S * (1 - math.exp(-0.5)))
+
+
+# -------------------------------------------------------------------------------------------- decision
+SLOW = "edge-ap-mec-1"
+
+
+def _slow_link(p: Problem, bw_mbit: float) -> Problem:
+    """The access point's link to mec-1 (which carries the activations of the best plan) slows down."""
+    links = tuple(lk.model_copy(update={"bw_mbit": bw_mbit}) if f"{lk.a}-{lk.b}" == SLOW else lk
+                  for lk in p.links)  # fmt: skip
+    return p.model_copy(update={"links": links})
+
+
+def test_a_short_lived_present_does_not_pay_for_a_move() -> None:
+    """The same better plan: adopted when today's rates persist, kept away from on a link that swings
+    every second (the gain while the present lasts cannot pay the switch)."""
+    p = _base().model_copy(update={"calibration": Calibration()})
+    current = solve(p, "latency_dp")
+    worse = _slow_link(p, 2.0)
+    candidate = solve(worse, "latency_dp")
+    assert candidate.layout() != current.layout()
+    holdings = {n.name: frozenset(range(p.num_layers)) for n in p.nodes}
+    ready = {n.name: 0.5 for n in p.nodes}
+    # A switch stalls each session about half a second on the testbed (bench reaction).
+    rule = {"ready_s": ready, "holdings": holdings, "switch_stall_s": 0.5, "hysteresis": 0.5}
+    lasting = decide(worse, current, candidate, 60, forecast=persistent({}), **rule)
+    assert lasting.adopt, lasting.reason
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    flappy = forecast({SLOW: (times, [1000.0 if int(t) % 2 else 2.0 for t in times])},
+                      {SLOW: 2.0}, now)  # fmt: skip
+    brief = decide(worse, current, candidate, 60, forecast=flappy, **rule)
+    assert not brief.adopt, brief.reason
+    assert brief.gain_s < lasting.gain_s
+
+
+def test_a_move_waits_for_its_cold_start() -> None:
+    """A plan whose new stage needs a cold process start gains only after it; with a short present it
+    does not pay, with a warm server it does."""
+    p = _base().model_copy(update={"calibration": Calibration()})
+    current = solve(p, "latency_dp")
+    worse = _slow_link(p, 2.0)
+    candidate = solve(worse, "latency_dp")
+    holdings = {n.name: frozenset(range(p.num_layers)) for n in p.nodes}
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    short = forecast({SLOW: (times, [1000.0 if int(t / 8) % 2 else 2.0 for t in times])},
+                     {SLOW: 2.0}, now)  # fmt: skip
+    cold = decide(worse, current, candidate, 60, forecast=short, ready_s={n.name: 60.0 for n in p.nodes},
+                  holdings=holdings)  # fmt: skip
+    warm = decide(worse, current, candidate, 60, forecast=short, ready_s={n.name: 0.1 for n in p.nodes},
+                  holdings=holdings)  # fmt: skip
+    assert not cold.adopt and cold.gain_s == pytest.approx(0.0, abs=1e-9)
+    assert warm.gain_s > cold.gain_s
+
+
+def test_stores_that_hold_the_layers_fetch_nothing() -> None:
+    p = _base()
+    current = solve(p, "latency_dp")
+    candidate = solve(_slow_link(p, 2.0), "latency_dp")
+    every = {n.name: frozenset(range(p.num_layers)) for n in p.nodes}
+    assert decide(p, current, candidate, 60, holdings=every).cost.weight_bytes == 0
+    only_cloud = {n.name: (every[n.name] if n.tier == "cloud" else frozenset()) for n in p.nodes}
+    assert decide(p, current, candidate, 60, holdings=only_cloud).cost.weight_bytes > 0
