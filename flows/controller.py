@@ -370,6 +370,7 @@ class Controller:
             self.start_run({
                 "reason": f"controller: {reason}", "plan": candidate.model_dump(mode="json"),
                 "decision": evaluation.decision, "decided_at_s": evaluation.at_s,
+                "decided_on_revision": state.revision,
                 "event_occurred": event.get("event_occurred"), "trigger": event.get("trigger") or {},
             })  # fmt: skip
         return evaluation

@@ -6,10 +6,11 @@ reused by the experiment runner without an API server.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -447,6 +448,22 @@ def _abandon_new_chain(
         backend.stop_segment(endpoint)
     left = tuple(e for e in current.standbys if e.node not in set(claimed))
     save_state(current.model_copy(update={"standbys": left}), settings)
+
+
+@contextlib.contextmanager
+def deploy_lock(settings: Settings) -> Iterator[None]:
+    """One deploy at a time on this machine's deployment, whichever process runs it (a controller's run
+    in the serve process, a run the deployment's trigger started in its own): an exclusive lock on a file
+    in the run directory, released when the deploy ends (or its process dies)."""
+    import fcntl
+
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.run_dir / "deploy.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def deploy(

@@ -98,6 +98,10 @@ def decide_task(problem: Problem, current: Plan | None, candidate: Plan, horizon
     return decision.model_dump(mode="json")
 
 
+class StaleDecisionError(RuntimeError):
+    """A decision taken on a deployment that has changed since (another run deployed meanwhile)."""
+
+
 def _first_token_probe(gateway_url: str) -> float | None:
     """When the new chain serves: the first token a live session got from it, or, with no session
     running, the first token of a one-token completion right after the switch. None (and a warning)
@@ -119,21 +123,31 @@ def deploy_task(
     switch_mode: str,
     recompute_hops: int = 0,
     old_chain_broken: bool = False,
+    expected_revision: int | None = None,
 ) -> dict[str, Any]:
+    """Deploy ``plan`` under the deployment lock. ``expected_revision``: the revision the decision was
+    taken on; if another run has deployed since, the decision is stale and nothing is done."""
     backend: Backend = backend_for(backend_name, load_scenario(Path(scenario_path)))
-    result = pipeline.deploy(
-        backend,
-        scenario_path,
-        model,
-        plan,
-        load_state(),
-        switch_mode=switch_mode,
-        recompute_hops=recompute_hops,
-        old_chain_broken=old_chain_broken,
-        progress=get_run_logger().info,
-        probe=_first_token_probe,
-    )
-    save_state(result.state)
+    with pipeline.deploy_lock(get_settings()):
+        current = load_state()
+        if expected_revision is not None and (current is None or current.revision != expected_revision):
+            raise StaleDecisionError(
+                f"the deployment changed since the decision (revision {expected_revision} -> "
+                f"{None if current is None else current.revision}); the controller decides again"
+            )
+        result = pipeline.deploy(
+            backend,
+            scenario_path,
+            model,
+            plan,
+            current,
+            switch_mode=switch_mode,
+            recompute_hops=recompute_hops,
+            old_chain_broken=old_chain_broken,
+            progress=get_run_logger().info,
+            probe=_first_token_probe,
+        )
+        save_state(result.state)
     return {
         "revision": result.state.revision,
         "started": [e.model_dump() for e in result.started],
@@ -281,6 +295,7 @@ def reconfigure(
     plan: dict[str, Any] | None = None,
     decision: dict[str, Any] | None = None,
     decided_at_s: float | None = None,
+    decided_on_revision: int | None = None,
 ) -> dict[str, Any]:
     """Profile nodes and links, re-solve the placement, and redeploy only if the gain beats the cost.
 
@@ -308,8 +323,17 @@ def reconfigure(
     if plan is not None:
         stamps = {"changed": _epoch_s((trigger or {}).get("changed_at_s")), "event": _epoch_s(event_occurred),
                   "decided": decided_at_s, "run_started": _run_started_s(), "body": body_started}  # fmt: skip
+        chosen = Plan.model_validate(plan)
         return _deploy_decided(
-            scenario, current, Plan.model_validate(plan), decision or {}, reason, switch_mode, stamps, started
+            scenario,
+            current,
+            chosen,
+            decision or {},
+            reason,
+            switch_mode,
+            stamps,
+            started,
+            decided_on_revision,
         )
     if failover_only and check_chain_task(current.gateway_url)[0]:
         _log(f"reconfigure (failover only): {reason} {resource or ''}: the chain is healthy, plan kept")
@@ -407,6 +431,7 @@ def _deploy_decided(
     switch_mode: str,
     stamps: dict[str, float | None],
     started: float,
+    revision: int | None,
 ) -> dict[str, Any]:
     """The controller's decision carried out: deploy ``plan``, time the reaction, publish artifacts."""
     sc = load_scenario(Path(scenario))
@@ -419,7 +444,7 @@ def _deploy_decided(
                 "wall_s": time.monotonic() - started}  # fmt: skip
     mode, recompute = _chosen_switch(decision, switch_mode)
     _log(f"reconfigure ({reason}): deploying {layout}, decided by the controller: {decision.get('reason')}")
-    deployed = deploy_task(current.backend, scenario, current.model, plan, mode, recompute)
+    deployed = deploy_task(current.backend, scenario, current.model, plan, mode, recompute, False, revision)
     switch = deployed["switch_report"]
     _publish(sc, reason, None, decision, before, plan, None, switch)
     reaction = _reaction(

@@ -62,7 +62,7 @@ class TestbedSettings(BaseModel):
     start_timeout_s: float = Field(default=120.0, gt=0)
     monitor_interval_s: float = Field(default=1.0, gt=0, description="how often nodes are measured")
     link_sample_interval_s: float = Field(
-        default=0.2, gt=0, description="how often each link's rate is read back (detection time of a change)"
+        default=0.1, gt=0, description="how often each link's rate is sampled (the detection time of a change)"
     )
     # --- events (testbed.events): thresholds with hysteresis ---
     link_degraded_ratio: float = Field(
@@ -76,7 +76,7 @@ class TestbedSettings(BaseModel):
     )
     node_recovered_pct: float = Field(default=60.0, ge=0, le=100, description="overload ends below this")
     event_samples: int = Field(
-        default=3, ge=1, description="consecutive samples past a threshold before an event fires"
+        default=2, ge=1, description="consecutive samples past a threshold before an event fires"
     )
 
 

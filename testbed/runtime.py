@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
 
 
+# The kernel's HTB rates are read back this often to check the shaping (a tc call per port).
+READ_BACK_EVERY_S = 2.0
+
+
 class Testbed:
     def __init__(self, scenario: Scenario, settings: Any, state_dir: Path, progress: Progress) -> None:
         self.scenario = scenario
@@ -57,6 +61,8 @@ class Testbed:
         self.network: EmulatedNetwork | None = None
         self.shapers: dict[tuple[str, str], tc.DirectionShaper] = {}  # (sender, receiver)
         self.shapes: dict[str, tc.LinkShape] = {}  # link key -> current shape (both directions)
+        # (link key, sending node) -> the rate its direction is shaped to now (what the monitor reports)
+        self.rates: dict[tuple[str, str], float] = {}
         self.changed_at: dict[str, float] = {}  # link key -> wall clock of the last set_link
         self.loads: dict[str, nodes.BackgroundLoad] = {}
         self.failed: set[str] = set()
@@ -158,6 +164,7 @@ class Testbed:
         senders = {"both": (lp.a, lp.b), "a_to_b": (lp.a,), "b_to_a": (lp.b,)}[direction]
         for sender in senders:
             self._direction(lp, sender).apply(shape)
+            self.rates[(lp.key, sender)] = shape.bw_mbit
         self.shapes[lp.key] = shape
 
     def set_link(
@@ -424,19 +431,21 @@ class Testbed:
             return 0
 
     def _monitor_loop(self) -> None:
-        """Links every ``link_sample_interval_s`` (reading a rate back is one cheap tc call per port, and it
-        sets how soon a change is detected), nodes every ``monitor_interval_s``."""
+        """Links every ``link_sample_interval_s`` (it sets how soon a change is detected), their kernel
+        shaping read back every ``READ_BACK_EVERY_S``, nodes every ``monitor_interval_s``."""
         link_every = self.tb.link_sample_interval_s
         node_every = self.tb.monitor_interval_s
-        prev_link_t = prev_node_t = time.monotonic()
+        prev_link_t = prev_node_t = prev_read_t = time.monotonic()
         prev_cpu = {n: self._cpu_ns(n) for n in self.containers}
         prev_tx = {p: self._port_tx_bytes(p) for lp in self.plan.links for p in (lp.port_a, lp.port_b)}
         while not self._stop.wait(min(link_every, node_every)):
             now = time.monotonic()
             try:
                 if now - prev_link_t >= link_every * 0.9:
-                    self._sample_links(now, max(now - prev_link_t, 1e-6), prev_tx)
+                    read_back = now - prev_read_t >= READ_BACK_EVERY_S
+                    self._sample_links(now, max(now - prev_link_t, 1e-6), prev_tx, read_back)
                     prev_link_t = now
+                    prev_read_t = now if read_back else prev_read_t
                 if now - prev_node_t >= node_every * 0.9:
                     self._sample_nodes(now, max(now - prev_node_t, 1e-6), prev_cpu)
                     prev_node_t = now
@@ -450,11 +459,21 @@ class Testbed:
         except OSError:
             return 0
 
-    def _sample_links(self, now: float, dt: float, prev_tx: dict[str, int]) -> None:
+    def _sample_links(self, now: float, dt: float, prev_tx: dict[str, int], read_back: bool) -> None:
+        """Each link's rate (the slower direction) as shaped now, and the goodput it carried. The rate
+        comes from the shaping this daemon applied (as a MEC platform's radio network information service
+        reports a link's capacity), so a change is seen within one sampling period; ``read_back`` also
+        reads the kernel's HTB rates (a tc call per port, too costly for every period) and says where they
+        disagree."""
         for lk in self.scenario.links:
             lp = self.plan.link(lk.a, lk.b)
-            rates = [tc.get_rate_mbit(tc.ROOT_NS, p) for p in (lp.port_a, lp.port_b)]
-            bw = min((r for r in rates if r is not None), default=0.0)
+            shaped = [r for (key, _), r in self.rates.items() if key == lp.key]
+            bw = min(shaped, default=0.0)
+            if read_back:
+                kernel = [tc.get_rate_mbit(tc.ROOT_NS, p) for p in (lp.port_a, lp.port_b)]
+                low = min((r for r in kernel if r is not None), default=0.0)
+                if abs(low - bw) > 0.01 * max(bw, 1e-3):
+                    log.warning("link %s: shaped %.3f Mbit/s but the kernel reports %.3f", lp.key, bw, low)
             observed = 0.0
             for p in (lp.port_a, lp.port_b):
                 tx = self._port_tx_bytes(p)
