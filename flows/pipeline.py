@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from flows.runtime import Backend, LinkProbe, RuntimeFailure, SegmentRequest
+from flows.runtime import Backend, LinkProbe, RuntimeFailure, SegmentRequest, standby_range
 from flows.state import DeploymentState, Endpoint
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration
@@ -30,10 +30,12 @@ Progress = Callable[[str], None]
 
 # Per-tier effective flop/s, used only for nodes that could not be profiled (they then rank last).
 _FALLBACK_SPEED_FLOPS = {"device": 2e9, "edge": 8e9, "mec": 8e9, "cloud": 16e9}
-# What a segment process costs besides its weights: the interpreter, torch and transformers.
-PROCESS_OVERHEAD_BYTES = 320 * 1024 * 1024
-# The gateway on the source node: the interpreter, the tokenizer, the HTTP server (measured RSS, SmolLM2).
-GATEWAY_BYTES = 320 * 1024 * 1024
+# What a segment process costs besides its weights: the interpreter, torch and transformers, a few
+# sessions' KV (measured on the testbed, `docker stats` of SmolLM2's servers: 286-330 MiB). The weights
+# are memory-mapped from the store, file pages that a node's processes share.
+PROCESS_OVERHEAD_BYTES = 300 * 1024 * 1024
+# The gateway on the source node: the interpreter, the tokenizer, the HTTP server (measured: 285 MiB).
+GATEWAY_BYTES = 300 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -280,10 +282,7 @@ def read_manifest(settings: Settings, model: str) -> dict[str, Any]:
 
 def stage_bytes(manifest: dict[str, Any], first: int, end: int) -> int:
     """A segment process's memory: the process itself and its weights."""
-    weights = sum(manifest["layer_weight_bytes"][first:end])
-    weights += manifest["embed_weight_bytes"] if first == 0 else 0
-    weights += manifest["head_weight_bytes"] if end == manifest["num_layers"] else 0
-    return PROCESS_OVERHEAD_BYTES + weights
+    return PROCESS_OVERHEAD_BYTES + weight_bytes(manifest, first, end)
 
 
 def standby_nodes(
@@ -301,6 +300,29 @@ def standby_nodes(
         if node.mem_mb * 1024 * 1024 - committed >= STANDBY_BYTES:
             chosen.append(node.name)
     return chosen
+
+
+def standby_span(
+    scenario: Scenario, node: str, layout: list[tuple[str, int, int]], manifest: dict[str, Any]
+) -> tuple[int, int]:
+    """What a new standby on ``node`` holds. On the source node, where memory allows, the whole model:
+    the plan a collapsing source link falls back to (all layers at the source) is then loaded before
+    it is needed, and switching to it costs a switch, not a load. Elsewhere one middle layer, which
+    costs little more than the process. Memory counts each process's own overhead and the weights once
+    per node (segment servers map them from the store: a node's processes share the pages)."""
+    n = manifest["num_layers"]
+    if node == scenario.source and (node, 0, n) not in layout:
+        spec = next(x for x in scenario.nodes if x.name == node)
+        processes = sum(1 for x, _, _ in layout if x == node) + 2  # its stages, the gateway, the standby
+        if spec.mem_mb * 1024 * 1024 >= processes * PROCESS_OVERHEAD_BYTES + weight_bytes(manifest, 0, n):
+            return (0, n)
+    return standby_range(n)
+
+
+def weight_bytes(manifest: dict[str, Any], first: int, end: int) -> int:
+    weights = sum(manifest["layer_weight_bytes"][first:end])
+    weights += manifest["embed_weight_bytes"] if first == 0 else 0
+    return weights + (manifest["head_weight_bytes"] if end == manifest["num_layers"] else 0)
 
 
 def retained_servers(
@@ -581,8 +603,11 @@ def deploy(
     if settings.flows.warm_standby:
         for node in standby_nodes(backend.scenario, alive, layout, manifest):
             if node not in spare:
-                progress(f"starting a standby server on {node}")
-                standbys.append(backend.start_standby(node, model, manifest["num_layers"], revision, secret))
+                span = standby_span(backend.scenario, node, layout, manifest)
+                progress(f"starting a standby server on {node} holding [{span[0]}, {span[1]})")
+                standbys.append(
+                    backend.start_standby(node, model, manifest["num_layers"], revision, secret, span)
+                )
     state = DeploymentState(
         scenario=str(Path(scenario_path).resolve()), model=model, backend=backend.name, revision=revision,
         plan=plan.model_dump(mode="json"), segments=tuple(endpoints), gateway_url=gateway_url,

@@ -85,8 +85,17 @@ class Backend(Protocol):
     def profile_compute(self, node: str, model: str, context: int) -> dict[str, Any]: ...
     def probe_link(self, a: str, b: str) -> LinkProbe: ...
     def start_segment(self, request: SegmentRequest, secret: str) -> Endpoint: ...
-    def start_standby(self, node: str, model: str, num_layers: int, revision: int, secret: str) -> Endpoint:
-        """Start a server of ``standby_range`` on ``node`` and return at once (not yet ready)."""
+    def start_standby(
+        self,
+        node: str,
+        model: str,
+        num_layers: int,
+        revision: int,
+        secret: str,
+        span: tuple[int, int] | None = None,
+    ) -> Endpoint:
+        """Start a server of ``span`` (default ``standby_range``) on ``node`` and return at once (not yet
+        ready)."""
         ...
 
     def stop_segment(self, endpoint: Endpoint) -> None: ...
@@ -203,8 +212,16 @@ class LocalBackend:
             handle=f"pid:{pid}",
         )  # fmt: skip
 
-    def start_standby(self, node: str, model: str, num_layers: int, revision: int, secret: str) -> Endpoint:
-        first, end = standby_range(num_layers)
+    def start_standby(
+        self,
+        node: str,
+        model: str,
+        num_layers: int,
+        revision: int,
+        secret: str,
+        span: tuple[int, int] | None = None,
+    ) -> Endpoint:
+        first, end = span or standby_range(num_layers)
         request = SegmentRequest(node, model, first, end, revision)
         # The port must be known before the process is ready (nobody waits for it): take a free one now.
         with socket.socket() as sock:
@@ -333,8 +350,16 @@ class TestbedBackend:
             port=request.port, handle=f"segment:{request.name}", control_host=answer["mgmt_address"],
         )  # fmt: skip
 
-    def start_standby(self, node: str, model: str, num_layers: int, revision: int, secret: str) -> Endpoint:
-        first, end = standby_range(num_layers)
+    def start_standby(
+        self,
+        node: str,
+        model: str,
+        num_layers: int,
+        revision: int,
+        secret: str,
+        span: tuple[int, int] | None = None,
+    ) -> Endpoint:
+        first, end = span or standby_range(num_layers)
         name, port = standby_name(revision), standby_port(revision)
         request = SegmentRequest(node, model, first, end, revision)
         answer = self.client.deploy_segment(
