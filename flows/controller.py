@@ -70,6 +70,7 @@ class NetworkSample:
     rates_mbit: dict[str, float]
     loads: dict[str, float]
     alive: frozenset[str]
+    changed_at_s: dict[str, float] = field(default_factory=dict)  # when each link was last changed
 
 
 class NetworkView(Protocol):
@@ -97,7 +98,10 @@ class TestbedView:
         alive = frozenset(
             row["name"] for row in status["nodes"] if not row["failed"] and row["state"] == "running"
         )
-        return NetworkSample(time.time(), rates, loads, alive)
+        changed = {
+            row["link"]: float(row["changed_at_s"]) for row in status["links"] if row.get("changed_at_s")
+        }
+        return NetworkSample(time.time(), rates, loads, alive, changed)
 
 
 class LocalView:
@@ -224,6 +228,8 @@ class Controller:
         changed = self._changed(state, net)
         if not reasons and changed is None:
             return None
+        if not event and net.changed_at_s:  # found by this tick: the run times its reaction from the change
+            event = {"trigger": {"changed_at_s": max(net.changed_at_s.values())}}
         if self.run_active():
             self._requeue(reasons, event)  # decided once the run in flight is done
             return None

@@ -113,8 +113,9 @@ def _server_command(
         "--threads", str(settings.segments.threads),
     ]  # fmt: skip
     # A standby hashes the whole model before it is ready, so the range it is later given loads
-    # without reading the store again (the hashing is most of a load's time).
-    return [*command, "--verify-store"] if standby else command
+    # without reading the store again (the hashing is most of a load's time); it boots at the lowest
+    # CPU priority, so that its imports do not slow the node's serving segments.
+    return [*command, "--verify-store", "--background"] if standby else command
 
 
 def _gateway_command(

@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("segments.server")
 
 MAX_ID_CHARS = 128
+# A standby boots at this niceness (the lowest priority) until it is given work.
+BACKGROUND_NICE = 19
 # Requests whose error must find its way back upstream; bounded so a flood cannot grow it without end.
 MAX_TRACKED_REQUESTS = 65_536
 LOGITS_MODES = ("none", "last", "all")
@@ -335,6 +337,7 @@ class SegmentServer:
         self.links: dict[str, PeerLink] = {}
         self.upstream: OrderedDict[str, Connection] = OrderedDict()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-compute")
+        self.background = False  # started at low priority (a standby) and not yet given work
         self._server: asyncio.AbstractServer | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
@@ -555,7 +558,17 @@ class SegmentServer:
 
     # ----------------------------------------------------------------------------------- forward
 
+    def promote(self) -> None:
+        """Normal CPU priority for a standby given work: the loop's thread and the compute thread (Linux
+        keeps a nice value per thread)."""
+        if not self.background:
+            return
+        self.background = False
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        self.executor.submit(os.setpriority, os.PRIO_PROCESS, 0, 0)
+
     def _on_forward(self, conn: Connection, frame: Frame, arrived_s: float) -> None:
+        self.promote()
         req = ForwardRequest.from_frame(frame, arrived_s)
         self._validate_forward(req)
         self.stats.forwards += 1
@@ -695,6 +708,7 @@ async def _op_load_range(server: SegmentServer, conn: Connection, frame: Frame) 
     first = require(frame.header, "first", int)
     end = require(frame.header, "end", int)
     model = optional(frame.header, "model", str, server.model)
+    server.promote()
 
     def load() -> Any:
         # Build the new runner before dropping the old one: a bad range leaves the server as it was.
@@ -824,6 +838,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="hash every file of the model before listening, so a later load_range reads nothing twice",
     )
+    p.add_argument(
+        "--background",
+        action="store_true",
+        help="a standby: start at the lowest CPU priority (its boot must not slow the node's serving "
+        "segments) and take normal priority with its first forward or load_range (needs root to restore)",
+    )
     return p.parse_args(argv)
 
 
@@ -836,6 +856,9 @@ async def _amain(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     server = SegmentServer(args.store, args.model, args.first, args.end, secret, limits)
+    if args.background and os.geteuid() == 0:  # only root can take normal priority back later
+        os.nice(BACKGROUND_NICE)  # threads started from now on (the compute thread) inherit it
+        server.background = True
     port = await server.start(args.host, args.port, verify_store=args.verify_store)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

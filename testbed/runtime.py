@@ -525,6 +525,7 @@ class Testbed:
                 "addr_a": lp.address_of(lp.a), "addr_b": lp.address_of(lp.b),
                 **(shape.model_dump() if shape else {}),
                 **{f"measured_{k}": v for k, v in self.last_samples.get(f"link:{lp.key}", {}).items()},
+                "changed_at_s": self.changed_at.get(lp.key),
             })  # fmt: skip
         return {
             "scenario": self.scenario.name, "prefix": self.prefix, "source": self.scenario.source,
