@@ -77,10 +77,6 @@ def save_calibration(cal: Calibration, settings: Settings | None = None) -> None
     os.replace(tmp, path)
 
 
-def clear_calibration(settings: Settings | None = None) -> None:
-    calibration_path(settings).unlink(missing_ok=True)
-
-
 class LinkHistory:
     """Each link's rate over time as the monitor read it, to price a step at the rate it met."""
 

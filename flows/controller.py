@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import httpx
 
 from flows import pipeline
-from flows.calibrate import LinkHistory, Snapshot, learn, load_calibration, save_calibration
+from flows.calibrate import LinkHistory, Snapshot, calibration_path, learn, load_calibration, save_calibration
 from flows.runtime import LinkProbe, local_link_overrides
 from flows.state import DeploymentState, load_state
 from mecsplit.settings import Settings, get_settings
@@ -89,18 +89,13 @@ class TestbedView:
         self.client = TestbedClient(timeout_s=10.0)
 
     def sample(self) -> NetworkSample:
-        status = self.client.status()
-        rates = {
-            row["link"]: float(row.get("measured_bw_mbit", row.get("bw_mbit", 0.0)) or 0.0)
-            for row in status["links"]
-        }
-        loads = {row["name"]: float(row.get("load_pct", 0.0)) / 100.0 for row in status["nodes"]}
-        alive = frozenset(
-            row["name"] for row in status["nodes"] if not row["failed"] and row["state"] == "running"
-        )
+        seen = self.client.monitor()
+        rates = {link: float(row["bw_mbit"]) for link, row in seen["links"].items()}
         changed = {
-            row["link"]: float(row["changed_at_s"]) for row in status["links"] if row.get("changed_at_s")
+            link: float(row["changed_at_s"]) for link, row in seen["links"].items() if row["changed_at_s"]
         }
+        loads = {node: float(row["load_pct"]) / 100.0 for node, row in seen["nodes"].items()}
+        alive = frozenset(node for node, row in seen["nodes"].items() if row["up"])
         return NetworkSample(time.time(), rates, loads, alive, changed)
 
 
@@ -128,14 +123,19 @@ class ControllerConfig:
     hysteresis: float
     switch_stall_s: float
     policy: str = "latency_dp"
+    # Learn and record predicted against measured, never re-plan (a static plan's serve: the model is
+    # measured on every policy's plans, only the adaptive one acts on it).
+    observe_only: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, policy: str) -> ControllerConfig:
+    def from_settings(
+        cls, settings: Settings, policy: str, *, observe_only: bool = False
+    ) -> ControllerConfig:
         p = settings.policies
         return cls(
             evaluate_every_s=settings.flows.evaluate_every_s, horizon_s=p.replan_horizon_s,
             min_gain_ratio=p.replan_min_gain_ratio, hysteresis=p.replan_hysteresis,
-            switch_stall_s=p.replan_switch_stall_s, policy=policy,
+            switch_stall_s=p.replan_switch_stall_s, policy=policy, observe_only=observe_only,
         )  # fmt: skip
 
 
@@ -199,6 +199,8 @@ class Controller:
         self._event: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.predictions = PredictionLog(self.settings.run_dir / "predictions.json")
+        self.stats = TickStats()
+        self.runs_started = 0
 
     # ------------------------------------------------------------------------------------------ entry
     def notify(
@@ -211,7 +213,18 @@ class Controller:
             self._event = {"event_occurred": occurred_s, "trigger": payload or {}}
 
     def tick(self) -> Evaluation | None:
-        """One evaluation round; returns the evaluation when it solved and decided."""
+        """One evaluation round; returns the evaluation when it solved and decided. Its CPU time (this
+        thread's) is added up in ``stats`` and written to ``controller.json`` (``bench controller``)."""
+        started = time.thread_time()
+        try:
+            return self._tick()
+        finally:
+            self.stats.add(time.thread_time() - started)
+            self.stats.flush(
+                self.settings.run_dir / "controller.json", len(self.evaluations), self.runs_started
+            )
+
+    def _tick(self) -> Evaluation | None:
         state = load_state(self.settings)
         if state is None:
             return None
@@ -225,6 +238,8 @@ class Controller:
             return None
         self._learn(state, problem)
         self.predictions.measure(state, self.calibration, problem)
+        if self.config.observe_only:
+            return None
         changed = self._changed(state, net)
         if not reasons and changed is None:
             return None
@@ -373,6 +388,7 @@ class Controller:
                                    + str(decision.reason)}  # fmt: skip
         elif decision.adopt and candidate.layout() != current.layout():
             self.predictions.expect(candidate, decision.candidate.tpot_s, "decision", state.revision + 1)
+            self.runs_started += 1
             self.start_run({
                 "reason": f"controller: {reason}", "plan": candidate.model_dump(mode="json"),
                 "decision": evaluation.decision, "decided_at_s": evaluation.at_s,
@@ -433,6 +449,32 @@ def _holdings(problem: Problem, state: DeploymentState) -> dict[str, frozenset[i
     loads layers, it fetches none."""
     every = frozenset(range(problem.num_layers))
     return {n.name: every for n in problem.nodes}
+
+
+@dataclass
+class TickStats:
+    """The controller's own cost: ticks and the CPU time they took (the ticking thread's)."""
+
+    started_s: float = field(default_factory=time.time)
+    ticks: int = 0
+    cpu_s: float = 0.0
+    _flushed_s: float = 0.0
+
+    def add(self, cpu_s: float) -> None:
+        self.ticks += 1
+        self.cpu_s += cpu_s
+
+    def flush(self, path: Path, evaluations: int, runs: int, every_s: float = 10.0) -> None:
+        now = time.time()
+        if now - self._flushed_s < every_s:
+            return
+        self._flushed_s = now
+        row = {"since_s": self.started_s, "at_s": now, "ticks": self.ticks, "cpu_s": round(self.cpu_s, 4),
+               "evaluations": evaluations, "runs_started": runs}  # fmt: skip
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".controller-", suffix=".json")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(row, handle)
+        os.replace(tmp, path)
 
 
 class PredictionLog:
@@ -508,5 +550,8 @@ def load_predictions(settings: Settings | None = None) -> list[dict[str, Any]]:
         return []
 
 
-def clear_predictions(settings: Settings | None = None) -> None:
-    ((settings or get_settings()).run_dir / "predictions.json").unlink(missing_ok=True)
+def clear_run_learning(settings: Settings | None = None) -> None:
+    """A new deployment learns afresh: the last one's calibration and predictions describe another."""
+    settings = settings or get_settings()
+    (settings.run_dir / "predictions.json").unlink(missing_ok=True)
+    calibration_path(settings).unlink(missing_ok=True)

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import results
-from flows.calibrate import clear_calibration
-from flows.controller import clear_predictions, load_predictions
+from flows.controller import clear_run_learning, load_predictions
 from flows.prefect_server import PrefectServer, ensure_server
 from flows.runtime import RuntimeFailure, clear_local_links, set_local_link
 from flows.state import BackendName, load_state
@@ -74,12 +73,6 @@ def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | 
                         "end_s": run.end_time.timestamp() if run.end_time else None}  # fmt: skip
             time.sleep(1.0)
     return None
-
-
-def clear_run_learning(settings: Any) -> None:
-    """A new deployment learns afresh: the last run's calibration and predictions describe another."""
-    clear_calibration(settings)
-    clear_predictions(settings)
 
 
 def _result_of(state: Any) -> Any:

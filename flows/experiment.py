@@ -44,6 +44,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows import results
+from flows.controller import clear_run_learning, load_predictions
 from flows.prefect_server import ensure_server
 from flows.state import load_state
 from flows.workload import (
@@ -362,22 +363,35 @@ def _wait_for_served(policy: str, failover_only: bool, since: datetime, timeout_
     raise TimeoutError(f"the served reconfigure deployment did not come up within {timeout_s:.0f} s")
 
 
+def prediction_figures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The cost model's record for one window: every plan served (the first as calibrated after live
+    traffic, each later one as predicted before it was deployed) with measured / predicted per-token
+    latency, and the worst of them."""
+    measured = [r for r in rows if r.get("measured_over_predicted") is not None]
+    worst = max(measured, key=lambda r: abs(r["measured_over_predicted"] - 1.0), default=None)
+    return {
+        "prediction_check": [{k: r.get(k) for k in results.PREDICTION_FIELDS} for r in rows],
+        "prediction_ratio_first": measured[0]["measured_over_predicted"] if measured else None,
+        "prediction_ratio_worst": None if worst is None else worst["measured_over_predicted"],
+    }
+
+
 def _reconfigure_runs(states: list[Any]) -> list[Any]:
+    """Reconfigure runs in ``states``: the served deployment's and the controller's (which run in the
+    serve process, outside the deployment)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        DeploymentFilter,
-        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
         FlowRunFilter,
         FlowRunFilterState,
         FlowRunFilterStateType,
     )
 
-    from flows.serve import DEPLOYMENT_NAME
-
     with get_client(sync_client=True) as client:
         return list(
             client.read_flow_runs(
-                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[DEPLOYMENT_NAME])),
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["reconfigure"])),
                 flow_run_filter=FlowRunFilter(
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=states))
                 ),
@@ -425,10 +439,19 @@ def _timeline(scenario_path: Path) -> list[dict[str, Any]]:
 
 
 def run_policy(
-    scenario_path: Path, policy: str, backend: str, duration_s: float, out_dir: Path, *, repeat: int = 1
+    scenario_path: Path,
+    policy: str,
+    backend: str,
+    duration_s: float,
+    out_dir: Path,
+    *,
+    repeat: int = 1,
+    refresh_profiles: bool = True,
 ) -> dict[str, Any]:
     """One (policy, repeat) window from a fresh testbed; its files go to ``out_dir`` (``window_dir``).
-    Returns its figures: ``policy_stats`` plus what the run was (plans, reconfigurations, repeat)."""
+    Returns its figures: ``policy_stats`` plus what the run was (plans, reconfigurations, repeat) and the
+    cost model's predictions against what was measured, per plan served (``prediction_check``). The
+    cost model learns afresh in every window; ``refresh_profiles`` off reuses the nodes' profiles."""
     log = get_run_logger()
     settings = get_settings()
     scenario = load_scenario(scenario_path)
@@ -444,7 +467,11 @@ def run_policy(
             start_daemon(scenario_path, env=server.env(), progress=lambda m: log.info(f"testbed: {m}"))
         from flows.reconfigure import deploy_flow
 
-        first = deploy_flow(scenario=str(scenario_path), backend=backend, policy=_deploy_policy(policy))
+        clear_run_learning(settings)
+        first = deploy_flow(
+            scenario=str(scenario_path), backend=backend, policy=_deploy_policy(policy),
+            refresh_profiles=refresh_profiles,
+        )  # fmt: skip
         log.info(f"{policy}: initial plan {first['plan']}")
         if backend == "testbed":
             # Without the testbed nothing replays the timeline, so no event would ever reach a served run.
@@ -489,6 +516,7 @@ def run_policy(
             # step finished during the drain (stopping a failed node's old segments can take 20 s).
             reconfigurations=len(watcher.changes),
             predicted_tpot_ms=_ms(first["predicted_tpot_s"]),
+            **prediction_figures(load_predictions(settings)),
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         results.write_samples(out_dir / "samples.parquet", [x for s in sessions for x in s.samples])
@@ -548,7 +576,10 @@ def experiment(
             log.info(f"repeat {k} of {repeats}: {p}")
             where = window_dir(out_dir, p, k, repeats)
             try:
-                runs[p].append(run_policy(scenario_path, p, chosen, duration, where, repeat=k))
+                first = not any(runs.values())  # later windows reuse the nodes' profiles
+                runs[p].append(
+                    run_policy(scenario_path, p, chosen, duration, where, repeat=k, refresh_profiles=first)
+                )
             except Exception as exc:  # a window that cannot run (no feasible plan) is a finding, not the end
                 log.error(f"{p} r{k}: could not run: {type(exc).__name__}: {exc}")
                 runs[p].append({"policy": p, "repeat": k, "error": f"{type(exc).__name__}: {exc}"})

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from flows import pipeline
-from flows.demo import _degrade, _wait_for_reconfigure
+from flows.demo import _change_and_follow
 from flows.prefect_server import ensure_server
-from flows.runtime import RuntimeFailure, backend_for, clear_local_links, set_local_link
+from flows.runtime import RuntimeFailure, backend_for, clear_local_links
 from flows.state import load_state
 from flows.workload import ChatSession, choose_backend, prepare_model, serve_process, stop_process, teardown
 from mecsplit.settings import get_settings
-from testbed.scenario import Scenario, load_scenario
+from testbed.scenario import load_scenario
 
 
 def _say(message: str) -> None:
@@ -54,34 +54,11 @@ def _standbys_ready(timeout_s: float) -> None:
         pipeline.wait_ready(standby, state.secret, timeout_s)
 
 
-def _restore(backend: str, scenario: Scenario, a: str, b: str, scenario_path: Path) -> list[list[Any]]:
-    """The link back at its nominal rate, then a re-plan (through the served deployment, so it queues
-    behind anything running) that moves back to the original split."""
-    from prefect.deployments import run_deployment
-
-    nominal = next(lk.bw_mbit for lk in scenario.links if {lk.a, lk.b} == {a, b})
-    if backend == "testbed":
-        from testbed.api import TestbedClient
-
-        with TestbedClient() as client:
-            client.set_link(a, b, bw_mbit=nominal)
-    else:
-        set_local_link(get_settings(), a, b, nominal)
-    run = run_deployment(
-        "reconfigure/reconfigure",
-        parameters={"scenario": str(scenario_path), "reason": "bench.restore", "horizon_s": 3600.0},
-        timeout=600,
-    )
-    if run.state is None or not run.state.is_completed():
-        raise RuntimeFailure(f"the restoring reconfigure run ended {run.state}")
-    state = load_state()
-    assert state is not None
-    return [[s["node"], s["first"], s["end"]] for s in state.plan["stages"]]
-
-
 def medians(reactions: list[dict[str, Any]]) -> dict[str, float | None]:
-    """The median of each step over the runs that have it."""
-    names = [*pipeline.REACTION_STEPS, "end_to_end_s", "event_to_run_created_s"]
+    """The median of each step over the runs that have it (a controller's run and a triggered run name
+    their steps differently: ``flows.pipeline.CONTROLLER_STAMPS`` and ``FLOW_STAMPS``)."""
+    names = [step for step, _ in (*pipeline.CONTROLLER_STAMPS, *pipeline.FLOW_STAMPS)]
+    names = [*dict.fromkeys(names), "end_to_end_s"]
     out: dict[str, float | None] = {}
     for name in names:
         values = [r[name] for r in reactions if isinstance(r.get(name), int | float)]
@@ -129,19 +106,15 @@ def run_reaction_bench(
         chats = [ChatSession(first["gateway_url"], max_tokens, first_prompt=i) for i in range(sessions)]
         for chat in chats:
             chat.start()
+        nominal = next(lk.bw_mbit for lk in scenario.links if scenario.source in (lk.a, lk.b))
         for i in range(runs):
             _standbys_ready(240)
             time.sleep(2.0)
-            t0 = time.time()
-            a, b = _degrade(chosen, scenario, server, degraded_bw_mbit)
-            _say(f"run {i + 1}/{runs}: {a}-{b} dropped to {degraded_bw_mbit} Mbit/s")
-            run = _wait_for_reconfigure(t0 - 1, reaction_timeout_s)
+            change = _change_and_follow(f"drop {i + 1}/{runs}", degraded_bw_mbit, chosen, scenario, server,
+                                        reaction_timeout_s)  # fmt: skip
+            run = change["run"]
             result = (run or {}).get("result") or {}
             reaction = (result.get("reaction") or {}).get("steps")
-            event_s = ((result.get("reaction") or {}).get("stamps") or {}).get("event")
-            if reaction and event_s is not None and run and run.get("created_s"):
-                # Prefect's share split: automation -> run created, then runner poll + process start.
-                reaction["event_to_run_created_s"] = round(run["created_s"] - event_s, 4)
             entry = {
                 "run": i + 1,
                 "state": None if run is None else run["state"],
@@ -152,9 +125,11 @@ def run_reaction_bench(
             }
             results.append(entry)
             _say(f"run {i + 1}: {reaction}")
-            back = _restore(chosen, scenario, a, b, scenario_path)
-            if back != initial:
-                _say(f"the restore re-planned to {back}, not {initial}: stopping here")
+            back = _change_and_follow(f"restore {i + 1}/{runs}", nominal, chosen, scenario, server,
+                                      reaction_timeout_s)  # fmt: skip
+            after = ((back["run"] or {}).get("result") or {}).get("after")
+            if after != initial:
+                _say(f"the link came back but the plan is {after}, not {initial}: stopping here")
                 break
         for chat in chats:
             chat.stop()

@@ -7,6 +7,7 @@ deployment that a reconfiguration changes is read from the state file, so any fl
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from pathlib import Path
@@ -34,13 +35,18 @@ def _log(message: str) -> None:
 
 @task(name="profile-nodes", retries=1, retry_delay_seconds=2, timeout_seconds=900)
 def profile_nodes_task(
-    backend_name: BackendName, scenario_path: str, model: str, refresh: list[str]
+    backend_name: BackendName,
+    scenario_path: str,
+    model: str,
+    refresh: list[str],
+    max_age_s: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     scenario = load_scenario(Path(scenario_path))
     backend = backend_for(backend_name, scenario)
+    age = get_settings().flows.profile_max_age_s if max_age_s is None else max_age_s
     return pipeline.profile_nodes(
         backend, backend.alive_nodes(), model, scenario.workload.prompt_tokens,
-        max_age_s=get_settings().flows.profile_max_age_s, refresh=refresh, progress=get_run_logger().info,
+        max_age_s=age, refresh=refresh, progress=get_run_logger().info,
     )  # fmt: skip
 
 
@@ -470,13 +476,17 @@ def deploy_flow(
     model: str | None = None,
     policy: str = "latency_dp",
     measure_tokens: int = 8,
+    refresh_profiles: bool = True,
 ) -> dict[str, Any]:
-    """First deployment: profile -> optimise -> deploy -> measure (no hysteresis: nothing runs yet)."""
+    """First deployment: profile -> optimise -> deploy -> measure (no hysteresis: nothing runs yet).
+
+    A first deployment measures every node (cached profiles may come from another testbed); with
+    ``refresh_profiles`` off it takes the cached ones whatever their age (an experiment's later windows,
+    which bring up the same testbed again)."""
     sc = load_scenario(Path(scenario))
     model = model or sc.model
-    # A first deployment measures every node: cached profiles may come from another testbed.
-    all_nodes = [n.name for n in sc.nodes]
-    profiles = profile_nodes_task(backend, scenario, model, all_nodes)
+    refresh = [n.name for n in sc.nodes] if refresh_profiles else []
+    profiles = profile_nodes_task(backend, scenario, model, refresh, None if refresh_profiles else math.inf)
     probes = profile_links_task(backend, scenario, sorted(profiles))
     problem = pipeline.build_problem(
         sc, pipeline.model_facts(get_settings(), model, profiles), profiles, probes

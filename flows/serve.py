@@ -173,12 +173,13 @@ def serve_forever(
     """Block serving the deployment; each flow run gets a process of its own, as Prefect does. The flow
     is added to the runner as a flow (``Runner.add_flow``), not loaded from storage, so with
     ``flows.warm_start_runs`` that process is a fork of one that has already imported it. With
-    ``controller`` (never for ``failover_only``) the controller runs beside the runner."""
+    ``controller`` the controller runs beside the runner; with ``failover_only`` it only learns and
+    measures the model on the plan (it never re-plans) and the deployment triggers on failures."""
     from prefect.runner import Runner
 
     from flows.reconfigure import reconfigure
 
-    controlled = controller and not failover_only
+    controlled = controller or failover_only
     options = deployment_options(
         scenario, interval_s=interval_s, cron=cron, policy=policy, failover_only=failover_only,
         controller=controlled,
@@ -199,7 +200,10 @@ def serve_forever(
     events = FAILURE_EVENTS if controlled else tuple(spec.event for spec in TRIGGERS)
     print(f"serving {reconfigure.name}/{DEPLOYMENT_NAME} on " + ", ".join(events))
     with contextlib.suppress(KeyboardInterrupt):
-        if controlled:
+        if failover_only:
+            print("controller: learning from traffic and measuring the model on the plan, never re-planning")
+            asyncio.run(_serve_with_controller(runner, scenario, policy, observe_only=True))
+        elif controlled:
             print("controller: learning from traffic, evaluating on " + ", ".join(CONTROLLER_EVENTS)
                   + f" and every {get_settings().flows.evaluate_every_s:g} s")  # fmt: skip
             asyncio.run(_serve_with_controller(runner, scenario, policy))
@@ -207,7 +211,9 @@ def serve_forever(
             asyncio.run(runner.start())
 
 
-async def _serve_with_controller(runner: Any, scenario: str, policy: str) -> None:
+async def _serve_with_controller(
+    runner: Any, scenario: str, policy: str, *, observe_only: bool = False
+) -> None:
     import anyio
 
     from flows.controller import Controller, ControllerConfig
@@ -216,8 +222,9 @@ async def _serve_with_controller(runner: Any, scenario: str, policy: str) -> Non
     defaults = {"scenario": scenario, "policy": policy, "failover_only": False}
     starter = RunStarter(defaults)
     control = Controller(
-        Path(scenario), ControllerConfig.from_settings(settings, policy), starter.start, starter.active
-    )
+        Path(scenario), ControllerConfig.from_settings(settings, policy, observe_only=observe_only),
+        starter.start, starter.active,
+    )  # fmt: skip
     wake = anyio.Event()
 
     def notify(reason: str, occurred_s: float | None, payload: dict[str, Any]) -> None:

@@ -62,7 +62,9 @@ class TestbedSettings(BaseModel):
     start_timeout_s: float = Field(default=120.0, gt=0)
     monitor_interval_s: float = Field(default=1.0, gt=0, description="how often nodes are measured")
     link_sample_interval_s: float = Field(
-        default=0.1, gt=0, description="how often each link's rate is sampled (the detection time of a change)"
+        default=0.1,
+        gt=0,
+        description="how often each link's rate is sampled (the detection time of a change)",
     )
     # --- events (testbed.events): thresholds with hysteresis ---
     link_degraded_ratio: float = Field(

@@ -62,6 +62,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("segments.server")
 
+
+def can_restore_priority() -> bool:
+    """Whether this process may lower its nice value again once raised: with CAP_SYS_NICE or an
+    RLIMIT_NICE that reaches nice 0 (20 - limit <= 0). Docker drops CAP_SYS_NICE even for root."""
+    import resource
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NICE)
+    if soft == resource.RLIM_INFINITY or soft >= 20:
+        return True
+    try:
+        with open("/proc/self/status") as fh:
+            caps = next(line for line in fh if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caps.split()[1], 16) >> 23 & 1)  # bit 23: CAP_SYS_NICE
+
+
+def _normal_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError as exc:
+        log.warning("could not take normal CPU priority back: %s", exc)
+
+
 MAX_ID_CHARS = 128
 # A standby boots at this niceness (the lowest priority) until it is given work.
 BACKGROUND_NICE = 19
@@ -564,8 +588,11 @@ class SegmentServer:
         if not self.background:
             return
         self.background = False
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-        self.executor.submit(os.setpriority, os.PRIO_PROCESS, 0, 0)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except OSError as exc:  # checked at start; a failure here must not cost the request
+            log.warning("could not take normal CPU priority back: %s", exc)
+        self.executor.submit(_normal_priority)
 
     def _on_forward(self, conn: Connection, frame: Frame, arrived_s: float) -> None:
         self.promote()
@@ -856,7 +883,7 @@ async def _amain(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     server = SegmentServer(args.store, args.model, args.first, args.end, secret, limits)
-    if args.background and os.geteuid() == 0:  # only root can take normal priority back later
+    if args.background and can_restore_priority():
         os.nice(BACKGROUND_NICE)  # threads started from now on (the compute thread) inherit it
         server.background = True
     port = await server.start(args.host, args.port, verify_store=args.verify_store)

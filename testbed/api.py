@@ -85,6 +85,10 @@ class TestbedClient:
             raise TestbedError(f"testbed refused {path}: {resp.json().get('detail', resp.text)}")
         return resp.json()
 
+    def monitor(self) -> dict[str, Any]:
+        """Each link's rate now and when it changed, each node's load and liveness (cheap: no Docker)."""
+        return self._call("GET", "/monitor")
+
     def status(self) -> dict[str, Any]:
         return self._call("GET", "/status")
 

@@ -110,6 +110,10 @@ def build_app(testbed: Any, token: str, shutdown: threading.Event) -> Any:
     def status() -> dict[str, Any]:
         return testbed.status()
 
+    @app.get("/monitor")
+    def monitor() -> dict[str, Any]:
+        return testbed.monitor()
+
     @app.post("/link")
     def set_link(req: SetLink) -> dict[str, Any]:
         return call(testbed.set_link, req.a, req.b, req.bw_mbit, req.delay_ms, req.loss_pct, req.direction)

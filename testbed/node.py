@@ -298,9 +298,11 @@ def start_segment(
     if mem_bytes is not None:
         args += ["--memory", str(mem_bytes)]
     name = container_name(prefix, node.node, segment)
+    # A standby boots at the lowest CPU priority and takes normal priority back when given work
+    # (segments.server --background): RLIMIT_NICE 20 allows back up to nice 0, and no capability is needed.
     return docker(
         "run", "-d", "--name", name, "--network", f"container:{node.name}", "--stop-timeout", "10",
-        *args, image, *command,
+        "--ulimit", "nice=20:20", *args, image, *command,
     ).strip()  # fmt: skip
 
 

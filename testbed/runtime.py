@@ -431,26 +431,54 @@ class Testbed:
             return 0
 
     def _monitor_loop(self) -> None:
-        """Links every ``link_sample_interval_s`` (it sets how soon a change is detected), their kernel
-        shaping read back every ``READ_BACK_EVERY_S``, nodes every ``monitor_interval_s``."""
+        """Links every ``link_sample_interval_s`` (it sets how soon a change is detected; their kernel
+        shaping is read back every ``READ_BACK_EVERY_S``), in this thread; nodes every
+        ``monitor_interval_s`` in one of their own (a node sample asks Docker, which takes a while and must
+        not hold up the links)."""
+        nodes_thread = threading.Thread(target=self._node_loop, name="monitor-nodes", daemon=True)
+        nodes_thread.start()
         link_every = self.tb.link_sample_interval_s
-        node_every = self.tb.monitor_interval_s
-        prev_link_t = prev_node_t = prev_read_t = time.monotonic()
-        prev_cpu = {n: self._cpu_ns(n) for n in self.containers}
+        prev_t = prev_read_t = time.monotonic()
         prev_tx = {p: self._port_tx_bytes(p) for lp in self.plan.links for p in (lp.port_a, lp.port_b)}
-        while not self._stop.wait(min(link_every, node_every)):
+        while not self._stop.wait(link_every):
             now = time.monotonic()
             try:
-                if now - prev_link_t >= link_every * 0.9:
-                    read_back = now - prev_read_t >= READ_BACK_EVERY_S
-                    self._sample_links(now, max(now - prev_link_t, 1e-6), prev_tx, read_back)
-                    prev_link_t = now
-                    prev_read_t = now if read_back else prev_read_t
-                if now - prev_node_t >= node_every * 0.9:
-                    self._sample_nodes(now, max(now - prev_node_t, 1e-6), prev_cpu)
-                    prev_node_t = now
-            except Exception as exc:  # keep measuring; a transient docker/tc error is no reason to stop
+                read_back = now - prev_read_t >= READ_BACK_EVERY_S
+                self._sample_links(now, max(now - prev_t, 1e-6), prev_tx, read_back)
+                prev_t, prev_read_t = now, now if read_back else prev_read_t
+            except Exception as exc:  # keep measuring; a transient tc error is no reason to stop
                 log.warning("monitor: %s", exc)
+        nodes_thread.join(timeout=5)
+
+    def _node_loop(self) -> None:
+        every = self.tb.monitor_interval_s
+        prev_t = time.monotonic()
+        prev_cpu = {n: self._cpu_ns(n) for n in self.containers}
+        while not self._stop.wait(every):
+            now = time.monotonic()
+            try:
+                self._sample_nodes(now, max(now - prev_t, 1e-6), prev_cpu)
+                prev_t = now
+            except Exception as exc:  # keep measuring; a transient docker error is no reason to stop
+                log.warning("monitor: %s", exc)
+
+    def monitor(self) -> dict[str, Any]:
+        """What the monitor knows now, cheaply (no Docker, no tc): each link's rate (the slower
+        direction) and when it last changed, each node's background load and whether it is up."""
+        links = {}
+        for lp in self.plan.links:
+            shaped = [r for (key, _), r in self.rates.items() if key == lp.key]
+            links[lp.key] = {"bw_mbit": min(shaped, default=0.0), "changed_at_s": self.changed_at.get(lp.key)}
+        nodes_up = {
+            n.name: n.name not in self.failed
+            and self.last_samples.get(f"node:{n.name}", {}).get("alive", True)
+            for n in self.scenario.nodes
+        }
+        loads = {name: load.pct for name, load in self.loads.items()}
+        return {
+            "links": links,
+            "nodes": {n: {"up": up, "load_pct": loads.get(n, 0.0)} for n, up in nodes_up.items()},
+        }
 
     def _cpu_ns(self, node: str) -> int:
         # Overload means CPU taken from the node by others, not the node computing its own segments.

@@ -1,4 +1,5 @@
-"""``mecsplit bench reaction``: from a bandwidth drop to the new plan serving, per step, as JSON."""
+"""``mecsplit bench reaction`` (a bandwidth drop to the new plan serving, per step) and ``bench controller``
+(what the serve controller costs with the network unchanged), as JSON."""
 
 from __future__ import annotations
 
@@ -33,6 +34,25 @@ def bench_reaction_cmd(
     typer.echo(json.dumps(summary, indent=None if as_json else 2))
 
 
+def bench_controller_cmd(
+    scenario: Path = typer.Option(Path("scenarios/default.yaml"), "--scenario", "-s", help="scenario YAML"),
+    seconds: float = typer.Option(60.0, min=10.0, help="measured seconds (after a 30 s warm-up)"),
+    backend: str = typer.Option("auto", help="auto, testbed or local"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON (progress goes to stderr)"),
+) -> None:
+    """Bring up the scenario, deploy, serve and generate with the network unchanged, and print what the
+    serve controller costs meanwhile: its CPU share of one core (goal: under 1 %), its ticks and
+    evaluations, and the reconfigure runs it started (goal: none)."""
+    from flows.controller_bench import run_controller_bench
+    from flows.prefect_server import ensure_server
+
+    ensure_server()
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run_controller_bench(scenario, seconds=seconds, backend=backend)
+    typer.echo(json.dumps(summary, indent=None if as_json else 2))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     del app
     bench.command("reaction")(bench_reaction_cmd)
+    bench.command("controller")(bench_controller_cmd)
