@@ -299,10 +299,11 @@ def start_segment(
         args += ["--memory", str(mem_bytes)]
     name = container_name(prefix, node.node, segment)
     # A standby boots at the lowest CPU priority and takes normal priority back when given work
-    # (segments.server --background): RLIMIT_NICE 20 allows back up to nice 0, and no capability is needed.
+    # (segments.server --background), which needs CAP_SYS_NICE (Docker drops it; raising RLIMIT_NICE
+    # instead needs CAP_SYS_RESOURCE, which some hosts' dockerd lacks).
     return docker(
         "run", "-d", "--name", name, "--network", f"container:{node.name}", "--stop-timeout", "10",
-        "--ulimit", "nice=20:20", *args, image, *command,
+        "--cap-add", "SYS_NICE", *args, image, *command,
     ).strip()  # fmt: skip
 
 
