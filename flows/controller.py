@@ -59,7 +59,7 @@ CALIBRATED_AFTER_STEPS = 100
 SETTLE_S = 10.0
 # A plan is left for a better one (other than for a broken constraint) only after the model has learned
 # from this many of its decode steps: until then the calibration describes another plan.
-MIN_LEARNED_STEPS = 50
+MIN_LEARNED_STEPS = 20
 
 
 @dataclass(frozen=True)

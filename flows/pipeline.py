@@ -247,7 +247,6 @@ def build_problem(
 # ------------------------------------------------------------------------------------------------ deploy
 # What a standby holds: the interpreter, torch and transformers and one layer (measured: ~300 MB of
 # anonymous memory for SmolLM2, plus ~110 MB of shared library pages a node's processes share).
-STANDBY_BYTES = PROCESS_OVERHEAD_BYTES
 STANDBY_READY_TIMEOUT_S = 180.0
 
 
@@ -280,9 +279,29 @@ def read_manifest(settings: Settings, model: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def stage_bytes(manifest: dict[str, Any], first: int, end: int) -> int:
-    """A segment process's memory: the process itself and its weights."""
-    return PROCESS_OVERHEAD_BYTES + weight_bytes(manifest, first, end)
+def node_bytes(
+    scenario: Scenario, node: str, manifest: dict[str, Any], ranges: Iterable[tuple[int, int]]
+) -> int:
+    """What a node's processes hold in memory: each server's own overhead (the interpreter, torch,
+    transformers, its sessions' KV) and, once, the weights of every layer any of them serves (servers map
+    them from the store, so a node's processes share those pages), plus the gateway on the source."""
+    spans = list(ranges)
+    n = manifest["num_layers"]
+    layers = sorted({layer for first, end in spans for layer in range(first, end)})
+    weights = sum(manifest["layer_weight_bytes"][layer] for layer in layers)
+    weights += manifest["embed_weight_bytes"] if 0 in layers else 0
+    weights += manifest["head_weight_bytes"] if n - 1 in layers else 0
+    gateway = GATEWAY_BYTES if node == scenario.source else 0
+    return len(spans) * PROCESS_OVERHEAD_BYTES + weights + gateway
+
+
+def _fits(scenario: Scenario, node: str, manifest: dict[str, Any], ranges: Iterable[tuple[int, int]]) -> bool:
+    spec = next(x for x in scenario.nodes if x.name == node)
+    return node_bytes(scenario, node, manifest, ranges) <= spec.mem_mb * 1024 * 1024
+
+
+def _serving(layout: list[tuple[str, int, int]], node: str) -> list[tuple[int, int]]:
+    return [(f, e) for n, f, e in layout if n == node]
 
 
 def standby_nodes(
@@ -290,16 +309,18 @@ def standby_nodes(
 ) -> list[str]:
     """The alive nodes whose memory holds a standby besides their stages (and the gateway on the
     source): a standby must never push a node's own segments out of memory."""
-    chosen = []
     alive = set(alive)
-    for node in scenario.nodes:
-        if node.name not in alive:
-            continue
-        committed = sum(stage_bytes(manifest, f, e) for n, f, e in layout if n == node.name)
-        committed += PROCESS_OVERHEAD_BYTES if node.name == scenario.source else 0
-        if node.mem_mb * 1024 * 1024 - committed >= STANDBY_BYTES:
-            chosen.append(node.name)
-    return chosen
+    return [
+        node.name
+        for node in scenario.nodes
+        if node.name in alive
+        and _fits(
+            scenario,
+            node.name,
+            manifest,
+            [*_serving(layout, node.name), standby_range(manifest["num_layers"])],
+        )
+    ]
 
 
 def standby_span(
@@ -308,14 +329,11 @@ def standby_span(
     """What a new standby on ``node`` holds. On the source node, where memory allows, the whole model:
     the plan a collapsing source link falls back to (all layers at the source) is then loaded before
     it is needed, and switching to it costs a switch, not a load. Elsewhere one middle layer, which
-    costs little more than the process. Memory counts each process's own overhead and the weights once
-    per node (segment servers map them from the store: a node's processes share the pages)."""
+    costs little more than the process."""
     n = manifest["num_layers"]
-    if node == scenario.source and (node, 0, n) not in layout:
-        spec = next(x for x in scenario.nodes if x.name == node)
-        processes = sum(1 for x, _, _ in layout if x == node) + 2  # its stages, the gateway, the standby
-        if spec.mem_mb * 1024 * 1024 >= processes * PROCESS_OVERHEAD_BYTES + weight_bytes(manifest, 0, n):
-            return (0, n)
+    fallback = node == scenario.source and (node, 0, n) not in layout
+    if fallback and _fits(scenario, node, manifest, [*_serving(layout, node), (0, n)]):
+        return (0, n)
     return standby_range(n)
 
 
@@ -336,23 +354,19 @@ def retained_servers(
     """Old servers kept running, idle, as their node's standby (at most one per node) where the node's
     memory holds them beside its new stages: moving back to a plan that used them (a link that recovers,
     a load that ends) then costs a switch, not a cold start of the process and its layers (29 s on the
-    default scenario's edge). Among a node's old servers the one holding the most layers is kept."""
+    default scenario's edge; on a source at its CPU quota a fresh standby's boot would also eat the quota
+    its serving stage needs). Among a node's old servers the one holding the most layers is kept."""
     alive = set(alive)
     by_node: dict[str, Endpoint] = {}
     for endpoint in replaced:
         best = by_node.get(endpoint.node)
         if endpoint.node in alive and (best is None or endpoint.end - endpoint.first > best.end - best.first):
             by_node[endpoint.node] = endpoint
-    kept = {}
-    for node in scenario.nodes:
-        endpoint = by_node.get(node.name)
-        if endpoint is None:
-            continue
-        committed = sum(stage_bytes(manifest, f, e) for n, f, e in layout if n == node.name)
-        committed += PROCESS_OVERHEAD_BYTES if node.name == scenario.source else 0
-        if node.mem_mb * 1024 * 1024 - committed >= stage_bytes(manifest, endpoint.first, endpoint.end):
-            kept[node.name] = endpoint
-    return kept
+    return {
+        node: endpoint
+        for node, endpoint in by_node.items()
+        if _fits(scenario, node, manifest, [*_serving(layout, node), (endpoint.first, endpoint.end)])
+    }
 
 
 def control(endpoint: Endpoint, secret: str, op: str, timeout_s: float = 30.0, **args: Any) -> dict[str, Any]:
