@@ -117,17 +117,22 @@ def learn(
     hop_nodes: dict[str, str],
     snapshots: Sequence[Snapshot],
     rate_at: RateAt | None = None,
+    node_busy: dict[str, float] | None = None,
 ) -> Calibration:
     """``cal`` updated with the steps of ``snapshots`` (in order). ``problem`` is uncalibrated-priced
     here (its profiles and links); ``hop_nodes`` maps each segment server's ``host:port`` to its node; a
     step naming a server not in it (an old chain's) is skipped. ``rate_at(a, b, t)`` gives the rate of
-    link ``a``-``b`` at time ``t`` (None: the problem's)."""
+    link ``a``-``b`` at time ``t`` (None: the problem's); ``node_busy`` the share of each node's CPU quota
+    that everything on it used lately, as its cgroup counts it (a standby booting included), which
+    overrides what the steps alone show."""
     base = problem.model_copy(update={"calibration": None})
     routes = all_routes(base)
     costs = {c.node: c for c in base.costs}
     caps = {n.name: n.cpu_share * (1 - n.load) if n.cpu_share else None for n in base.nodes}
     for snap in snapshots:
         busy = _busy_share(snap.records, hop_nodes, caps, base.source, cal.source_cpu_s)
+        for node, share in (node_busy or {}).items():
+            busy[node] = max(busy.get(node, 0.0), share)
         cal = _learn_concurrency(cal, snap.records)
         for record in snap.records:
             nodes = [hop_nodes.get(stage[0]) for stage in record["stages"]]

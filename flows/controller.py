@@ -71,6 +71,7 @@ class NetworkSample:
     loads: dict[str, float]
     alive: frozenset[str]
     changed_at_s: dict[str, float] = field(default_factory=dict)  # when each link was last changed
+    busy: dict[str, float] = field(default_factory=dict)  # share of each node's CPU quota in use, all in
 
 
 class NetworkView(Protocol):
@@ -96,7 +97,12 @@ class TestbedView:
         }
         loads = {node: float(row["load_pct"]) / 100.0 for node, row in seen["nodes"].items()}
         alive = frozenset(node for node, row in seen["nodes"].items() if row["up"])
-        return NetworkSample(time.time(), rates, loads, alive, changed)
+        busy = {
+            node: row["busy_pct"] / 100.0
+            for node, row in seen["nodes"].items()
+            if row.get("busy_pct") is not None
+        }
+        return NetworkSample(time.time(), rates, loads, alive, changed, busy)
 
 
 class LocalView:
@@ -236,7 +242,7 @@ class Controller:
         if net is None or problem is None:
             self._requeue(reasons, event)
             return None
-        self._learn(state, problem)
+        self._learn(state, problem, net)
         self.predictions.measure(state, self.calibration, problem)
         if self.config.observe_only:
             return None
@@ -298,7 +304,7 @@ class Controller:
             calibration=self.calibration,
         )  # fmt: skip
 
-    def _learn(self, state: DeploymentState, problem: Problem) -> None:
+    def _learn(self, state: DeploymentState, problem: Problem, net: NetworkSample) -> None:
         if self._gateway != state.gateway_url:
             self._gateway, self._seq, self._last_snapshot = state.gateway_url, 0, None
         try:
@@ -316,7 +322,7 @@ class Controller:
                 s for s in (self._last_snapshot, dataclasses.replace(snap, records=fresh)) if s is not None
             ]
             hop_nodes = {f"{e.host}:{e.port}": e.node for e in state.segments}
-            self.calibration = learn(self.calibration, problem, hop_nodes, batch, self._rate_at)
+            self.calibration = learn(self.calibration, problem, hop_nodes, batch, self._rate_at, net.busy)
             save_calibration(self.calibration, self.settings)
             self.predictions.add_records(state, fresh)
         self._last_snapshot = dataclasses.replace(snap, records=())  # its counters, for the next batch

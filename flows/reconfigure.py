@@ -17,15 +17,18 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows import pipeline, report
+from flows.calibrate import load_calibration
 from flows.measure import stream_completion
-from flows.runtime import Backend, LinkProbe, backend_for
+from flows.runtime import Backend, LinkProbe, RuntimeFailure, backend_for
 from flows.state import BackendName, DeploymentState, load_state, save_state
 from mecsplit.settings import get_settings
+from policies.calibration import Calibration
 from policies.plan import Plan
 from policies.problem import Problem
 from testbed.scenario import Scenario, load_scenario
 
 DEFAULT_SCENARIO = "scenarios/default.yaml"
+STANDBY_BOOT_TIMEOUT_S = 180.0
 MEASURE_PROMPT = "The three most important ideas in distributed systems are"
 
 
@@ -362,8 +365,9 @@ def reconfigure(
     probes = profile_links_task(current.backend, scenario, sorted(profiles), max_age_s, known, refresh)
     profiled = time.time()
     problem = pipeline.build_problem(
-        sc, pipeline.model_facts(get_settings(), current.model, profiles), profiles, probes
-    )
+        sc, pipeline.model_facts(get_settings(), current.model, profiles), profiles, probes,
+        quota=current.backend == "testbed", calibration=load_calibration() or Calibration(),
+    )  # fmt: skip
     candidate = optimise_task(problem, policy)
     before = _plan_of(current)
     deployed: dict[str, Any] | None = None
@@ -488,13 +492,23 @@ def deploy_flow(
     refresh = [n.name for n in sc.nodes] if refresh_profiles else []
     profiles = profile_nodes_task(backend, scenario, model, refresh, None if refresh_profiles else math.inf)
     probes = profile_links_task(backend, scenario, sorted(profiles))
+    # Nothing learned yet: the full model with neutral coefficients (the workload's sessions queue, the
+    # nodes' CPU quotas bound them), which live traffic then calibrates.
     problem = pipeline.build_problem(
-        sc, pipeline.model_facts(get_settings(), model, profiles), profiles, probes
-    )
+        sc, pipeline.model_facts(get_settings(), model, profiles), profiles, probes,
+        quota=backend == "testbed", calibration=load_calibration() or Calibration(),
+    )  # fmt: skip
     plan = optimise_task(problem, policy)
     deployed = deploy_task(backend, scenario, model, plan, "kv")
     state = load_state()
     assert state is not None
+    # A first deployment is complete with its warm standbys booted: their boot takes CPU from the nodes'
+    # serving segments, which is not the plan's pace (and the first reconfiguration needs them).
+    for standby in state.standbys:
+        try:
+            pipeline.wait_ready(standby, state.secret, STANDBY_BOOT_TIMEOUT_S)
+        except RuntimeFailure as exc:
+            get_run_logger().warning(f"{exc}; serving without it")
     measured = measure_task(state.gateway_url, measure_tokens) if measure_tokens > 0 else None
     _publish(sc, "initial deployment", None, {"adopt": True, "reason": "first plan"}, None, plan, measured)
     return {"plan": [list(x) for x in plan.layout()], "deploy": deployed, "measured": measured,

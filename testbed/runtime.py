@@ -464,7 +464,8 @@ class Testbed:
 
     def monitor(self) -> dict[str, Any]:
         """What the monitor knows now, cheaply (no Docker, no tc): each link's rate (the slower
-        direction) and when it last changed, each node's background load and whether it is up."""
+        direction) and when it last changed, each node's background load, the share of its CPU quota all
+        its processes used over the last second, and whether it is up."""
         links = {}
         for lp in self.plan.links:
             shaped = [r for (key, _), r in self.rates.items() if key == lp.key]
@@ -475,10 +476,24 @@ class Testbed:
             for n in self.scenario.nodes
         }
         loads = {name: load.pct for name, load in self.loads.items()}
+        busy = {
+            n.name: self.last_samples.get(f"node:{n.name}", {}).get("busy_pct") for n in self.scenario.nodes
+        }
         return {
             "links": links,
-            "nodes": {n: {"up": up, "load_pct": loads.get(n, 0.0)} for n, up in nodes_up.items()},
+            "nodes": {
+                n: {"up": up, "load_pct": loads.get(n, 0.0), "busy_pct": busy[n]}
+                for n, up in nodes_up.items()
+            },
         }
+
+    def _total_cpu_ns(self, node: str) -> int:
+        """Everything the node runs (its segments, standbys, gateway and load): how much of its quota is
+        used, which is what throttles it."""
+        try:
+            return self.containers[node].cgroup.cpu_usage_ns()
+        except OSError:
+            return 0
 
     def _cpu_ns(self, node: str) -> int:
         # Overload means CPU taken from the node by others, not the node computing its own segments.
@@ -518,8 +533,12 @@ class Testbed:
             cpu = self._cpu_ns(n.name)
             pct = (cpu - prev_cpu.get(n.name, cpu)) / 1e9 / dt / n.cpus * 100
             prev_cpu[n.name] = cpu
+            total = self._total_cpu_ns(n.name)
+            busy = (total - prev_cpu.get(f"total:{n.name}", total)) / 1e9 / dt / n.cpus * 100
+            prev_cpu[f"total:{n.name}"] = total
             alive = n.name not in self.failed and states.get(self.containers[n.name].name) == "running"
-            self.last_samples[f"node:{n.name}"] = {"cpu_pct": round(pct, 1), "alive": alive}
+            sample = {"cpu_pct": round(pct, 1), "busy_pct": round(busy, 1), "alive": alive}
+            self.last_samples[f"node:{n.name}"] = sample
             for e in self.detector.node(NodeSample(n.name, now, alive, pct)):
                 self._publish(e)
 
