@@ -78,9 +78,11 @@ class Calibration(_Frozen):
 
     nodes: dict[str, NodeCalibration] = Field(default_factory=dict)
     hops: dict[str, HopCalibration] = Field(default_factory=dict)
-    hop_overhead_s: float = Field(default=0.0, description="prior overhead of a hop between nodes")
-    local_hop_overhead_s: float = Field(default=0.0, ge=0, description="prior of a hop within one node")
-    source_idle_s: float = Field(default=0.0, ge=0, description="gateway time per token outside the chain")
+    # Priors before any traffic: what the testbed measured for SmolLM2 (docs/policies.md); traffic replaces
+    # them within seconds. Zero would make a plan's extra hops look free.
+    hop_overhead_s: float = Field(default=0.0015, description="prior overhead of a hop between nodes")
+    local_hop_overhead_s: float = Field(default=0.0015, ge=0, description="prior of a hop within one node")
+    source_idle_s: float = Field(default=0.0007, ge=0, description="gateway time per token outside the chain")
     source_cpu_s: float = Field(default=0.0, ge=0, description="gateway CPU time per token (source node)")
     concurrency: float | None = Field(
         default=None, ge=1.0, description="sessions generating at once, as measured (None: the workload's)"

@@ -56,18 +56,37 @@ def test_standby_range_holds_neither_embeddings_nor_head() -> None:
     assert standby_range(2) == (0, 1)
 
 
+SMOLLM2 = {"num_layers": 30, "layer_weight_bytes": [14_160_384] * 30, "embed_weight_bytes": 113_246_208,
+           "head_weight_bytes": 113_248_512}  # fmt: skip
+
+
 def test_standbys_only_where_memory_holds_them() -> None:
     """Default scenario, SmolLM2's sizes: the edge (1024 MiB) holding 28 layers and the head has no room
     for one; the device (1536 MiB) with two layers and the gateway has; a node with nothing has."""
     scenario = load_scenario(SCENARIOS / "default.yaml")
-    manifest = {"num_layers": 30, "layer_weight_bytes": [14_160_384] * 30, "embed_weight_bytes": 113_246_208,
-                "head_weight_bytes": 113_248_512}  # fmt: skip
     alive = ["device", "edge", "cloud"]
     layout = [("device", 0, 2), ("edge", 2, 30)]
-    assert pipeline.standby_nodes(scenario, alive, layout, manifest) == ["device", "cloud"]
-    assert pipeline.standby_nodes(scenario, ["device", "edge"], layout, manifest) == ["device"]
-    whole = [("device", 0, 30)]  # after the drop: the whole model and the gateway leave too little room
-    assert pipeline.standby_nodes(scenario, alive, whole, manifest) == ["edge", "cloud"]
+    assert pipeline.standby_nodes(scenario, alive, layout, SMOLLM2) == ["device", "cloud"]
+    assert pipeline.standby_nodes(scenario, ["device", "edge"], layout, SMOLLM2) == ["device"]
+    # After the drop the device runs the whole model; one more process (sharing its weights) still fits,
+    # a second does not (deploy keeps the old split stage there as that one: retained_servers).
+    whole = [("device", 0, 30)]
+    assert pipeline.standby_nodes(scenario, alive, whole, SMOLLM2) == ["device", "edge", "cloud"]
+    assert not pipeline._fits(scenario, "device", SMOLLM2, [(0, 30), (0, 2), (15, 16)])
+
+
+def test_node_memory_counts_shared_weights_once() -> None:
+    """Servers map their weights from the store: two servers of one node holding overlapping ranges cost
+    two processes and the union of their layers. So the device keeps its split stage beside the whole
+    model (the fallback of a collapsing link) and preloads the whole model beside the split stage."""
+    scenario = load_scenario(SCENARIOS / "default.yaml")
+    mib = 1024 * 1024
+    both = pipeline.node_bytes(scenario, "device", SMOLLM2, [(0, 2), (0, 30)])
+    whole = pipeline.node_bytes(scenario, "device", SMOLLM2, [(0, 30)])
+    assert both - whole == pipeline.PROCESS_OVERHEAD_BYTES  # the split stage adds its process only
+    assert both <= 1536 * mib
+    assert pipeline.standby_span(scenario, "device", [("device", 0, 2), ("edge", 2, 30)], SMOLLM2) == (0, 30)
+    assert pipeline.standby_span(scenario, "edge", [("device", 0, 2), ("edge", 2, 30)], SMOLLM2) == (15, 16)
 
 
 class _CountingBackend(LocalBackend):

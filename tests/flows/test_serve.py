@@ -1,5 +1,7 @@
-"""Served reconfiguration: a mec.link.degraded event starts a reconfigure run that completes, with the
-event's link as its parameter; the run's placement artifact renders in the Prefect UI (headless Chromium).
+"""Served reconfiguration without the controller: a mec.link.degraded event, and then a mec.link.recovered
+one, each start a reconfigure run of the deployment that completes, with the event's link as its
+parameter; the run's placement artifact renders in the Prefect UI (headless Chromium). (The controller's
+path: tests/flows/test_controller.py.)
 
 Everything is real: Prefect's own local server with its UI (what `mecsplit` starts for users),
 `mecsplit serve` as its own process, segment servers and the gateway as processes on loopback (local
@@ -57,7 +59,7 @@ def served(
     env = {**os.environ, "PREFECT_API_URL": prefect_ui_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     log = (flows_home / "serve-test.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mecsplit.cli", "serve", "--scenario", str(TINY_SCENARIO)],
+        [sys.executable, "-m", "mecsplit.cli", "serve", "--scenario", str(TINY_SCENARIO), "--no-controller"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     try:
@@ -130,6 +132,18 @@ def test_link_degraded_event_triggers_a_completed_reconfigure(
     # The run was forked off the process that had imported the flow, not started in a fresh interpreter.
     log = (flows_home / "serve-test.log").read_text()
     assert "flow runs start as forks of a process with flows.reconfigure imported" in log
+
+    # Both ways: the link coming back starts a run too.
+    set_local_link(get_settings(), "device", "edge", 20.0)
+    t1 = time.time()
+    emit_event(
+        event="mec.link.recovered",
+        resource={"prefect.resource.id": "mec.link.device-edge"},
+        payload={"bw_mbit": 20.0, "previous_bw_mbit": 0.05, "changed_at_s": t1},
+    )
+    back = _completed_run_after(t1, timeout_s=120)
+    assert back is not None and back.state.is_completed(), "no reconfigure run finished after the recovery"
+    assert back.parameters["reason"] == "mec.link.recovered"
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs chromium (CI installs it)")

@@ -26,6 +26,10 @@ from policies.plan import Stage
 EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "smollm2_mec.json"
 
 
+# A calibration that adds nothing (the defaults carry measured priors for hops and the gateway).
+NEUTRAL = Calibration(hop_overhead_s=0.0, local_hop_overhead_s=0.0, source_idle_s=0.0)
+
+
 def _base() -> Problem:
     """The example instance with one session (its 4 would queue, which some tests leave out on purpose)."""
     p = Problem.from_json(EXAMPLE.read_text())
@@ -136,9 +140,9 @@ def test_a_quota_bounds_the_cycle() -> None:
 
 # --------------------------------------------------------------------------------------- the full model
 def test_uncalibrated_and_neutral_calibration_agree_for_one_session() -> None:
-    """A calibration that learned nothing changes nothing for one session on nodes without quotas."""
+    """A calibration that adds nothing changes nothing for one session on nodes without quotas."""
     p = _base()
-    neutral = p.model_copy(update={"calibration": Calibration()})
+    neutral = p.model_copy(update={"calibration": NEUTRAL})
     plans = [
         [Stage(node="edge-ap", first=0, end=2), Stage(node="mec-1", first=2, end=30)],
         [
@@ -156,7 +160,7 @@ def test_uncalibrated_and_neutral_calibration_agree_for_one_session() -> None:
 def test_calibration_terms_add_up() -> None:
     p = _base()
     stages = [Stage(node="edge-ap", first=0, end=2), Stage(node="mec-1", first=2, end=30)]
-    base = predict(p.model_copy(update={"calibration": Calibration()}), stages).tpot_s
+    base = predict(p.model_copy(update={"calibration": NEUTRAL}), stages).tpot_s
     cal = Calibration(
         # edge-ap learned nothing new (an unseen node would take mec-1's figures as its prior).
         nodes={
