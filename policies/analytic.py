@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from policies.calibration import STEP_CPU_S
 from policies.contention import Quota, Station, cycle_time_s, queue_lengths
 from policies.contention import bottleneck_s as contention_bottleneck_s
 from policies.plan import Metrics, Stage
@@ -34,7 +35,8 @@ class NodeTimes:
     decode_cpu_s: tuple[float, ...] = ()
     head_cpu_s: float = 0.0
     capacity: float | None = None
-    wait_s: float = 0.0  # added to every decode step of a stage here (calibration: waiting for a CPU)
+    wait_s: float = 0.0  # added to every decode step of a stage here (calibration: a step's fixed cost)
+    step_cpu_s: float = 0.0  # the CPU part of that fixed cost
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,14 @@ def node_times(problem: Problem) -> dict[str, NodeTimes]:
             pre = dec = tuple(layer.flops_per_token / node.speed_flops for layer in problem.model.layers)
             hp = hd = problem.model.head_flops_per_token / node.speed_flops
         capacity = None if node.cpu_share is None else node.cpu_share * (1.0 - node.load)
-        wait = 0.0
+        wait = step_cpu = 0.0
         if cal is None:
             wall, pre_scale, cpu_scale = slow, slow, 1.0
         else:
             c = cal.node(node.name)
             wall, pre_scale, cpu_scale = c.cpu_scale * slow, c.prefill_scale * slow, c.cpu_scale
-            wait = c.wait_s
+            wait = c.wait_s + STEP_CPU_S * slow
+            step_cpu = STEP_CPU_S
         out[node.name] = NodeTimes(
             prefill_s=tuple(t * pre_scale for t in pre),
             decode_s=tuple(t * wall for t in dec),
@@ -74,6 +77,7 @@ def node_times(problem: Problem) -> dict[str, NodeTimes]:
             head_cpu_s=hd * cpu_scale,
             capacity=capacity,
             wait_s=wait,
+            step_cpu_s=step_cpu,
         )
     return out
 
@@ -196,14 +200,16 @@ def _with_contention(
         return (prefill + (gen - 1) * decode) / gen
 
     stations = [Station("gateway", cal.source_idle_s, cal.source_idle_s)]
-    cpu = {problem.source: cal.source_cpu_s}
+    cpu = {problem.source: (cal.source_cpu_s, cal.source_cpu_s)}  # node -> (per decode step, mean per step)
     for stage, pre, dec in zip(stages, stage_pre, stage_dec, strict=True):
         stations.append(Station(f"stage:{stage.node}", dec, mean(pre, dec)))
         t = times[stage.node]
-        dec_cpu = sum(t.decode_cpu_s[stage.first : stage.end])
+        dec_cpu = sum(t.decode_cpu_s[stage.first : stage.end]) + t.step_cpu_s
         dec_cpu += t.head_cpu_s if stage.end == problem.num_layers else 0.0
-        ratio = dec_cpu / dec if dec > 0 else 1.0
-        cpu[stage.node] = cpu.get(stage.node, 0.0) + mean(pre * ratio, dec_cpu)
+        # A prefill runs at the node's sustained pace, its quota's: the CPU behind it is that much less.
+        pre_cpu = pre * min(1.0, t.capacity) if t.capacity is not None else pre
+        own, avg = cpu.get(stage.node, (0.0, 0.0))
+        cpu[stage.node] = (own + dec_cpu, avg + mean(pre_cpu, dec_cpu))
     links: dict[tuple[str, str], list[float]] = {}
     for k, (a, b, nbytes) in enumerate(hops):
         pre_bytes = nbytes if k == len(hops) - 1 else w.prompt_tokens * nbytes
@@ -219,8 +225,8 @@ def _with_contention(
     stations += [Station(f"link:{a}>{b}", dec, avg) for (a, b), (dec, avg) in sorted(links.items())]
     node_caps = {n: times[n].capacity for n in cpu}
     quotas = [
-        Quota(n, c, cap, cal.node(n).quota_stretch)
-        for n, c in sorted(cpu.items())
+        Quota(n, own, avg, cap, cal.node(n).quota_stretch)
+        for n, (own, avg) in sorted(cpu.items())
         if (cap := node_caps[n]) is not None
     ]
     sessions = cal.concurrency if cal.concurrency is not None else w.concurrent_sessions
