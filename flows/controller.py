@@ -41,7 +41,7 @@ from flows.calibrate import LinkHistory, Snapshot, calibration_path, learn, load
 from flows.runtime import LinkProbe, local_link_overrides
 from flows.state import DeploymentState, load_state
 from mecsplit.settings import Settings, get_settings
-from policies.calibration import Calibration
+from policies.calibration import Calibration, observe_switch
 from policies.forecast import forecast
 from policies.plan import Plan
 from policies.problem import Problem
@@ -127,7 +127,6 @@ class ControllerConfig:
     horizon_s: float
     min_gain_ratio: float
     hysteresis: float
-    switch_stall_s: float
     policy: str = "latency_dp"
     # Learn and record predicted against measured, never re-plan (a static plan's serve: the model is
     # measured on every policy's plans, only the adaptive one acts on it).
@@ -141,7 +140,7 @@ class ControllerConfig:
         return cls(
             evaluate_every_s=settings.flows.evaluate_every_s, horizon_s=p.replan_horizon_s,
             min_gain_ratio=p.replan_min_gain_ratio, hysteresis=p.replan_hysteresis,
-            switch_stall_s=p.replan_switch_stall_s, policy=policy, observe_only=observe_only,
+            policy=policy, observe_only=observe_only,
         )  # fmt: skip
 
 
@@ -261,6 +260,17 @@ class Controller:
             self._pending = reasons + self._pending
             self._event = self._event or event
 
+    def observe_run(self, result: dict[str, Any]) -> None:
+        """A reconfigure run it started has ended: learn the switch's measured stall (thread-safe: the
+        next tick saves it)."""
+        switch = (result.get("deploy") or {}).get("switch_report") or {}
+        cost = (result.get("decision") or {}).get("cost") or {}
+        if "stall_s" in switch:
+            with self._lock:
+                self.calibration = observe_switch(
+                    self.calibration, stall_s=float(switch["stall_s"]), kv_s=float(cost.get("kv_s", 0.0))
+                )
+
     def close(self) -> None:
         self._http.close()
 
@@ -370,7 +380,7 @@ class Controller:
         )  # fmt: skip
         decision = decide(
             problem, current, candidate, self.config.horizon_s, forecast=fc,
-            switch_stall_s=self.config.switch_stall_s, min_gain_ratio=self.config.min_gain_ratio,
+            switch_stall_s=self.calibration.switch_stall_s, min_gain_ratio=self.config.min_gain_ratio,
             hysteresis=self.config.hysteresis, ready_s=_ready_s(state, net, self.settings),
             holdings=_holdings(problem, state),
         )  # fmt: skip

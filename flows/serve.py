@@ -225,6 +225,7 @@ async def _serve_with_controller(
         Path(scenario), ControllerConfig.from_settings(settings, policy, observe_only=observe_only),
         starter.start, starter.active,
     )  # fmt: skip
+    starter.on_done = control.observe_run
     wake = anyio.Event()
 
     def notify(reason: str, occurred_s: float | None, payload: dict[str, Any]) -> None:
@@ -315,6 +316,7 @@ class RunStarter:
     def __init__(self, defaults: dict[str, Any]) -> None:
         self.defaults = defaults
         self._thread: threading.Thread | None = None
+        self.on_done: Any = None  # called with each finished run's result (the controller learns from it)
         # Prefect's engine imports itself and sets up result storage at a process's first flow run (2 s
         # measured in a reaction): pay it now, not at the first reconfiguration.
         import prefect.flow_engine
@@ -339,9 +341,12 @@ class RunStarter:
 
         try:
             with tags("controller"):
-                reconfigure(**parameters)
+                result = reconfigure(**parameters)
         except Exception as exc:  # the run failed and says why in the UI; the controller goes on
             print(f"controller: reconfigure failed: {type(exc).__name__}: {exc}", flush=True)
+            return
+        if self.on_done is not None and isinstance(result, dict):
+            self.on_done(result)
 
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -141,7 +141,11 @@ class PolicySettings(BaseModel):
     replan_hysteresis: float = Field(
         default=0.5, ge=0, description="a move's expected gain must exceed (1 + this) x its cost"
     )
-    replan_switch_stall_s: float = Field(default=0.05, ge=0, description="pause of a session at a switch")
+    replan_switch_stall_s: float = Field(
+        default=0.3,
+        ge=0,
+        description="pause of a session at a switch besides its KV (the controller learns it)",
+    )
 
 
 class Settings(BaseSettings):

@@ -91,6 +91,9 @@ class Calibration(_Frozen):
     local_hop_overhead_s: float = Field(default=0.0015, ge=0, description="prior of a hop within one node")
     source_idle_s: float = Field(default=0.0007, ge=0, description="gateway time per token outside the chain")
     source_cpu_s: float = Field(default=0.0, ge=0, description="gateway CPU time per token (source node)")
+    switch_stall_s: float = Field(
+        default=0.3, ge=0, description="a switch's stall besides moving the sessions' KV (prior: measured)"
+    )
     concurrency: float | None = Field(
         default=None, ge=1.0, description="sessions generating at once, as measured (None: the workload's)"
     )
@@ -248,6 +251,14 @@ def _priors(hops: dict[str, HopCalibration]) -> dict[str, float]:
 def _split(key: str) -> tuple[str, str]:
     a, _, b = key.partition(">")
     return a, b
+
+
+def observe_switch(cal: Calibration, *, stall_s: float, kv_s: float) -> Calibration:
+    """One switch as the gateway measured it: its stall less what the model predicted for the KV."""
+    if not (math.isfinite(stall_s) and math.isfinite(kv_s)) or stall_s < 0:
+        return cal
+    sample = max(0.0, stall_s - max(0.0, kv_s))
+    return cal.model_copy(update={"switch_stall_s": _ewma(cal.switch_stall_s, sample, 0.3)})
 
 
 def observe_concurrency(cal: Calibration, sessions: float) -> Calibration:
