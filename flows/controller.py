@@ -332,7 +332,8 @@ class Controller:
                 s for s in (self._last_snapshot, dataclasses.replace(snap, records=fresh)) if s is not None
             ]
             hop_nodes = {f"{e.host}:{e.port}": e.node for e in state.segments}
-            self.calibration = learn(self.calibration, problem, hop_nodes, batch, self._rate_at, net.busy)
+            with self._lock:  # a finished run's switch may be learned meanwhile (observe_run)
+                self.calibration = learn(self.calibration, problem, hop_nodes, batch, self._rate_at, net.busy)
             save_calibration(self.calibration, self.settings)
             self.predictions.add_records(state, fresh)
         self._last_snapshot = dataclasses.replace(snap, records=())  # its counters, for the next batch
