@@ -1,5 +1,6 @@
-"""``mecsplit bench reaction`` (a bandwidth drop to the new plan serving, per step) and ``bench controller``
-(what the serve controller costs with the network unchanged), as JSON."""
+"""``mecsplit bench reaction`` (a bandwidth drop to the new plan serving, per step), ``bench controller``
+(what the serve controller costs with the network unchanged) and ``bench model`` (how well the calibrated
+cost model predicts plans before they serve), as JSON."""
 
 from __future__ import annotations
 
@@ -52,7 +53,39 @@ def bench_controller_cmd(
     typer.echo(json.dumps(summary, indent=None if as_json else 2))
 
 
+def bench_model_cmd(
+    scenario: Path = typer.Option(Path("scenarios/default.yaml"), "--scenario", "-s", help="scenario YAML"),
+    plans: str = typer.Option(
+        "",
+        help='plans as JSON, e.g. \'[[["device",0,2],["edge",2,30]], [["device",0,30]]]\'; empty: '
+        "the deployed plan and up to three plans other policies choose",
+    ),
+    sessions: str = typer.Option("1,2", help="concurrent sessions per window, comma-separated"),
+    seconds: float = typer.Option(30.0, min=5.0, help="measured seconds per window (after 10 s settling)"),
+    backend: str = typer.Option("auto", help="auto, testbed or local"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON (progress goes to stderr)"),
+) -> None:
+    """Serve each plan in turn with 1, 2, ... sessions; calibrate the cost model on the first window only and
+    print, per window, measured over predicted per-token latency (the prediction a decision would rest on),
+    beside a model calibrated on the window itself."""
+    from flows.model_bench import run_model_bench
+    from flows.prefect_server import ensure_server
+
+    try:
+        layouts = json.loads(plans) if plans else None
+        counts = [int(x) for x in sessions.split(",") if x.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--plans must be JSON and --sessions integers: {exc}") from None
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter("--sessions needs at least one count of 1 or more")
+    ensure_server()
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run_model_bench(scenario, layouts, sessions=counts, seconds=seconds, backend=backend)
+    typer.echo(json.dumps(summary, indent=None if as_json else 2))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     del app
     bench.command("reaction")(bench_reaction_cmd)
     bench.command("controller")(bench_controller_cmd)
+    bench.command("model")(bench_model_cmd)
