@@ -200,6 +200,7 @@ class Controller:
         self._gateway: str | None = None
         self._http = httpx.Client(timeout=5.0)
         self._watch = _Watch()
+        self._base: tuple[tuple[Any, ...], Problem | None] | None = None
         self._pending: list[str] = []
         self._event: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -290,13 +291,33 @@ class Controller:
         return net
 
     def _problem(self, state: DeploymentState, net: NetworkSample) -> Problem | None:
-        profiles = _cached_profiles(self.settings, state, self.scenario)
-        alive = {n: p for n, p in profiles.items() if n in net.alive}
+        """The problem as the network is now, priced with the calibration. Its uncalibrated part is
+        rebuilt only when its inputs change (the cached profiles and probes, the rates, loads and nodes
+        up): a tick with nothing new must cost next to nothing."""
         if state.scenario and Path(state.scenario).resolve() != self.scenario_path.resolve():
             return None  # another scenario's deployment: not ours to steer
+        inputs = (
+            state.backend, state.model, _mtime(self._profiles_path(state)), _mtime(self._links_path(state)),
+            tuple(sorted(net.rates_mbit.items())), tuple(sorted(net.loads.items())), net.alive,
+        )  # fmt: skip
+        if self._base is None or self._base[0] != inputs:
+            self._base = (inputs, self._build(state, net))
+        base = self._base[1]
+        return None if base is None else base.model_copy(update={"calibration": self.calibration})
+
+    def _profiles_path(self, state: DeploymentState) -> Path:
+        prompt = self.scenario.workload.prompt_tokens
+        return self.settings.run_dir / f"profiles-{state.backend}-{state.model}-{prompt}.json"
+
+    def _links_path(self, state: DeploymentState) -> Path:
+        return self.settings.run_dir / f"links-{state.backend}.json"
+
+    def _build(self, state: DeploymentState, net: NetworkSample) -> Problem | None:
+        profiles = _read_json(self._profiles_path(state))
+        alive = {n: p for n, p in profiles.items() if n in net.alive}
         if not alive:
             return None
-        rtt = _cached_rtts(self.settings, state.backend)
+        rtt = {key: float(v["rtt_ms"]) for key, v in _read_json(self._links_path(state)).items()}
         probes = [
             LinkProbe(
                 lk.a,
@@ -310,9 +331,8 @@ class Controller:
         ]
         facts = pipeline.model_facts(self.settings, state.model, alive)
         return pipeline.build_problem(
-            self.scenario, facts, alive, probes, quota=state.backend == "testbed", loads=net.loads,
-            calibration=self.calibration,
-        )  # fmt: skip
+            self.scenario, facts, alive, probes, quota=state.backend == "testbed", loads=net.loads
+        )
 
     def _learn(self, state: DeploymentState, problem: Problem, net: NetworkSample) -> None:
         if self._gateway != state.gateway_url:
@@ -435,22 +455,19 @@ def _without_slo(problem: Problem) -> Problem:
     return problem.model_copy(update={"constraints": c})
 
 
-def _cached_profiles(
-    settings: Settings, state: DeploymentState, scenario: Scenario
-) -> dict[str, dict[str, Any]]:
-    path = settings.run_dir / f"profiles-{state.backend}-{state.model}-{scenario.workload.prompt_tokens}.json"
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
-def _cached_rtts(settings: Settings, backend: str) -> dict[str, float]:
+def _mtime(path: Path) -> int:
     try:
-        cache = json.loads((settings.run_dir / f"links-{backend}.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {key: float(v["rtt_ms"]) for key, v in cache.items()}
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 def _ready_s(state: DeploymentState, net: NetworkSample, settings: Settings) -> dict[str, float]:
