@@ -5,19 +5,21 @@ recovered, a node overloaded, recovered or joined) the controller
 
 1. reads the gateway's step telemetry since its last read and updates the calibration
    (``flows.calibrate``; saved for the flow runs);
-2. reads the network monitor (the testbed daemon: each link's rate and each node's background load;
-   on the local backend the declared rates) into each link's history: passive, no probe;
+2. reads the network monitor (the testbed daemon's ``/monitor``: each link's rate, each node's
+   background load and how much of its CPU quota is used; on the local backend the declared rates) into
+   each link's history: passive, no probe;
 3. records how the plan serving now is doing against what was predicted for it (``predictions.json``);
 4. when something changed (an event, a link rate or load that moved, the calibration drifting), builds
    the problem from the cached profiles, the monitored network and the calibration, solves it and
-   decides with the forecast (``policies.replan.decide``): a better plan is adopted only if its expected
-   gain over the horizon clears the cost of moving to it;
-5. only then starts a ``reconfigure`` flow run of the served deployment, with the chosen plan and the
-   decision as parameters (visible in the Prefect UI), and waits for it before deciding again.
+   decides with the forecast (``policies.replan.decide``): a better plan is adopted only if its gain
+   while the present network lasts clears the cost of moving to it;
+5. only then starts a ``reconfigure`` flow run (in the serve process: ``flows.serve.RunStarter``) with
+   the chosen plan and the decision as parameters (visible in the Prefect UI), and waits for it before
+   deciding again; the run's measured switch teaches the model what a switch costs.
 
-With nothing changing, a tick is two small HTTP reads and no solve, no flow run (``bench controller``
-measures its CPU). Node failures stay with the deployment's own trigger (a broken chain is rebuilt by
-replay whatever the forecast says).
+With nothing changing, a tick is two small local HTTP reads and no solve, no flow run (``bench
+controller`` measures its CPU). Node failures stay with the deployment's own trigger (a broken chain is
+rebuilt by replay whatever the forecast says).
 """
 
 from __future__ import annotations
