@@ -44,7 +44,7 @@ from flows.runtime import LinkProbe, local_link_overrides
 from flows.state import DeploymentState, load_state
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration, observe_switch
-from policies.forecast import forecast
+from policies.forecast import Forecast, forecast
 from policies.plan import Plan
 from policies.problem import Problem
 from testbed.scenario import Scenario, load_scenario
@@ -382,10 +382,26 @@ class Controller:
                 return f"node {node} compute x{cal.cpu_scale:.2f} + {cal.wait_s * 1e3:.1f} ms"
         return None
 
+    def _candidates(self, problem: Problem, fc: Forecast) -> list[Plan]:
+        """The best plan at today's rates and, when the links have a history, the best at their
+        typical rates over it (a plan robust to a link that keeps dipping is not the best while it is
+        up); the rule then values each against the whole forecast."""
+        from policies import InfeasibleError, solve
+
+        plans = []
+        for rates in (None, fc.typical_mbit() or None):
+            p = problem if rates is None else _with_rates(problem, rates)
+            try:
+                plans.append(solve(p, self.config.policy))
+            except InfeasibleError:
+                if rates is None:
+                    plans.append(solve(_without_slo(p), self.config.policy))
+        unique = {plan.layout(): plan for plan in reversed(plans)}
+        return list(reversed(unique.values()))
+
     def _evaluate(
         self, state: DeploymentState, net: NetworkSample, reason: str, event: dict[str, Any]
     ) -> Evaluation | None:
-        from policies import InfeasibleError, solve
         from policies.replan import decide
 
         started = time.perf_counter()
@@ -393,20 +409,21 @@ class Controller:
         if problem is None:
             return None
         current = Plan.model_validate(state.plan)
-        try:
-            candidate = solve(problem, self.config.policy)
-        except InfeasibleError:
-            candidate = solve(_without_slo(problem), self.config.policy)
         fc = forecast(
             {link: self.history.series(link, net.at_s - 120) for link in self.history.links()},
             net.rates_mbit, net.at_s,
         )  # fmt: skip
-        decision = decide(
-            problem, current, candidate, self.config.horizon_s, forecast=fc,
-            switch_stall_s=self.calibration.switch_stall_s, min_gain_ratio=self.config.min_gain_ratio,
-            hysteresis=self.config.hysteresis, ready_s=_ready_s(state, net, self.settings),
-            holdings=_holdings(problem, state),
-        )  # fmt: skip
+        rule = {
+            "forecast": fc, "switch_stall_s": self.calibration.switch_stall_s,
+            "min_gain_ratio": self.config.min_gain_ratio, "hysteresis": self.config.hysteresis,
+            "ready_s": _ready_s(state, net, self.settings), "holdings": _holdings(problem, state),
+        }  # fmt: skip
+        decisions = [
+            (decide(problem, current, plan, self.config.horizon_s, **rule), plan)
+            for plan in self._candidates(problem, fc)
+        ]
+        # The adopted candidate gaining most; none adopted: the one that came closest, for the record.
+        decision, candidate = max(decisions, key=lambda d: (d[0].adopt, d[0].gain_s))
         self._watch = _Watch(
             dict(net.rates_mbit), dict(net.loads), net.alive, state.revision,
             {n: (c.cpu_scale, c.wait_s) for n, c in self.calibration.nodes.items()},
@@ -448,6 +465,14 @@ def _moved(old: float | None, new: float) -> bool:
     if old <= 0 or new <= 0:
         return old != new
     return abs(math.log(new / old)) > math.log1p(CHANGE_RATIO)
+
+
+def _with_rates(problem: Problem, rates_mbit: dict[str, float]) -> Problem:
+    links = tuple(
+        lk.model_copy(update={"bw_mbit": max(0.01, rates_mbit.get(f"{lk.a}-{lk.b}", lk.bw_mbit))})
+        for lk in problem.links
+    )
+    return problem.model_copy(update={"links": links})
 
 
 def _without_slo(problem: Problem) -> Problem:

@@ -1,17 +1,23 @@
-"""How long the network's present lasts, from what the links just did (pure).
+"""What the links will do over a decision's horizon, from what they just did (pure).
 
-A re-plan pays off over time, so it must be judged by how long the conditions that make it better will
-last. Cellular links swing both ways within seconds (the bundled traces: outages of a few seconds, then
-back), while a failed backhaul or a loaded node can stay so for minutes. The forecast says, for each
-link, how its rate has moved over the last ``WINDOW_S`` seconds (mean and spread: 10th and 90th
-percentiles), and how long the present persists: the persistence time ``tau`` of a link's rate,
-estimated from the lag-1 autocorrelation ``rho`` of its 1-second means (``tau = -1 s / ln rho``, an AR(1)
-reading of the series), the shortest over the links, clipped to [``MIN_TAU_S``, ``MAX_TAU_S``]. A link
-whose rate did not move persists ``MAX_TAU_S``; one that swings every second persists about a second.
+A re-plan pays off over time, so it must be judged against the network it will meet, not the one it
+sees now. Cellular links swing both ways within seconds (the bundled traces: outages of a few seconds,
+then back), while a failed backhaul or a loaded node can stay so for minutes. So "now" is a poor guess for
+a minute ahead on one link and a good one on another. The forecast blends the present and the recent
+past:
 
-Today's rates then hold with weight ``exp(-t / tau)`` at lag ``t``; over a horizon ``H`` that is
-``W = tau (1 - exp(-H / tau))`` seconds of the present (``Forecast.weight_now``), which is what
-``policies.replan.decide`` values a plan over.
+- today's rates persist for a while: their weight at lag ``t`` is ``exp(-t / tau)``, with ``tau`` the
+  persistence time of the links' rates, estimated from the lag-1 autocorrelation ``rho`` of each link's
+  1-second means over the last ``WINDOW_S`` seconds (``tau = -1 s / ln rho``, an AR(1) reading of the
+  series; the shortest over the links, clipped to [``MIN_TAU_S``, ``MAX_TAU_S``]);
+- the rest of the weight goes to the recent past as a whole: ``SNAPSHOTS`` joint snapshots of every
+  link's rate, evenly spread over the window (joint, so links that failed together in the history fail
+  together in the forecast).
+
+A plan serves ``1 / J`` requests a second per session when a request costs it ``J`` (by default its
+latency); over ``[a, b]`` the forecast expects ``P / J_now + (b - a - P) x mean_i 1 / J_i`` of them, with
+``P = tau (exp(-a / tau) - exp(-b / tau))`` the present's share (``Forecast.served``). Each link's mean
+and spread (10th and 90th percentiles) over the window are reported with it.
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 WINDOW_S = 60.0
+SNAPSHOTS = 8
 MIN_TAU_S = 1.0
 MAX_TAU_S = 120.0
-# A history shorter than this many 1-second means says nothing about persistence.
+# A history shorter than this many 1-second means says nothing about persistence or the past.
 MIN_SAMPLES = 10
 DEFAULT_TAU_S = 30.0
 
@@ -44,15 +51,44 @@ class LinkOutlook:
 class Forecast:
     links: Mapping[str, LinkOutlook]
     tau_s: float  # how long the present persists (the most volatile link's)
+    snapshots: tuple[Mapping[str, float], ...] = ()  # joint past rates (link -> Mbit/s), oldest first
 
-    def weight_now(self, horizon_s: float) -> float:
-        """Seconds of ``horizon_s`` that today's rates are expected to hold (``W`` above)."""
-        if horizon_s <= 0:
+    def present_s(self, start_s: float, end_s: float) -> float:
+        """How much of ``[start, end]`` today's rates are expected to hold."""
+        if end_s <= start_s:
             return 0.0
-        return self.tau_s * (1.0 - math.exp(-horizon_s / self.tau_s))
+        return self.tau_s * (math.exp(-start_s / self.tau_s) - math.exp(-end_s / self.tau_s))
+
+    def served(self, cost_now_s: float, past_costs_s: Sequence[float], start_s: float, end_s: float) -> float:
+        """Requests one session gets over ``[start, end]`` from a plan whose request costs
+        ``cost_now_s`` at today's rates and ``past_costs_s`` at each snapshot's (no snapshot: today's)."""
+        if end_s <= start_s:
+            return 0.0
+        present = self.present_s(start_s, end_s)
+        now = _rate(cost_now_s)
+        past = sum(_rate(c) for c in past_costs_s) / len(past_costs_s) if past_costs_s else now
+        return present * now + (end_s - start_s - present) * past
+
+    def typical_mbit(self) -> dict[str, float]:
+        """Each link's rate as a transfer sees it over the recent past: the harmonic mean of the
+        snapshots' rates (a transfer's time goes as ``1 / rate``, so a second at 2 Mbit/s weighs what it
+        costs, not what it averages). Empty without snapshots."""
+        out: dict[str, float] = {}
+        for link in self.snapshots[0] if self.snapshots else ():
+            rates = [max(1e-3, s.get(link, 0.0)) for s in self.snapshots]
+            out[link] = len(rates) / sum(1.0 / r for r in rates)
+        return out
 
     def to_dict(self) -> dict[str, object]:
-        return {"tau_s": round(self.tau_s, 3), "links": {k: vars(v) for k, v in sorted(self.links.items())}}
+        return {
+            "tau_s": round(self.tau_s, 3),
+            "snapshots": len(self.snapshots),
+            "links": {k: vars(v) for k, v in sorted(self.links.items())},
+        }
+
+
+def _rate(cost_s: float) -> float:
+    return 0.0 if not math.isfinite(cost_s) or cost_s <= 0 else 1.0 / cost_s
 
 
 def persistent(now_mbit: Mapping[str, float]) -> Forecast:
@@ -66,13 +102,16 @@ def forecast(
     now_s: float,
     *,
     window_s: float = WINDOW_S,
+    snapshots: int = SNAPSHOTS,
 ) -> Forecast:
     """The forecast from each link's ``(times, rates)`` history (the monitor's samples, oldest first)."""
     since = now_s - window_s
     outlooks = {}
+    covered = False
     for link, now in now_mbit.items():
         times, rates = history.get(link, ((), ()))
         series = _seconds(times, rates, since)
+        covered = covered or len(series) >= MIN_SAMPLES
         ordered = sorted(series) or [now]
         outlooks[link] = LinkOutlook(
             now_mbit=now,
@@ -82,11 +121,33 @@ def forecast(
             tau_s=_persistence_s(series),
         )
     known = [o.tau_s for o in outlooks.values() if o.tau_s is not None]
-    return Forecast(outlooks, min(known) if known else DEFAULT_TAU_S)
+    tau = min(known) if known else DEFAULT_TAU_S
+    if not covered:
+        return Forecast(outlooks, tau)
+    picks = [since + window_s * (i + 0.5) / snapshots for i in range(snapshots)]
+    return Forecast(outlooks, tau, tuple(_snapshot(history, now_mbit, t) for t in picks))
+
+
+def _snapshot(
+    history: Mapping[str, tuple[Sequence[float], Sequence[float]]], now_mbit: Mapping[str, float], t: float
+) -> dict[str, float]:
+    """Every link's rate at time ``t`` (a link with no sample by then: its rate now)."""
+    snap = dict(now_mbit)
+    for link, (times, rates) in history.items():
+        if link not in snap:
+            continue
+        rate = None
+        for ti, ri in zip(times, rates, strict=True):
+            if ti > t:
+                break
+            rate = ri
+        if rate is not None:
+            snap[link] = rate
+    return snap
 
 
 def _seconds(times: Sequence[float], rates: Sequence[float], since: float) -> list[float]:
-    """The rate's mean over each whole second since ``since`` (the monitor samples every 0.2 s)."""
+    """The rate's mean over each whole second since ``since`` (the monitor samples every 0.1 s)."""
     bins: dict[int, list[float]] = {}
     for t, r in zip(times, rates, strict=True):
         if t >= since:

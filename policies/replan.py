@@ -3,16 +3,15 @@
 The rule (docs/policies.md, "Re-planning"):
 1. A current plan that breaks a constraint now (a node failed, memory shrank, an SLO cannot hold) is
    left at once.
-2. Otherwise both plans are valued while the present network lasts: requests served per session at
-   today's rates, ``N = W / J`` where ``J`` is the objective per request (by default its latency) and
-   ``W = tau (1 - exp(-H / tau))`` the part of the horizon ``H`` that the link forecast
-   (policies.forecast) expects today's rates to persist. Beyond that the network will have changed and
-   the controller will decide again: from then on either plan is worth what the better of the two is,
-   so that part of the horizon gains nothing (a plan adopted for a link that recovers is left as soon as
-   the link fails again; it is not charged the whole next outage). The gain, in session-seconds of the
-   current plan's service, is ``(N_new - N_cur) * J_cur * sessions``. On a link that swings every few
-   seconds ``tau`` is short, the gain small, and switching back and forth does not pay.
-3. The gain starts only when the new stages are ready (make-before-break: the current plan serves
+2. Otherwise both plans are valued over the horizon ``H`` against the link forecast (policies.forecast):
+   requests served per session, ``N = P / J_now + (H - P) x mean_i 1 / J_i``, where ``J`` is the
+   objective per request (by default its latency) at today's rates and at each of the recent past's
+   joint snapshots of the rates, and ``P = tau (1 - exp(-H / tau))`` the share of the horizon today's
+   rates are expected to hold. On a steady link that is today's value; on a link that swings every few
+   seconds (``tau`` about a second) it is the plan's value over what the link has lately been doing, so a
+   plan is neither chased into a dip nor held against the link's average. The gain, in session-seconds of
+   the current plan's service, is ``(N_new - N_cur) x (H / N_cur) x sessions``.
+3. The candidate serves only once its new stages are ready (make-before-break: the current plan serves
    meanwhile): loading them into a warm server, starting one, or fetching weights a node's store lacks.
    The cost: every live session stalls once at the switch (a fixed ``switch_stall_s`` plus moving or
    recomputing its KV).
@@ -65,7 +64,7 @@ class Decision(BaseModel):
     cost: MigrationCost
     current: Metrics | None
     candidate: Metrics
-    # Requests each plan serves per session while the present lasts (``lasting_s`` of the horizon).
+    # Requests each plan serves per session over the horizon (``lasting_s`` of it at today's rates).
     served_current: float | None = None
     served_candidate: float | None = None
     lasting_s: float | None = None
@@ -112,15 +111,19 @@ def decide(
     cur_metrics = predict(problem, current.stages, routes)
     fc = forecast or persistent({f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links})
     j_cur = weighted_objective(problem, cur_metrics)
-    j_new = weighted_objective(problem, cand_metrics)
-    lasting = fc.weight_now(horizon_s)
+    past_cur = _past_costs(problem, current.stages, fc)
+    past_new = _past_costs(problem, candidate.stages, fc)
     # Until the new stages serve (make-before-break), the current plan does.
-    ready = min(lasting, cost.weight_s)
-    n_cur = lasting / j_cur if j_cur > 0 else 0.0
-    n_new = (lasting - ready) / j_new + ready / j_cur if j_new > 0 and j_cur > 0 else 0.0
+    ready = min(horizon_s, cost.weight_s)
+    n_cur = fc.served(j_cur, past_cur, 0.0, horizon_s)
+    n_new = fc.served(j_cur, past_cur, 0.0, ready) + fc.served(
+        weighted_objective(problem, cand_metrics), past_new, ready, horizon_s
+    )
     sessions = _sessions(problem)
-    gain = (n_new - n_cur) * j_cur * sessions
+    unit = horizon_s / n_cur if n_cur > 0 else 0.0  # session-seconds per request, current plan
+    gain = (n_new - n_cur) * unit * sessions
     total = cost.stall_s * sessions
+    lasting = fc.present_s(0.0, horizon_s)
     cost = cost.model_copy(update={"total_s": total})
 
     def verdict(adopt: bool, reason: str) -> Decision:
@@ -136,8 +139,21 @@ def decide(
         return verdict(False, f"gain {share:.2%} per session < threshold {min_gain_ratio:.0%}")
     bar = (1.0 + hysteresis) * total
     if gain <= bar:
-        return verdict(False, f"gain {gain:.3g} s over {lasting:.3g} s does not clear the cost {total:.3g} s")
-    return verdict(True, f"gain {gain:.3g} s over {lasting:.3g} s clears the cost {total:.3g} s")
+        return verdict(False, f"gain {gain:.3g} s over {horizon_s:g} s does not clear the cost {total:.3g} s")
+    return verdict(True, f"gain {gain:.3g} s over {horizon_s:g} s clears the cost {total:.3g} s")
+
+
+def _past_costs(problem: Problem, stages: Sequence[Stage], fc: Forecast) -> list[float]:
+    """The objective per request (seconds) of ``stages`` at each of the forecast's past snapshots."""
+    out = []
+    for snap in fc.snapshots:
+        links = tuple(
+            lk.model_copy(update={"bw_mbit": max(0.01, snap.get(f"{lk.a}-{lk.b}", lk.bw_mbit))})
+            for lk in problem.links
+        )
+        past = problem.model_copy(update={"links": links})
+        out.append(weighted_objective(past, predict(past, stages)))
+    return out
 
 
 def _sessions(problem: Problem) -> float:

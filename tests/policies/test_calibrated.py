@@ -242,8 +242,17 @@ def test_a_steady_link_persists_and_a_swinging_one_does_not() -> None:
     fc = forecast({"a-b": (times, swinging)}, {"a-b": 20.0}, now)
     assert fc.tau_s == MIN_TAU_S
     assert fc.links["a-b"].p10_mbit == 0.1 and fc.links["a-b"].p90_mbit == 20.0
-    assert fc.weight_now(60) == pytest.approx(MIN_TAU_S * (1 - math.exp(-60)))
-    assert persistent({"a-b": 5.0}).weight_now(60) == pytest.approx(MAX_TAU_S * (1 - math.exp(-0.5)))
+    assert fc.present_s(0, 60) == pytest.approx(MIN_TAU_S * (1 - math.exp(-60)))
+    assert persistent({"a-b": 5.0}).present_s(0, 60) == pytest.approx(MAX_TAU_S * (1 - math.exp(-0.5)))
+    # The past, as joint snapshots: half of them up, half down.
+    assert len(fc.snapshots) == 8 and sorted({s["a-b"] for s in fc.snapshots}) == [0.1, 20.0]
+    # As a transfer sees it: the harmonic mean (half the time at 0.1 Mbit/s costs what it costs).
+    assert fc.typical_mbit()["a-b"] == pytest.approx(2 / (1 / 0.1 + 1 / 20.0))
+    assert persistent({"a-b": 5.0}).typical_mbit() == {}
+    # A plan costing 1 s a request now and 1 or 3 s in the past: the present for a second, the past after.
+    served = fc.served(1.0, [1.0, 3.0], 0.0, 60.0)
+    present = fc.present_s(0, 60)
+    assert served == pytest.approx(present + (60 - present) * (1 + 1 / 3) / 2)
 
 
 # -------------------------------------------------------------------------------------------- decision
@@ -257,9 +266,10 @@ def _slow_link(p: Problem, bw_mbit: float) -> Problem:
     return p.model_copy(update={"links": links})
 
 
-def test_a_short_lived_present_does_not_pay_for_a_move() -> None:
-    """The same better plan: adopted when today's rates persist, kept away from on a link that swings
-    every second (the gain while the present lasts cannot pay the switch)."""
+def test_a_dip_on_a_mostly_fast_link_does_not_pay_for_a_move() -> None:
+    """The same better plan: adopted when today's slow rate persists, kept away from when the link has
+    been fast but for a one-second dip every ten seconds and is in such a dip now (today's rate will not
+    last, and over what the link has been doing the current plan serves more)."""
     p = _base().model_copy(update={"calibration": Calibration()})
     current = solve(p, "latency_dp")
     worse = _slow_link(p, 2.0)
@@ -273,11 +283,32 @@ def test_a_short_lived_present_does_not_pay_for_a_move() -> None:
     assert lasting.adopt, lasting.reason
     now = 100.0
     times = [now - 60 + 0.2 * i for i in range(300)]
-    flappy = forecast({SLOW: (times, [1000.0 if int(t) % 2 else 2.0 for t in times])},
-                      {SLOW: 2.0}, now)  # fmt: skip
-    brief = decide(worse, current, candidate, 60, forecast=flappy, **rule)
+    dips = forecast({SLOW: (times, [2.0 if int(t) % 10 == 0 else 1000.0 for t in times])},
+                    {SLOW: 2.0}, now)  # fmt: skip
+    assert dips.tau_s < 2.0
+    brief = decide(worse, current, candidate, 60, forecast=dips, **rule)
     assert not brief.adopt, brief.reason
-    assert brief.gain_s < lasting.gain_s
+    assert brief.gain_s < 0 < lasting.gain_s
+
+
+def test_a_link_that_is_slow_half_the_time_favours_the_plan_robust_to_it() -> None:
+    """On a link that swings every second between fast and slow, the plan is judged over both: the one
+    that avoids the link loses little when it is fast and gains much when it is slow, so it is adopted
+    even while the link is fast at the moment of the decision."""
+    p = _base().model_copy(update={"calibration": Calibration()})
+    current = solve(p, "latency_dp")
+    candidate = solve(_slow_link(p, 2.0), "latency_dp")
+    holdings = {n.name: frozenset(range(p.num_layers)) for n in p.nodes}
+    rule = {"ready_s": {n.name: 0.5 for n in p.nodes}, "holdings": holdings, "switch_stall_s": 0.5}
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    swinging = forecast({SLOW: (times, [1000.0 if int(t) % 2 else 2.0 for t in times])},
+                        {SLOW: 1000.0}, now)  # fmt: skip
+    fast_now = _slow_link(p, 1000.0)
+    d = decide(fast_now, current, candidate, 60, forecast=swinging, hysteresis=0.5, **rule)
+    assert d.adopt, d.reason
+    # Judged on the present alone, the move would not be made.
+    assert not decide(fast_now, current, candidate, 60, forecast=persistent({}), hysteresis=0.5, **rule).adopt
 
 
 def test_a_move_waits_for_its_cold_start() -> None:
