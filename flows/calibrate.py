@@ -29,7 +29,7 @@ from policies.calibration import (
     observe_source,
 )
 from policies.problem import Problem
-from policies.routes import Routes, all_routes
+from policies.routes import Routes, all_routes, message_serialisation_s
 
 # How far back a link's rate is looked up for a step (the monitor samples every 0.2 s).
 RateAt = Callable[[str, str, float], float | None]
@@ -181,8 +181,10 @@ def _learn_record(
         rate = _route_rate(problem, routes, a, b, record["at_s"], rate_at) or route.bw_mbit
         if rate <= 0:
             continue
-        # The wire carries the frame (header included), so its bytes are what crossed the link.
-        cal = observe_hop(cal, a, b, delay_s=route.delay_s, ser_s=8.0 * nbytes / (rate * 1e6), wire_s=wire_s)
+        # The wire carries the frame (header included), so its bytes are what crossed the link; those
+        # beyond the link's burst are what its rate slowed.
+        ser_s = message_serialisation_s(route, nbytes, rate)
+        cal = observe_hop(cal, a, b, delay_s=route.delay_s, ser_s=ser_s, wire_s=wire_s)
     idle = float(record.get("idle_s", 0.0))
     if positions == 1 and idle > 0:
         cal = observe_source(cal, idle_s=idle)

@@ -333,7 +333,7 @@ class Controller:
         ]
         facts = pipeline.model_facts(self.settings, state.model, alive)
         return pipeline.build_problem(
-            self.scenario, facts, alive, probes, quota=state.backend == "testbed", loads=net.loads
+            self.scenario, facts, alive, probes, testbed=state.backend == "testbed", loads=net.loads
         )
 
     def _learn(self, state: DeploymentState, problem: Problem, net: NetworkSample) -> None:
@@ -388,8 +388,12 @@ class Controller:
         up); the rule then values each against the whole forecast."""
         from policies import InfeasibleError, solve
 
+        typical = fc.typical_mbit()
+        now = {f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links}
+        if not any(_moved(now.get(link), rate) for link, rate in typical.items()):
+            typical = {}  # the links are as they typically are: the same plan
         plans = []
-        for rates in (None, fc.typical_mbit() or None):
+        for rates in (None, typical or None):
             p = problem if rates is None else _with_rates(problem, rates)
             try:
                 plans.append(solve(p, self.config.policy))

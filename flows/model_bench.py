@@ -101,7 +101,7 @@ def _problem(scenario: Scenario, settings: Any, backend: str, calibration: Calib
     probes = [LinkProbe(lk.a, lk.b, lk.bw_mbit, 2 * lk.delay_ms, True) for lk in scenario.links]
     facts = pipeline.model_facts(settings, state.model, profiles)
     return pipeline.build_problem(
-        scenario, facts, profiles, probes, quota=backend == "testbed", calibration=calibration
+        scenario, facts, profiles, probes, testbed=backend == "testbed", calibration=calibration
     )
 
 

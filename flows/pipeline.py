@@ -24,6 +24,7 @@ from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration
 from policies.plan import Plan
 from policies.problem import Constraints, Link, Node, Problem, Workload
+from testbed.link import BURST_S, MIN_BURST_BYTES
 from testbed.scenario import Scenario
 
 Progress = Callable[[str], None]
@@ -36,6 +37,10 @@ _FALLBACK_SPEED_FLOPS = {"device": 2e9, "edge": 8e9, "mec": 8e9, "cloud": 16e9}
 PROCESS_OVERHEAD_BYTES = 300 * 1024 * 1024
 # The gateway on the source node: the interpreter, the tokenizer, the HTTP server (measured: 285 MiB).
 GATEWAY_BYTES = 300 * 1024 * 1024
+# What every message between stages carries besides its tensors: the 16-byte frame prefix, the JSON
+# header (route, sampling, the hops' step telemetry: 400-450 B for a decode step, segments.protocol) and
+# the TCP/IP/Ethernet headers of its segments (66 B each; a decode step's ~2.8 KiB takes two).
+FRAME_BYTES = 600
 
 
 @dataclass(frozen=True)
@@ -177,16 +182,18 @@ def build_problem(
     node_profiles: dict[str, dict[str, Any]],
     links: list[LinkProbe],
     *,
-    quota: bool = False,
+    testbed: bool = False,
     loads: dict[str, float] | None = None,
     calibration: Calibration | None = None,
 ) -> Problem:
     """The optimiser's problem from measured profiles and the scenario's constraints and workload.
 
-    Decode costs are the profiles' full-speed figures; ``quota`` (the testbed, where each node's ``cpus``
-    is a CPU quota) lets the model cap a node's work by its share over time (policies.contention);
-    ``loads`` are the nodes' background loads as the monitor measures them (fraction of their CPU), and
-    ``calibration`` what live traffic taught the model (policies.calibration)."""
+    Decode costs are the profiles' full-speed figures. On the ``testbed`` each node's ``cpus`` is a CPU
+    quota, which lets the model cap a node's work by its share over time (policies.contention), and each
+    link is HTB-shaped, whose burst lets a message after a pause through at line rate
+    (``testbed.link.htb_burst_bytes``). ``loads`` are the nodes' background loads as the monitor
+    measures them (fraction of their CPU), and ``calibration`` what live traffic taught the model
+    (policies.calibration)."""
     alive = sorted(node_profiles)
     loads = loads or {}
     nodes = [
@@ -201,7 +208,7 @@ def build_problem(
             ),
             load=min(0.95, max(0.0, loads.get(n.name, 0.0))),
             trust=n.trust / 3,
-            cpu_share=n.cpus if quota else None,
+            cpu_share=n.cpus if testbed else None,
         )
         for n in scenario.nodes
         if n.name in node_profiles
@@ -209,13 +216,14 @@ def build_problem(
     c = scenario.constraints
     w = scenario.workload
     n_layers = facts.num_layers
-    return Problem.from_profiles(
+    burst = {"burst_bytes": MIN_BURST_BYTES, "burst_s": BURST_S} if testbed else {}
+    problem = Problem.from_profiles(
         model_name=facts.name,
         layer_weight_bytes=facts.layer_weight_bytes,
         kv_bytes_per_token=facts.kv_bytes_per_token_per_layer,
         hidden_bytes_per_token=facts.hidden_size * 4,
         nodes=nodes,
-        links=[Link(a=p.a, b=p.b, bw_mbit=max(p.bw_mbit, 0.01), rtt_ms=p.rtt_ms) for p in links],
+        links=[Link(a=p.a, b=p.b, bw_mbit=max(p.bw_mbit, 0.01), rtt_ms=p.rtt_ms, **burst) for p in links],
         source=scenario.source,
         prefill_s={m: [node_profiles[m]["layer_prefill_s_per_token"]] * n_layers for m in alive},
         decode_s={m: [_profiled(node_profiles[m], "layer_decode_s")] * n_layers for m in alive},
@@ -242,6 +250,7 @@ def build_problem(
         ),
         calibration=calibration,
     )
+    return problem.model_copy(update={"model": problem.model.model_copy(update={"frame_bytes": FRAME_BYTES})})
 
 
 # ------------------------------------------------------------------------------------------------ deploy
@@ -593,11 +602,14 @@ def deploy(
     switch_s = time.monotonic() - switch_started
     switched_at = time.time()
     first_token_at = probe(gateway_url) if probe is not None else None
+    # A server stopped already (a broken chain's) is not kept; the others may be, as warm standbys.
+    stoppable = [e for e in replaced if e not in first_stopped]
     retained = (
-        retained_servers(backend.scenario, alive, layout, manifest, replaced, spare)
+        retained_servers(backend.scenario, alive, layout, manifest, stoppable, spare)
         if settings.flows.warm_standby
         else {}
     )
+    stopped = [e for e in replaced if retained.get(e.node) != e]
     for endpoint in replaced:
         if endpoint in first_stopped:
             continue
@@ -630,7 +642,7 @@ def deploy(
     return DeployResult(
         state=state,
         started=tuple(started),
-        stopped=tuple(replaced),
+        stopped=tuple(stopped),
         switch_s=switch_s,
         total_s=time.monotonic() - started_at,
         ready_at_s=ready_at,

@@ -366,7 +366,7 @@ def reconfigure(
     profiled = time.time()
     problem = pipeline.build_problem(
         sc, pipeline.model_facts(get_settings(), current.model, profiles), profiles, probes,
-        quota=current.backend == "testbed", calibration=load_calibration() or Calibration(),
+        testbed=current.backend == "testbed", calibration=load_calibration() or Calibration(),
     )  # fmt: skip
     candidate = optimise_task(problem, policy)
     before = _plan_of(current)
@@ -496,7 +496,7 @@ def deploy_flow(
     # nodes' CPU quotas bound them), which live traffic then calibrates.
     problem = pipeline.build_problem(
         sc, pipeline.model_facts(get_settings(), model, profiles), profiles, probes,
-        quota=backend == "testbed", calibration=load_calibration() or Calibration(),
+        testbed=backend == "testbed", calibration=load_calibration() or Calibration(),
     )  # fmt: skip
     plan = optimise_task(problem, policy)
     deployed = deploy_task(backend, scenario, model, plan, "kv")

@@ -17,7 +17,7 @@ from policies.contention import Quota, Station, cycle_time_s, queue_lengths
 from policies.contention import bottleneck_s as contention_bottleneck_s
 from policies.plan import Metrics, Stage
 from policies.problem import Problem
-from policies.routes import Routes, all_routes, serialisation_s, transfer_s
+from policies.routes import Routes, all_routes, message_serialisation_s, serialisation_s, transfer_s
 
 
 @dataclass(frozen=True)
@@ -83,19 +83,21 @@ def node_times(problem: Problem) -> dict[str, NodeTimes]:
 
 
 def hop_s(problem: Problem, routes: Routes, a: str, b: str, num_bytes: float) -> float:
-    """Seconds to move ``num_bytes`` from ``a`` to ``b``: propagation plus serialisation, and with a
-    calibration the learned software cost of the hop and its goodput (a hop within one node, gateway to
-    a stage on the source, then costs its software only)."""
+    """Seconds to move one message of ``num_bytes`` of tensors (its frame added) from ``a`` to ``b``:
+    propagation plus the serialisation of its bytes beyond the route's burst, and with a calibration the
+    learned software cost of the hop and its goodput (a hop within one node, gateway to a stage on the
+    source, then costs its software only)."""
     cal = problem.calibration
     route = routes.get(a, b)
+    nbytes = num_bytes + problem.model.frame_bytes
     if cal is None:
-        return transfer_s(route, num_bytes)
+        return transfer_s(route, nbytes)
     if a == b:
         return max(0.0, cal.hop_overhead(a, a))
     if route.bw_mbit == 0.0:
         return math.inf
     fixed = max(0.0, route.delay_s + cal.hop_overhead(a, b))
-    return fixed + cal.hop_slope(a, b) * serialisation_s(route, num_bytes)
+    return fixed + cal.hop_slope(a, b) * message_serialisation_s(route, nbytes)
 
 
 def stage_memory_bytes(problem: Problem, first: int, end: int) -> int:
@@ -157,12 +159,12 @@ def predict(problem: Problem, stages: Sequence[Stage], routes: Routes | None = N
         a, b, nbytes = hops[k]
         ttft += hop_s(problem, routes, a, b, prompt * nbytes)
         tpot += hop_s(problem, routes, a, b, nbytes)
-        bottleneck = max(bottleneck, serialisation_s(routes.get(a, b), nbytes))
+        bottleneck = max(bottleneck, serialisation_s(routes.get(a, b), nbytes + m.frame_bytes))
     a, b, nbytes = hops[-1]
     ret = hop_s(problem, routes, a, b, nbytes)  # only the sampled token goes back, prefill included
     ttft += ret
     tpot += ret
-    bottleneck = max(bottleneck, serialisation_s(routes.get(a, b), nbytes))
+    bottleneck = max(bottleneck, serialisation_s(routes.get(a, b), nbytes + m.frame_bytes))
     if problem.calibration is not None:
         ttft, tpot, bottleneck = _with_contention(
             problem, stages, routes, times, hops, stage_pre, stage_dec, ttft
@@ -219,10 +221,14 @@ def _with_contention(
         stations.append(Station(f"hop:{a}>{b}", dec_s - ser_dec, dec_s - ser_dec, queue=False))
         # Hops whose routes cross the same link direction at its narrowest share its queue.
         key = _narrowest_link(problem, routes, a, b)
-        busy = links.setdefault(key, [0.0, 0.0])
+        busy = links.setdefault(key, [0.0, 0.0, 0.0])
         busy[0] += ser_dec
         busy[1] += mean(ser_pre, ser_dec)
-    stations += [Station(f"link:{a}>{b}", dec, avg) for (a, b), (dec, avg) in sorted(links.items())]
+        busy[2] += _ser(problem, routes, a, b, nbytes, whole=True)
+    stations += [Station(f"link:{a}>{b}", dec, avg) for (a, b), (dec, avg, _) in sorted(links.items())]
+    # A link's burst spares a message after a pause, not the link's rate over time: every session's
+    # decode messages, all their bytes, must fit into the cycle.
+    link_s = max((whole for _, _, whole in links.values()), default=0.0)
     node_caps = {n: times[n].capacity for n in cpu}
     quotas = [
         Quota(n, own, avg, cap, cal.node(n).quota_stretch)
@@ -230,19 +236,22 @@ def _with_contention(
         if (cap := node_caps[n]) is not None
     ]
     sessions = cal.concurrency if cal.concurrency is not None else w.concurrent_sessions
-    tpot = cycle_time_s(stations, sessions, quotas)
+    tpot = max(cycle_time_s(stations, sessions, quotas), sessions * link_s)
     waiting = queue_lengths(stations, sessions - 1)
     ttft = ttft_alone + cal.source_idle_s + sum(s.mean_s * q for s, q in zip(stations, waiting, strict=True))
-    return ttft, tpot, contention_bottleneck_s(stations, quotas)
+    return ttft, tpot, max(contention_bottleneck_s(stations, quotas), link_s)
 
 
-def _ser(problem: Problem, routes: Routes, a: str, b: str, num_bytes: float) -> float:
-    """Serialisation part of a hop (calibrated goodput), 0 within a node."""
+def _ser(problem: Problem, routes: Routes, a: str, b: str, num_bytes: float, *, whole: bool = False) -> float:
+    """Serialisation part of one message of a hop (calibrated goodput, frame included), 0 within a
+    node: its bytes beyond the route's burst, or with ``whole`` all of them (the link's time over a
+    steady stream)."""
     if a == b:
         return 0.0
     cal = problem.calibration
     slope = 1.0 if cal is None else cal.hop_slope(a, b)
-    return slope * serialisation_s(routes.get(a, b), num_bytes)
+    route, nbytes = routes.get(a, b), num_bytes + problem.model.frame_bytes
+    return slope * (serialisation_s(route, nbytes) if whole else message_serialisation_s(route, nbytes))
 
 
 def _narrowest_link(problem: Problem, routes: Routes, a: str, b: str) -> tuple[str, str]:

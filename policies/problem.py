@@ -42,6 +42,9 @@ class ModelSpec(_Frozen):
     input_bytes_per_token: int = Field(default=4, ge=0)
     # ... and, by default, only the sampled token id travels back from the last stage to the source.
     output_bytes_per_token: int = Field(default=4, ge=0)
+    # What every message carries besides its tensors (the wire frame and its header, TCP/IP): next to a
+    # decode step's few KiB of hidden state it is not negligible.
+    frame_bytes: int = Field(default=0, ge=0)
 
     @property
     def num_layers(self) -> int:
@@ -65,6 +68,16 @@ class Link(_Frozen):
     b: str
     bw_mbit: float = Field(gt=0)
     rtt_ms: float = Field(ge=0)
+    # A link that was idle passes its first bytes at line rate: a rate shaper's bucket (HTB's burst), the
+    # larger of ``burst_bytes`` and ``burst_s`` at the rate. A message that fits is not slowed by the
+    # rate; only its bytes beyond it are. Over time the link carries no more than its rate either way.
+    burst_bytes: int = Field(default=0, ge=0)
+    burst_s: float = Field(default=0.0, ge=0)
+
+    def free_bytes(self, bw_mbit: float | None = None) -> float:
+        """Bytes the link passes at line rate after a pause, at ``bw_mbit`` (default: its own rate)."""
+        rate = self.bw_mbit if bw_mbit is None else bw_mbit
+        return max(float(self.burst_bytes), self.burst_s * rate * 1e6 / 8.0)
 
 
 class NodeCost(_Frozen):

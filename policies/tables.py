@@ -113,13 +113,21 @@ def build(problem: Problem, *, check_memory: bool | None = None, check_trust: bo
     with np.errstate(divide="ignore"):
         inv_bw = np.where(reach, 8.0 / np.where(reach, bw, 1.0), 0.0)  # seconds per byte; 0 on the diagonal
     act = np.array([_act_bytes(problem, i) for i in range(L + 1)], dtype=float)
+    frame = float(problem.model.frame_bytes)
+    free = routes.free_bytes
+
+    def message_s(nbytes: np.ndarray | float) -> np.ndarray:
+        """Seconds one message of ``nbytes`` (per boundary, frame included) is slowed by each route: its
+        bytes beyond the route's burst. Shape (nodes, nodes, len(nbytes))."""
+        return inv_bw[:, :, None] * np.maximum(0.0, np.atleast_1d(nbytes)[None, None, :] - free[:, :, None])
+
     eye = np.eye(n_nodes, dtype=bool)
     same = eye[:, :, None]
     overhead, slope = _hop_terms(problem, names)
-    busy = np.where(same, 0.0, inv_bw[:, :, None] * act[None, None, :])
+    busy = np.where(same, 0.0, inv_bw[:, :, None] * (act + frame)[None, None, :])
     fixed = np.maximum(0.0, delay + overhead)  # per hop: propagation and the learned software cost
-    hop_pre = np.where(same, 0.0, fixed[:, :, None] + prompt * slope[:, :, None] * busy)
-    hop_dec = np.where(same, 0.0, fixed[:, :, None] + slope[:, :, None] * busy)
+    hop_pre = np.where(same, 0.0, fixed[:, :, None] + slope[:, :, None] * message_s(prompt * act + frame))
+    hop_dec = np.where(same, 0.0, fixed[:, :, None] + slope[:, :, None] * message_s(act + frame))
     private = depth < c.private_depth if check_trust else np.zeros(L + 1, dtype=bool)
     hop_ok = (~same) & reach[:, :, None] & (path_trusted[:, :, None] | ~private[None, None, :])
 
@@ -128,13 +136,13 @@ def build(problem: Problem, *, check_memory: bool | None = None, check_trust: bo
     out_b = float(problem.model.output_bytes_per_token)
     # The source's own hops: to the first stage and back from the last; within the source node (the
     # gateway and a stage there) they cost the hop's software only.
-    start_busy = np.where(eye[s], 0.0, inv_bw[s] * in_b)
+    start_busy = np.where(eye[s], 0.0, inv_bw[s] * (in_b + frame))
     local = max(0.0, float(overhead[s, s]))
-    start_pre = np.where(eye[s], local, fixed[s] + prompt * slope[s] * start_busy)
-    start_dec = np.where(eye[s], local, fixed[s] + slope[s] * start_busy)
+    start_pre = np.where(eye[s], local, fixed[s] + slope[s] * message_s(prompt * in_b + frame)[s, :, 0])
+    start_dec = np.where(eye[s], local, fixed[s] + slope[s] * message_s(in_b + frame)[s, :, 0])
     start_ok = reach[s] & (path_trusted[s] | (not bool(private[0])))
-    ret_busy = np.where(eye[s], 0.0, inv_bw[:, s] * out_b)
-    ret = np.where(eye[s], local, fixed[:, s] + slope[:, s] * ret_busy)
+    ret_busy = np.where(eye[s], 0.0, inv_bw[:, s] * (out_b + frame))
+    ret = np.where(eye[s], local, fixed[:, s] + slope[:, s] * message_s(out_b + frame)[:, s, 0])
     return Tables(
         names=names,
         src=s,

@@ -44,11 +44,14 @@ HTB_CLASS = "1:10"
 QUEUE_S = 0.5
 QUEUE_MIN_PACKETS = 64
 FRAME_BYTES = 1514
-# Burst of the HTB class: the larger of 2 ms at the rate and 4 full frames. tc's default (rate/HZ + MTU)
+# Burst of the HTB class: the larger of 2 ms at the rate and one full frame. tc's default (rate/HZ + MTU)
 # undershoots at high rates on tickless kernels, where HTB's timer fires late and each wake-up must be
-# allowed to send what accrued; 2 ms keeps the short-term overshoot under the delays we emulate.
+# allowed to send what accrued; 2 ms keeps the short-term overshoot under the delays we emulate. The floor
+# is one frame, not more: at cellular-outage rates a larger floor is itself a long overshoot (four frames
+# at 0.1 Mbit/s are 0.48 s of the link's time), and a split model's per-token message (a few KiB) would
+# cross a 0.4 Mbit/s link at line rate instead of taking the 50 ms the rate says.
 BURST_S = 0.002
-MIN_BURST_BYTES = 4 * 1514
+MIN_BURST_BYTES = 1514
 SHAPER_READY_TIMEOUT_S = 10.0
 
 DelayMode = Literal["auto", "netem", "nfqueue"]

@@ -32,7 +32,7 @@ def _problem() -> Any:
     )  # fmt: skip
     profiles = {n.name: dict(PROFILE) for n in scenario.nodes}
     probes = [LinkProbe(lk.a, lk.b, lk.bw_mbit, 2 * lk.delay_ms, True) for lk in scenario.links]
-    return pipeline.build_problem(scenario, facts, profiles, probes, quota=False, calibration=Calibration())
+    return pipeline.build_problem(scenario, facts, profiles, probes, testbed=False, calibration=Calibration())
 
 
 def _record(at_s: float, *, positions: int = 1, edge_cpu: float, edge_wait: float, overhead: float) -> dict:

@@ -46,3 +46,18 @@ def small_instance(seed: int) -> Problem:
     elif kind == 5:
         c = Constraints(max_ttft_s=float(rng.uniform(0.05, 2.0)), trusted_prefix_layers=1)
     return base.model_copy(update={"objective": objective, "constraints": c})
+
+
+def with_bursts(p: Problem, seed: int) -> Problem:
+    """``p`` with a frame on every message and a burst on every link (HTB-shaped), sized about one
+    decode message, so that some messages fit and others do not."""
+    rng = np.random.default_rng(20_000 + seed)
+    act = p.model.layers[0].act_bytes_per_token
+    links = tuple(
+        lk.model_copy(
+            update={"burst_bytes": int(rng.uniform(0, 2 * act)), "burst_s": float(rng.choice([0.0, 0.002]))}
+        )
+        for lk in p.links
+    )
+    model = p.model.model_copy(update={"frame_bytes": int(rng.uniform(0, 1000))})
+    return p.model_copy(update={"links": links, "model": model})

@@ -14,7 +14,7 @@ from policies.plan import Stage
 from policies.problem import Problem
 from policies.solvers import latency_dp, throughput_dp
 from tests.policies.bruteforce import Enumerated, enumerate_plans
-from tests.policies.instances import small_instance
+from tests.policies.instances import small_instance, with_bursts
 
 N_INSTANCES = 500
 CHUNK = 50
@@ -91,12 +91,14 @@ def test_milp_equals_bruteforce_rest(start: int) -> None:
         _check_milp(seed, p, enumerate_plans(p))
 
 
-def test_tables_match_reference_model() -> None:
-    """The compiled arrays the solvers and the enumeration use price plans like ``analytic.predict``."""
+@pytest.mark.parametrize("bursts", [False, True])
+def test_tables_match_reference_model(bursts: bool) -> None:
+    """The compiled arrays the solvers and the enumeration use price plans like ``analytic.predict``
+    (also with message frames and link bursts)."""
     rng = np.random.default_rng(7)
     checked = 0
     for seed in range(60):
-        p = small_instance(seed)
+        p = with_bursts(small_instance(seed), seed) if bursts else small_instance(seed)
         en = enumerate_plans(p)
         for flat in rng.choice(en.ttft.size, size=min(5, en.ttft.size), replace=False).tolist():
             stages = tuple(Stage(node=p.node_names[n], first=i, end=e) for n, i, e in en.layout(flat))
@@ -119,11 +121,12 @@ def _all_layouts(n_nodes: int, n_layers: int):
                 yield tuple((perm[j], bounds[j], bounds[j + 1]) for j in range(k))
 
 
-def test_latency_dp_equals_reference_enumeration() -> None:
+@pytest.mark.parametrize("bursts", [False, True])
+def test_latency_dp_equals_reference_enumeration(bursts: bool) -> None:
     """Independent of the tables: enumerate with the plain-Python reference model and constraint check."""
     compared = 0
     for seed in range(150):
-        p = small_instance(seed)
+        p = with_bursts(small_instance(seed), seed) if bursts else small_instance(seed)
         if len(p.nodes) > 4 or p.num_layers > 5 or p.constraints.max_ttft_s or p.constraints.max_tpot_s:
             continue
         best = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from policies import Link, Node, Problem, Stage, predict
-from policies.routes import all_routes
+from policies.calibration import Calibration
+from policies.routes import all_routes, message_serialisation_s, serialisation_s
 
 
 def _chain() -> Problem:
@@ -34,6 +35,43 @@ def test_multi_hop_route_sums_delay_and_takes_the_narrowest_link() -> None:
     assert r.nodes == ("dev", "mec", "cloud")
     assert r.delay_s == pytest.approx((10 + 40) / 2000)
     assert r.bw_mbit == 50
+
+
+def _bursty(p: Problem, frame_bytes: int = 0) -> Problem:
+    """The chain's links shaped like the testbed's: one 1514-byte frame or 2 ms at the rate."""
+    links = tuple(lk.model_copy(update={"burst_bytes": 1514, "burst_s": 0.002}) for lk in p.links)
+    model = p.model.model_copy(update={"frame_bytes": frame_bytes})
+    return p.model_copy(update={"links": links, "model": model})
+
+
+def test_a_message_is_slowed_only_by_its_bytes_beyond_the_narrowest_links_burst() -> None:
+    p = _bursty(_chain().model_copy(update={"links": (
+        Link(a="dev", b="mec", bw_mbit=0.4, rtt_ms=10), Link(a="mec", b="cloud", bw_mbit=50, rtt_ms=40),
+    )}))  # fmt: skip
+    r = all_routes(p).get("dev", "cloud")
+    assert r.bw_mbit == 0.4 and r.free_bytes() == 1514  # the narrowest link's: 2 ms at 0.4 Mbit/s is 100 B
+    assert message_serialisation_s(r, 1000) == 0.0
+    assert message_serialisation_s(r, 3000) == pytest.approx(8 * (3000 - 1514) / 0.4e6)
+    assert serialisation_s(r, 3000) == pytest.approx(8 * 3000 / 0.4e6)  # over time the rate holds
+    # At 50 Mbit/s the burst is 2 ms of the rate.
+    assert all_routes(p).get("mec", "cloud").free_bytes() == pytest.approx(0.002 * 50e6 / 8)
+
+
+def test_a_links_rate_bounds_sessions_whose_messages_each_fit_its_burst() -> None:
+    """One session's decode messages fit the burst and cross at line rate; four sessions' messages
+    together exceed what the link carries in a cycle, and the cycle stretches to carry them."""
+    base = _chain().model_copy(update={"links": (
+        Link(a="dev", b="mec", bw_mbit=0.1, rtt_ms=10), Link(a="mec", b="cloud", bw_mbit=50, rtt_ms=40),
+    )})  # fmt: skip
+    p = _bursty(base, frame_bytes=400).model_copy(update={"calibration": Calibration()})
+    stages = (Stage(node="dev", first=0, end=2), Stage(node="mec", first=2, end=4))
+    plain = predict(p.model_copy(update={"links": base.links}), stages).tpot_s
+    one = predict(p, stages).tpot_s
+    up_s, down_s = 8 * (100 + 400) / 0.1e6, 8 * (4 + 400) / 0.1e6  # hidden state / token id, and frame
+    assert one == pytest.approx(plain - up_s - down_s)
+    assert one > up_s  # the link is not the bottleneck of one session
+    many = p.model_copy(update={"calibration": Calibration(concurrency=4.0)})
+    assert predict(many, stages).tpot_s >= 4 * up_s
 
 
 def test_predict_includes_source_hops_and_uses_measured_or_flops_costs() -> None:
