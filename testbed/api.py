@@ -191,7 +191,6 @@ class TestbedClient:
 
 def start_daemon(
     scenario_path: Path,
-    run_dir: Path | None = None,
     timeout_s: float = 120.0,
     progress: Callable[[str], None] | None = None,
     env: dict[str, str] | None = None,
@@ -199,7 +198,8 @@ def start_daemon(
     """Validate the scenario, start the daemon detached and wait until it is up; returns state.json.
 
     A broken scenario raises ScenarioError before anything starts. When the daemon dies during start,
-    its log tail is in the error and the prefix-wide cleanup has run.
+    its log tail is in the error and the prefix-wide cleanup has run. The daemon keeps its files in the
+    settings' run folder (``MECSPLIT_HOME``), as every client finds them there.
     """
     from testbed.scenario import load_scenario
 
@@ -209,7 +209,7 @@ def start_daemon(
             "the emulated testbed needs root (namespaces, tc, iptables, cgroups): run as root, "
             "or use the local backend; `mecsplit testbed doctor` lists what is missing"
         )
-    run_dir = _run_dir(run_dir)
+    run_dir = _run_dir(None)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cleanup.find_daemon(run_dir):
         raise TestbedAlreadyRunningError(

@@ -17,6 +17,7 @@ realises a plan with Mininet.
 from __future__ import annotations
 
 import ipaddress
+import json
 import subprocess
 from collections import deque
 from collections.abc import Collection, Sequence
@@ -217,6 +218,26 @@ def _run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[
     if check and proc.returncode != 0:
         raise TestbedError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[:300]}")
     return proc
+
+
+def check_mgmt_net_free(plan: TopologyPlan) -> None:
+    """Refuse a management network that a route of the host already covers.
+
+    Two routes to one subnet (a second testbed, or one a killed daemon left behind) make the host's
+    packets to the nodes leave by whichever came first, and they fail with "no route to host".
+    """
+    mgmt = ipaddress.ip_network(plan.mgmt_host_addr, strict=False)
+    routes = json.loads(_run(["ip", "-j", "route", "show"]).stdout or "[]")
+    for route in routes:
+        dst, dev = route.get("dst", "default"), route.get("dev", "?")
+        if dst == "default" or dev == plan.mgmt_bridge:
+            continue
+        if ipaddress.ip_network(dst, strict=False).overlaps(mgmt):
+            raise TestbedError(
+                f"management network {mgmt} overlaps the host's route {dst} on {dev}: another testbed "
+                f"(or one a killed daemon left; `mecsplit testbed down --force` with its prefix) holds it; "
+                f"stop it, or give this one another MECSPLIT_TESTBED__MGMT_NET"
+            )
 
 
 def allow_bridge_forwarding(bridge: str, comment: str) -> None:

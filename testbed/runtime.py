@@ -21,7 +21,14 @@ from testbed import link as tc
 from testbed import node as nodes
 from testbed.errors import TestbedError, UnknownNodeError
 from testbed.events import Detector, EventSink, LinkSample, NodeSample, Thresholds
-from testbed.net import EmulatedNetwork, LinkPlan, TopologyPlan, plan_topology, routes_avoiding
+from testbed.net import (
+    EmulatedNetwork,
+    LinkPlan,
+    TopologyPlan,
+    check_mgmt_net_free,
+    plan_topology,
+    routes_avoiding,
+)
 from testbed.scenario import (
     CpuLoadEvent,
     FailEvent,
@@ -89,6 +96,7 @@ class Testbed:
 
     # ------------------------------------------------------------------------------------------- up/down
     def up(self) -> None:
+        check_mgmt_net_free(self.plan)  # before anything starts: nothing is left half-done
         store = Path(self.settings.store_dir)
         store.mkdir(parents=True, exist_ok=True)
         if self.tb.image:

@@ -30,6 +30,8 @@ links:
 def test_cycles_and_sigkill_leave_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MECSPLIT_HOME", str(tmp_path))
     monkeypatch.setenv("MECSPLIT_TESTBED__PREFIX", PREFIX)
+    monkeypatch.setenv("MECSPLIT_TESTBED__DATA_NET", "10.225.0.0/16")  # not a developer's testbed's
+    monkeypatch.setenv("MECSPLIT_TESTBED__MGMT_NET", "10.226.0.0/24")
     scenario = tmp_path / "pair.yaml"
     scenario.write_text(SCENARIO)
     run_dir = tmp_path / "run"
