@@ -244,19 +244,29 @@ class Controller:
         if net is None or problem is None:
             self._requeue(reasons, event)
             return None
-        self._learn(state, problem, net)
-        self.predictions.measure(state, self.calibration, problem)
+        # An event is answered first and the traffic since the last tick learned after: the decision
+        # waits for neither, and a couple of seconds of steps change the calibration little.
+        if not reasons or self.config.observe_only:
+            self._observe(state, problem, net)
         if self.config.observe_only:
             return None
-        changed = self._changed(state, net)
-        if not reasons and changed is None:
-            return None
-        if not event and net.changed_at_s:  # found by this tick: the run times its reaction from the change
-            event = {"trigger": {"changed_at_s": max(net.changed_at_s.values())}}
-        if self.run_active():
-            self._requeue(reasons, event)  # decided once the run in flight is done
-            return None
-        return self._evaluate(state, net, ", ".join(reasons) or changed or "tick", event)
+        try:
+            changed = self._changed(state, net)
+            if not reasons and changed is None:
+                return None
+            if not event and net.changed_at_s:  # found by this tick: the reaction is timed from the change
+                event = {"trigger": {"changed_at_s": max(net.changed_at_s.values())}}
+            if self.run_active():
+                self._requeue(reasons, event)  # decided once the run in flight is done
+                return None
+            return self._evaluate(state, net, ", ".join(reasons) or changed or "tick", event)
+        finally:
+            if reasons:
+                self._observe(state, problem, net)
+
+    def _observe(self, state: DeploymentState, problem: Problem, net: NetworkSample) -> None:
+        self._learn(state, problem, net)
+        self.predictions.measure(state, self.calibration, problem)
 
     def _requeue(self, reasons: list[str], event: dict[str, Any]) -> None:
         with self._lock:

@@ -37,10 +37,12 @@ class SegmentSettings(BaseModel):
         description="a step whose chain broke waits this long for a new chain, then fails (0: fail at once)",
     )
     abandon_after_s: float = Field(
-        default=0.3,
+        default=0.1,
         gt=0,
         description="a replay switch waits this long for the old chain's steps in flight, then retries "
-        "them on the new chain (a step costs tens of ms on a healthy chain; on a collapsed link, seconds)",
+        "them on the new chain (a decode step costs 60-120 ms on a healthy chain, on a collapsed link "
+        "seconds; a replay rebuilds every session on the new chain anyway, so a step abandoned costs its "
+        "own work once more at most)",
     )
 
 

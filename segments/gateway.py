@@ -66,7 +66,7 @@ class Gateway:
         model: str,
         *,
         recover_timeout_s: float = 60.0,
-        abandon_after_s: float = 0.3,
+        abandon_after_s: float = 0.1,
     ) -> None:
         self.client = AsyncChainClient(chain, secret, recover_timeout_s=recover_timeout_s)
         self.abandon_after_s = abandon_after_s
