@@ -46,6 +46,7 @@ from prefect import flow, get_run_logger
 from flows import results
 from flows.controller import clear_run_learning, load_predictions
 from flows.prefect_server import ensure_server
+from flows.runtime import RuntimeFailure
 from flows.state import load_state
 from flows.workload import (
     ChatSession,
@@ -554,6 +555,10 @@ def experiment(
         raise ValueError(f"repeats must be at least 1 (each repeat runs every policy once), got {repeats}")
     if not policies or len(set(policies)) != len(policies):
         raise ValueError(f"give each policy once (their windows are kept by name), got {policies}")
+    if load_state() is not None:
+        # Each window deploys afresh; a running deployment (or one a killed run left) would be taken for
+        # the window's own, and its standbys, gone with its testbed, waited for.
+        raise RuntimeFailure("a deployment is already running: `mecsplit down` first")
     scenario_path = Path(scenario)
     sc = load_scenario(scenario_path)
     prepare_model(sc.model, get_settings())

@@ -40,3 +40,28 @@ def test_experiment_two_policies_local(flows_home: Path, prefect_api: str, tmp_p
     run_dir = Path(summary["results_dir"])
     for name in ("summary.json", "latency.png", "bars.png", "adaptive/samples.parquet", "exo/requests.json"):
         assert (run_dir / name).exists(), name
+
+
+def test_an_experiment_refuses_while_a_deployment_runs(
+    flows_home: Path, prefect_api: str, tmp_path: Path
+) -> None:
+    from flows.experiment import experiment
+    from flows.runtime import RuntimeFailure
+    from flows.state import DeploymentState, Endpoint, clear_state, save_state, state_path
+
+    # What a killed run leaves: its deployment, whose servers may be gone with their testbed.
+    segment = Endpoint(node="device", first=0, end=4, host="127.0.0.1", port=9, handle="1")
+    save_state(DeploymentState(
+        scenario=str(TINY_SCENARIO), model="llama-tiny", backend="local", revision=3, plan={},
+        segments=(segment,), gateway_url="http://127.0.0.1:9", gateway_handle="1", secret="s" * 32,
+        updated_at_s=0.0,
+    ))  # fmt: skip
+    before = state_path().read_text()
+    try:
+        with pytest.raises(RuntimeFailure, match="mecsplit down"):
+            experiment(scenario=str(TINY_SCENARIO), policies=["adaptive"], backend="local", duration_s=4.0,
+                       results_root=str(tmp_path))  # fmt: skip
+        assert state_path().read_text() == before  # left for `mecsplit down` to stop
+        assert not list(tmp_path.iterdir())  # no run folder started
+    finally:
+        clear_state()
