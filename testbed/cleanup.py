@@ -277,4 +277,7 @@ def teardown(prefix: str, run_dir: Path | None = None, *, exact: bool = False) -
     if run_dir is not None:
         for name in ("daemon.pid", "state.json"):
             (run_dir / name).unlink(missing_ok=True)
+        # The delay shapers' control files and logs (testbed.link.DirectionShaper: "<prefix>-<dev>.…").
+        for path in run_dir.glob(f"{prefix}-*.delay.*"):
+            path.unlink(missing_ok=True)
     return survey(prefix, run_dir, exact=exact)

@@ -58,6 +58,7 @@ def test_cycles_and_sigkill_leave_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     print(f"down --force after SIGKILL: {time.monotonic() - t0:.2f} s")
     assert left.empty(), left.as_dict()
     assert not (run_dir / "daemon.pid").exists()
+    assert not list(run_dir.glob("*.delay.*")), list(run_dir.iterdir())  # the delay shapers' files
     # Independent of cleanup's own matching: nothing in the system's listings names the prefix.
     for cmd in (["docker", "ps", "-a"], ["ip", "link"], ["ip", "netns"], ["iptables-save"]):
         assert PREFIX not in subprocess.run(cmd, capture_output=True, text=True).stdout, cmd
