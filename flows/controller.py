@@ -47,6 +47,7 @@ from policies.calibration import Calibration, observe_switch
 from policies.forecast import Forecast, forecast
 from policies.plan import Plan
 from policies.problem import Problem
+from policies.routes import links_used
 from testbed.scenario import Scenario, load_scenario
 
 # A link rate or node load that moved by more than this (relative) since the last evaluation is a
@@ -209,6 +210,8 @@ class Controller:
         self.predictions = PredictionLog(self.settings.run_dir / "predictions.json")
         self.stats = TickStats()
         self.runs_started = 0
+        # Links some deployed plan of this controller has carried traffic over (the rest are untried).
+        self._carried: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ entry
     def notify(
@@ -413,6 +416,16 @@ class Controller:
         unique = {plan.layout(): plan for plan in reversed(plans)}
         return list(reversed(unique.values()))
 
+    def _judged(self, problem: Problem, fc: Forecast, plan: Plan) -> tuple[Problem, Forecast]:
+        """The problem and forecast ``plan`` is valued against: a plan over links no deployed plan has
+        carried yet meets them at the low end of their recent range (``Forecast.pessimistic``). On the
+        V2X scenario every move onto an untried LTE link was predicted 22-45 % too fast and moved back."""
+        untried = links_used(problem, [s.node for s in plan.stages]) - self._carried
+        if not untried:
+            return problem, fc
+        judged = fc.pessimistic(untried)
+        return _with_rates(problem, judged.now_mbit()), judged
+
     def _evaluate(
         self, state: DeploymentState, net: NetworkSample, reason: str, event: dict[str, Any]
     ) -> Evaluation | None:
@@ -428,14 +441,16 @@ class Controller:
             net.rates_mbit, net.at_s,
         )  # fmt: skip
         rule = {
-            "forecast": fc, "switch_stall_s": self.calibration.switch_stall_s,
+            "switch_stall_s": self.calibration.switch_stall_s,
             "min_gain_ratio": self.config.min_gain_ratio, "hysteresis": self.config.hysteresis,
             "ready_s": _ready_s(state, net, self.settings), "holdings": _holdings(problem, state),
         }  # fmt: skip
-        decisions = [
-            (decide(problem, current, plan, self.config.horizon_s, **rule), plan)
-            for plan in self._candidates(problem, fc)
-        ]
+        self._carried |= links_used(problem, [s.node for s in current.stages])
+        decisions = []
+        for plan in self._candidates(problem, fc):
+            judged, judged_fc = self._judged(problem, fc, plan)
+            decided = decide(judged, current, plan, self.config.horizon_s, forecast=judged_fc, **rule)
+            decisions.append((decided, plan))
         # The adopted candidate gaining most; none adopted: the one that came closest, for the record.
         decision, candidate = max(decisions, key=lambda d: (d[0].adopt, d[0].gain_s))
         self._watch = _Watch(

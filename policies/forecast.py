@@ -22,9 +22,10 @@ and spread (10th and 90th percentiles) over the window are reported with it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 WINDOW_S = 60.0
@@ -78,6 +79,28 @@ class Forecast:
             rates = [max(1e-3, s.get(link, 0.0)) for s in self.snapshots]
             out[link] = len(rates) / sum(1.0 / r for r in rates)
         return out
+
+    def pessimistic(self, links: Collection[str]) -> Forecast:
+        """This forecast with ``links`` at the low end of their recent range (their 10th percentile, at
+        most today's rate) now and in every snapshot, and down where the history is too short to know that
+        range. For links a plan has not yet carried: what the model knows of them is a probe or the
+        monitor's rate, not what they do under the plan's traffic, so a move onto them is judged on what
+        they may do rather than on their best (on a fluctuating cellular link the difference is the
+        whole gain)."""
+        low = {
+            link: 0.0 if o.tau_s is None else min(o.now_mbit, o.p10_mbit)
+            for link, o in self.links.items()
+            if link in links
+        }
+        outlooks = {
+            link: dataclasses.replace(o, now_mbit=low[link]) if link in low else o
+            for link, o in self.links.items()
+        }
+        snapshots = tuple({k: min(v, low.get(k, v)) for k, v in s.items()} for s in self.snapshots)
+        return Forecast(outlooks, self.tau_s, snapshots)
+
+    def now_mbit(self) -> dict[str, float]:
+        return {link: o.now_mbit for link, o in self.links.items()}
 
     def to_dict(self) -> dict[str, object]:
         return {

@@ -10,7 +10,9 @@ is bound by its rate (``serialisation_s``).
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +79,22 @@ class Routes:
         nodes = tuple(self.names[k] for k in reversed(path))
         burst_bytes, burst_s = (float(x) for x in self.burst[:, s, d])
         return Route(nodes, float(self.delay_s[s, d]), float(self.bw_mbit[s, d]), burst_bytes, burst_s)
+
+
+def links_used(problem: Problem, nodes: Sequence[str], routes: Routes | None = None) -> frozenset[str]:
+    """The links (``"a-b"`` as ``problem.links`` names them) that a chain from the source through
+    ``nodes`` and back to the source crosses (a hop from or to a node the problem lacks, a failed one,
+    crosses none)."""
+    routes = routes or all_routes(problem)
+    names = {frozenset((lk.a, lk.b)): f"{lk.a}-{lk.b}" for lk in problem.links}
+    hops = [problem.source, *nodes, problem.source]
+    used = set()
+    for a, b in itertools.pairwise(hops):
+        if a not in routes.index or b not in routes.index:
+            continue
+        path = routes.get(a, b).nodes
+        used |= {names[frozenset(pair)] for pair in itertools.pairwise(path)}
+    return frozenset(used)
 
 
 def _accumulate(

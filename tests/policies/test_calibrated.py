@@ -23,6 +23,7 @@ from policies.calibration import (
 from policies.contention import Quota, Station, cycle_time_s, queue_lengths
 from policies.forecast import MAX_TAU_S, MIN_TAU_S, forecast, persistent
 from policies.plan import Stage
+from policies.routes import all_routes, links_used
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "smollm2_mec.json"
 
@@ -309,6 +310,51 @@ def test_a_link_that_is_slow_half_the_time_favours_the_plan_robust_to_it() -> No
     assert d.adopt, d.reason
     # Judged on the present alone, the move would not be made.
     assert not decide(fast_now, current, candidate, 60, forecast=persistent({}), hysteresis=0.5, **rule).adopt
+
+
+def test_untried_links_are_judged_at_the_low_end_of_their_range() -> None:
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    dips = [0.1 if int(t) % 5 == 0 else 1.5 for t in times]  # an LTE uplink with an outage every 5 s
+    fc = forecast({"a-b": (times, dips), "b-c": (times, [50.0] * 300)}, {"a-b": 1.5, "b-c": 50.0, "c-d": 9.0},
+                  now)  # fmt: skip
+    low = fc.pessimistic({"a-b", "c-d"})
+    assert low.now_mbit() == {"a-b": 0.1, "b-c": 50.0, "c-d": 0.0}  # "c-d" has no history: not known
+    assert {s["a-b"] for s in low.snapshots} == {0.1} and {s["b-c"] for s in low.snapshots} == {50.0}
+    assert low.tau_s == fc.tau_s and fc.now_mbit()["a-b"] == 1.5  # the original is unchanged
+
+
+def test_links_used_follow_the_routes_there_and_back() -> None:
+    p = _base()
+    plan = solve(p, "latency_dp")
+    used = links_used(p, [s.node for s in plan.stages])
+    names = {f"{lk.a}-{lk.b}" for lk in p.links}
+    assert used <= names
+    assert links_used(p, [p.source]) == frozenset()
+    far = max(p.node_names, key=lambda n: len(all_routes(p).get(p.source, n).nodes))
+    path = all_routes(p).get(p.source, far).nodes
+    assert len(links_used(p, [far])) == len(path) - 1
+    assert links_used(p, [far, "no-such-node"]) == links_used(p, [far])
+
+
+def test_a_move_onto_an_untried_swinging_link_waits_until_it_is_known() -> None:
+    """A plan over a link that is fast now and dips now and then: valued on the link's recent past it is
+    adopted; valued at the low end of that past, as a link no deployed plan has carried is, it is not."""
+    p = _base().model_copy(update={"calibration": Calibration()})
+    current = solve(_slow_link(p, 2.0), "latency_dp")
+    candidate = solve(p, "latency_dp")
+    assert SLOW in links_used(p, [s.node for s in candidate.stages])
+    assert SLOW not in links_used(p, [s.node for s in current.stages])
+    holdings = {n.name: frozenset(range(p.num_layers)) for n in p.nodes}
+    rule = {"ready_s": {n.name: 0.5 for n in p.nodes}, "holdings": holdings, "switch_stall_s": 0.5}
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    fc = forecast({SLOW: (times, [2.0 if int(t) % 10 == 0 else 1000.0 for t in times])}, {SLOW: 1000.0}, now)
+    fast_now = _slow_link(p, 1000.0)
+    assert decide(fast_now, current, candidate, 60, forecast=fc, hysteresis=0.5, **rule).adopt
+    low = fc.pessimistic({SLOW})
+    judged = _slow_link(p, low.now_mbit()[SLOW])
+    assert not decide(judged, current, candidate, 60, forecast=low, hysteresis=0.5, **rule).adopt
 
 
 def test_a_move_waits_for_its_cold_start() -> None:
