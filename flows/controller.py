@@ -301,8 +301,12 @@ class Controller:
             net = self.view(state.backend).sample()
         except Exception:  # the monitor is away (testbed restarting): nothing to decide on
             return None
+        ends = {lk.id: (lk.a, lk.b) for lk in self.scenario.links}
         for link, rate in net.rates_mbit.items():
-            self.history.add(link, net.at_s, rate)
+            # A link to a node that is down carries nothing: its shaped rate is no history of it (a node
+            # joining later would otherwise bring the scenario's nominal rate as its link's past).
+            if all(n in net.alive for n in ends.get(link, ())):
+                self.history.add(link, net.at_s, rate)
         return net
 
     def _problem(self, state: DeploymentState, net: NetworkSample) -> Problem | None:
