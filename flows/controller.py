@@ -304,7 +304,7 @@ class Controller:
         ends = {lk.id: (lk.a, lk.b) for lk in self.scenario.links}
         for link, rate in net.rates_mbit.items():
             # A link to a node that is down carries nothing: its shaped rate is no history of it (a node
-            # joining later would otherwise bring the scenario's nominal rate as its link's past).
+            # joining later would otherwise bring what its link was shaped to meanwhile as its past).
             if all(n in net.alive for n in ends.get(link, ())):
                 self.history.add(link, net.at_s, rate)
         return net
