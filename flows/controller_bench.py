@@ -17,12 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.controller import clear_run_learning
-from flows.prefect_server import ensure_server
-from flows.runtime import RuntimeFailure
 from flows.state import load_state
-from flows.workload import ChatSession, choose_backend, prepare_model, serve_process, stop_process, teardown
-from mecsplit.settings import get_settings
-from testbed.scenario import load_scenario
+from flows.workload import ChatSession, serve_process, start_bench, stop_process, teardown, testbed_up
 
 # Before measuring: the deployment settles and the controller has learned what it learns first.
 WARMUP_S = 30.0
@@ -48,23 +44,13 @@ def _controller_stats(run_dir: Path) -> dict[str, Any]:
 def run_controller_bench(
     scenario_path: Path, *, seconds: float = 60.0, backend: str = "auto"
 ) -> dict[str, Any]:
-    settings = get_settings()
-    scenario = load_scenario(scenario_path)
-    prepare_model(scenario.model, settings)
-    server = ensure_server(settings)
-    os.environ.update(server.env())
-    chosen = choose_backend(backend)
-    if load_state() is not None:
-        raise RuntimeFailure("a deployment is already running: `mecsplit down` first")
+    start = start_bench(scenario_path, backend)
+    settings, scenario, server, chosen = start.settings, start.scenario, start.server, start.backend
     clear_run_learning(settings)
     serve = None
     chats: list[ChatSession] = []
     try:
-        if chosen == "testbed":
-            from testbed.api import start_daemon
-
-            _say("testbed up")
-            start_daemon(scenario_path, env=server.env(), progress=lambda m: _say(f"testbed: {m}"))
+        testbed_up(start, scenario_path, _say)
         from flows.reconfigure import deploy_flow
 
         first = deploy_flow(

@@ -12,7 +12,6 @@ What a decision rests on is the second column: a prediction for a plan made befo
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -24,16 +23,14 @@ import httpx
 from flows import pipeline
 from flows.calibrate import Snapshot, learn
 from flows.controller import clear_run_learning
-from flows.prefect_server import ensure_server
-from flows.runtime import LinkProbe, RuntimeFailure, backend_for
+from flows.runtime import LinkProbe, backend_for
 from flows.state import load_state, save_state
-from flows.workload import ChatSession, choose_backend, prepare_model, teardown
-from mecsplit.settings import get_settings
+from flows.workload import ChatSession, start_bench, teardown, testbed_up
 from policies.analytic import predict
 from policies.calibration import Calibration
 from policies.plan import Metrics, Plan, Stage
 from policies.problem import Problem
-from testbed.scenario import Scenario, load_scenario
+from testbed.scenario import Scenario
 
 Layout = list[tuple[str, int, int]]
 # Before a window is measured: the switch and the standbys' boot settle.
@@ -129,21 +126,11 @@ def run_model_bench(
 ) -> dict[str, Any]:
     """See the module docstring. ``plans`` None: the policy's first plan, then the plans other policies
     choose for the scenario (its alternatives)."""
-    settings = get_settings()
-    scenario = load_scenario(scenario_path)
-    prepare_model(scenario.model, settings)
-    server = ensure_server(settings)
-    os.environ.update(server.env())
-    chosen = choose_backend(backend)
-    if load_state() is not None:
-        raise RuntimeFailure("a deployment is already running: `mecsplit down` first")
+    start = start_bench(scenario_path, backend)
+    settings, scenario, chosen = start.settings, start.scenario, start.backend
     clear_run_learning(settings)
     try:
-        if chosen == "testbed":
-            from testbed.api import start_daemon
-
-            _say("testbed up")
-            start_daemon(scenario_path, env=server.env(), progress=lambda m: _say(f"testbed: {m}"))
+        testbed_up(start, scenario_path, _say)
         from flows.reconfigure import deploy_flow
 
         first = deploy_flow(

@@ -9,7 +9,6 @@ medians per step, lost requests, teardown.
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -18,12 +17,9 @@ from typing import Any
 
 from flows import pipeline
 from flows.demo import _change_and_follow
-from flows.prefect_server import ensure_server
 from flows.runtime import RuntimeFailure, backend_for, clear_local_links
 from flows.state import load_state
-from flows.workload import ChatSession, choose_backend, prepare_model, serve_process, stop_process, teardown
-from mecsplit.settings import get_settings
-from testbed.scenario import load_scenario
+from flows.workload import ChatSession, serve_process, start_bench, stop_process, teardown, testbed_up
 
 
 def _say(message: str) -> None:
@@ -76,24 +72,14 @@ def run_reaction_bench(
     max_tokens: int = 16,
     reaction_timeout_s: float = 240.0,
 ) -> dict[str, Any]:
-    settings = get_settings()
-    scenario = load_scenario(scenario_path)
-    prepare_model(scenario.model, settings)
-    server = ensure_server(settings)
-    os.environ.update(server.env())
-    chosen = choose_backend(backend)
-    if load_state() is not None:
-        raise RuntimeFailure("a deployment is already running: `mecsplit down` first")
+    start = start_bench(scenario_path, backend)
+    settings, scenario, server, chosen = start.settings, start.scenario, start.server, start.backend
     clear_local_links(settings)
     serve_proc = None
     chats: list[ChatSession] = []
     results: list[dict[str, Any]] = []
     try:
-        if chosen == "testbed":
-            from testbed.api import start_daemon
-
-            _say("testbed up")
-            start_daemon(scenario_path, env=server.env(), progress=lambda m: _say(f"testbed: {m}"))
+        testbed_up(start, scenario_path, _say)
         from flows.reconfigure import deploy_flow
 
         _say("deploy flow")

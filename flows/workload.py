@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +172,44 @@ class ChatSession:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=300)
+
+
+@dataclass(frozen=True)
+class BenchStart:
+    """What every bench starts from: the settings, the scenario, the Prefect server and the backend."""
+
+    settings: Settings
+    scenario: Scenario
+    server: PrefectServer
+    backend: BackendName
+
+
+def start_bench(scenario_path: Path, backend: str) -> BenchStart:
+    """Prepare the model, start (or find) the Prefect server and export its address, choose the backend;
+    refuse while a deployment runs (a bench deploys its own and tears it down)."""
+    from flows.prefect_server import ensure_server
+    from flows.runtime import RuntimeFailure
+    from testbed.scenario import load_scenario
+
+    settings = get_settings()
+    scenario = load_scenario(scenario_path)
+    prepare_model(scenario.model, settings)
+    server = ensure_server(settings)
+    os.environ.update(server.env())
+    chosen = choose_backend(backend)
+    if load_state() is not None:
+        raise RuntimeFailure("a deployment is already running: `mecsplit down` first")
+    return BenchStart(settings, scenario, server, chosen)
+
+
+def testbed_up(start: BenchStart, scenario_path: Path, progress: Callable[[str], None]) -> None:
+    """Bring the emulated testbed up when the bench runs on it (the local backend needs nothing)."""
+    if start.backend != "testbed":
+        return
+    from testbed.api import start_daemon
+
+    progress("testbed up")
+    start_daemon(scenario_path, env=start.server.env(), progress=lambda m: progress(f"testbed: {m}"))
 
 
 def serve_process(
