@@ -53,7 +53,6 @@ from testbed.scenario import Scenario, load_scenario
 # A link rate or node load that moved by more than this (relative) since the last evaluation is a
 # change worth re-solving for; below it the tick only learns and records.
 CHANGE_RATIO = 0.1
-CHANGE_WAIT_S = 0.002
 # The calibrated prediction of a plan is taken once the model has seen this many of its decode steps.
 CALIBRATED_AFTER_STEPS = 100
 # After a deployment changes, its transients (the switch, the old servers stopping, new standbys
@@ -168,7 +167,8 @@ class _Watch:
     loads: dict[str, float] = field(default_factory=dict)
     alive: frozenset[str] = frozenset()
     revision: int = -1
-    scales: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # The plan serving and the best candidate, with what the model predicted per token for each then.
+    predicted_s: tuple[tuple[Plan, float], ...] = ()
 
 
 StartRun = Callable[[dict[str, Any]], str | None]
@@ -254,7 +254,7 @@ class Controller:
         if self.config.observe_only:
             return None
         try:
-            changed = self._changed(state, net)
+            changed = self._changed(state, net, problem)
             if not reasons and changed is None:
                 return None
             if not event and net.changed_at_s:  # found by this tick: the reaction is timed from the change
@@ -380,8 +380,13 @@ class Controller:
     def _rate_at(self, a: str, b: str, t_s: float) -> float | None:
         return self.history.rate_at(f"{a}-{b}", t_s) or self.history.rate_at(f"{b}-{a}", t_s)
 
-    def _changed(self, state: DeploymentState, net: NetworkSample) -> str | None:
-        """What moved since the last evaluation beyond ``CHANGE_RATIO``; None if nothing did."""
+    def _changed(self, state: DeploymentState, net: NetworkSample, problem: Problem) -> str | None:
+        """What moved since the last evaluation beyond ``CHANGE_RATIO``; None if nothing did. The
+        calibration drifting counts by what it does to the prediction of the plan serving and of the last
+        evaluation's best candidate, beyond the least gain a move must show (``min_gain_ratio``, the
+        model's accuracy bound: a drift inside it is noise by the model's own standard). The
+        coefficients alone move with every noisy step: watched one by one, they asked for an
+        evaluation every other tick on the testbed."""
         w = self._watch
         if state.revision != w.revision:
             return "new deployment"
@@ -393,10 +398,11 @@ class Controller:
         for node, load in net.loads.items():
             if abs(load - w.loads.get(node, 0.0)) > CHANGE_RATIO:
                 return f"node {node} load {load:.0%}"
-        for node, cal in self.calibration.nodes.items():
-            scale, wait = w.scales.get(node, (None, None))
-            if _moved(scale, cal.cpu_scale) or wait is None or abs(cal.wait_s - wait) > CHANGE_WAIT_S:
-                return f"node {node} compute x{cal.cpu_scale:.2f} + {cal.wait_s * 1e3:.1f} ms"
+        drift = self.config.min_gain_ratio
+        for plan, before_s in w.predicted_s:
+            now_s = _tpot_s(problem, plan)
+            if now_s is not None and abs(now_s / before_s - 1.0) > drift:
+                return f"model: {plan.layout()} predicted {before_s * 1e3:.1f} -> {now_s * 1e3:.1f} ms/token"
         return None
 
     def _candidates(self, problem: Problem, fc: Forecast) -> list[Plan]:
@@ -457,9 +463,11 @@ class Controller:
             decisions.append((decided, plan))
         # The adopted candidate gaining most; none adopted: the one that came closest, for the record.
         decision, candidate = max(decisions, key=lambda d: (d[0].adopt, d[0].gain_s))
+        plans = {p.layout(): p for p in (current, candidate)}.values()
+        predicted = ((p, _tpot_s(problem, p)) for p in plans)
         self._watch = _Watch(
             dict(net.rates_mbit), dict(net.loads), net.alive, state.revision,
-            {n: (c.cpu_scale, c.wait_s) for n, c in self.calibration.nodes.items()},
+            tuple((p, t) for p, t in predicted if t),
         )  # fmt: skip
         evaluation = Evaluation(
             at_s=time.time(), reason=reason, plan=[list(x) for x in current.layout()],
@@ -498,6 +506,16 @@ def _moved(old: float | None, new: float) -> bool:
     if old <= 0 or new <= 0:
         return old != new
     return abs(math.log(new / old)) > math.log1p(CHANGE_RATIO)
+
+
+def _tpot_s(problem: Problem, plan: Plan) -> float | None:
+    """The calibrated model's time per token of ``plan`` on ``problem``; None if it cannot run there."""
+    from policies.analytic import predict
+
+    try:
+        return predict(problem, plan.stages).tpot_s
+    except (KeyError, ValueError):
+        return None
 
 
 def _with_rates(problem: Problem, rates_mbit: dict[str, float]) -> Problem:

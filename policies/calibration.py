@@ -234,8 +234,14 @@ def observe_hop(
 def _priors(hops: dict[str, HopCalibration]) -> dict[str, float]:
     """Priors for hops not seen yet: the median learned overhead of hops between nodes, and of hops
     within a node (software cost does not depend much on which link a hop takes)."""
-    between = sorted(h.overhead_s for k, h in hops.items() if _split(k)[0] != _split(k)[1] and h.samples >= 5)
-    within = sorted(h.overhead_s for k, h in hops.items() if _split(k)[0] == _split(k)[1] and h.samples >= 5)
+    between: list[float] = []
+    within: list[float] = []
+    for key, hop in hops.items():
+        if hop.samples >= 5:
+            a, b = _split(key)
+            (within if a == b else between).append(hop.overhead_s)
+    between.sort()
+    within.sort()
     out: dict[str, float] = {}
     if between:
         out["hop_overhead_s"] = max(0.0, between[len(between) // 2])

@@ -66,8 +66,16 @@ class Routes:
             per_s = np.where(np.isfinite(self.bw_mbit), self.bw_mbit * 1e6 / 8.0, 0.0)
         # Bytes each route passes at line rate after a pause (0 within a node: nothing crosses a link).
         self.free_bytes = np.maximum(self.burst[0], self.burst[1] * per_s)
+        # Built once per pair: the online calibration asks for the same few routes for every step.
+        self._built: dict[tuple[str, str], Route] = {}
 
     def get(self, a: str, b: str) -> Route:
+        route = self._built.get((a, b))
+        if route is None:
+            route = self._built[(a, b)] = self._build(a, b)
+        return route
+
+    def _build(self, a: str, b: str) -> Route:
         s, d = self.index[a], self.index[b]
         if s == d:
             return Route((a,), 0.0, math.inf)

@@ -67,12 +67,13 @@ def test_controller_learns_records_and_decides_only_on_change(deployed: dict[str
     chat = ChatSession(deployed["gateway_url"], 8)
     chat.start()
     try:
-        first = _ticks(controller, 4.0)
-        # The first tick sees a deployment it has not evaluated: it decides once; nothing changes after.
-        assert any(e is not None for e in first)
+        # The first tick sees a deployment it has not evaluated: it decides. While the model learns its
+        # first steps, the plan's prediction may move beyond the accuracy bound once more: decided again.
+        first = _ticks(controller, 8.0)
+        assert first[0] is not None and first[0].reason == "new deployment"
         evaluated = len(controller.evaluations)
-        time.sleep(2.0)
-        quiet = _ticks(controller, 8.0)  # SETTLE_S is over: it learns, the network stays as it is
+        time.sleep(2.0)  # a tick's span as serving has it (concurrency is learned over a second or more)
+        quiet = _ticks(controller, 8.0)  # learned: nothing in the network or the model moves now
         assert all(e is None for e in quiet), [e.reason for e in quiet if e is not None]
         assert len(controller.evaluations) == evaluated
         cal = controller.calibration
