@@ -169,6 +169,8 @@ class _Watch:
     revision: int = -1
     # The plan serving and the best candidate, with what the model predicted per token for each then.
     predicted_s: tuple[tuple[Plan, float], ...] = ()
+    # A move was wanted but waited for the model to learn the plan serving: decide again once it has.
+    deferred: bool = False
 
 
 StartRun = Callable[[dict[str, Any]], str | None]
@@ -392,6 +394,8 @@ class Controller:
             return "new deployment"
         if net.alive != w.alive:
             return "nodes up or down"
+        if w.deferred and self.predictions.learned_steps(state.revision) >= MIN_LEARNED_STEPS:
+            return "learned the plan serving: the move that waited for it"
         for link, rate in net.rates_mbit.items():
             if _moved(w.rates.get(link), rate):
                 return f"link {link} {w.rates.get(link, 0):.3g} -> {rate:.3g} Mbit/s"
@@ -479,6 +483,7 @@ class Controller:
         del self.evaluations[:-200]
         learned = self.predictions.learned_steps(state.revision)
         if decision.adopt and decision.current is not None and learned < MIN_LEARNED_STEPS:
+            self._watch.deferred = True
             evaluation.adopt = False
             evaluation.decision = {**evaluation.decision, "adopt": False,
                                    "reason": f"still learning ({learned} of {MIN_LEARNED_STEPS} steps); "

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from conftest import TINY_SCENARIO
 
-from flows.controller import Controller, ControllerConfig, NetworkSample
+from flows.controller import MIN_LEARNED_STEPS, Controller, ControllerConfig, NetworkSample, _Watch
 from mecsplit.settings import get_settings
 
 
@@ -37,3 +37,25 @@ def test_a_link_to_a_node_that_is_down_gathers_no_history(flows_home: Path) -> N
     assert len(controller.history.series("device-edge", 0.0)[0]) == 5
     times, _ = controller.history.series("edge-cloud", 0.0)  # the nominal 50 while cloud was down: not kept
     assert list(times) == [3.0, 4.0]
+
+
+def test_a_move_that_waited_for_the_model_to_learn_is_decided_again_once_it_has(flows_home: Path) -> None:
+    settings = get_settings()
+    controller = Controller(
+        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
+        view=_Monitor(), settings=settings,
+    )  # fmt: skip
+    rates = {"device-edge": 20.0, "edge-cloud": 50.0}
+    everyone = frozenset({"device", "edge", "cloud"})
+    net = NetworkSample(at_s=0.0, rates_mbit=rates, loads={}, alive=everyone)
+    state = cast(Any, SimpleNamespace(backend="testbed", revision=3))
+    problem = cast(Any, None)  # no prediction is watched: the problem is not read
+    # A link recovered, the move back was wanted, and it waited: the plan serving was not learned yet.
+    controller._watch = _Watch(dict(rates), {}, everyone, 3, (), deferred=True)
+    assert controller._changed(state, net, problem) is None
+    step = {"positions": 1, "idle_s": 0.001, "total_s": 0.01, "stages": []}
+    serving = cast(Any, SimpleNamespace(revision=3, segments=()))
+    controller.predictions.add_records(serving, (step,) * MIN_LEARNED_STEPS)
+    assert "learned" in str(controller._changed(state, net, problem))
+    controller._watch.deferred = False  # the evaluation that follows replaces the watch
+    assert controller._changed(state, net, problem) is None
