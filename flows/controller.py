@@ -458,6 +458,7 @@ class Controller:
             "switch_stall_s": self.calibration.switch_stall_s,
             "min_gain_ratio": self.config.min_gain_ratio, "hysteresis": self.config.hysteresis,
             "ready_s": _ready_s(state, net, self.settings), "holdings": _holdings(problem, state),
+            "reaction_s": self.settings.policies.replan_reaction_s,
         }  # fmt: skip
         self._carried |= links_used(problem, [s.node for s in current.stages])
         decisions = []

@@ -143,6 +143,13 @@ class PolicySettings(BaseModel):
     replan_hysteresis: float = Field(
         default=0.5, ge=0, description="a move's expected gain must exceed (1 + this) x its cost"
     )
+    replan_reaction_s: float | None = Field(
+        default=2.5,
+        ge=0,
+        description="how soon the controller follows a change (bench reaction: 1.2-3.2 s measured from a "
+        "link's drop to the new plan serving); a decision counts on it for states that outlast it "
+        "(None: it does not)",
+    )
     replan_switch_stall_s: float = Field(
         default=0.3,
         ge=0,

@@ -11,6 +11,12 @@ The rule (docs/policies.md, "Re-planning"):
    seconds (``tau`` about a second) it is the plan's value over what the link has lately been doing, so a
    plan is neither chased into a dip nor held against the link's average. The gain, in session-seconds of
    the current plan's service, is ``(N_new - N_cur) x (H / N_cur) x sessions``.
+   The controller re-plans when the network changes again, within ``reaction_s``: in a past state that
+   lasts longer than that (a share ``exp(-reaction_s / tau)`` of them, ``tau`` the links' persistence)
+   either plan would be left for the better of the two, so each is valued there at the better one's
+   rate; only states too brief to follow count at the plan's own. A link that was down for most of the
+   last minute and is back then counts against a move back only by what the move risks, not as if the
+   plan would sit through the next outage (without ``reaction_s``: every past state at the plan's own).
 3. The candidate serves only once its new stages are ready (make-before-break: the current plan serves
    meanwhile): loading them into a warm server, starting one, or fetching weights a node's store lacks.
    The cost: every live session stalls once at the switch (a fixed ``switch_stall_s`` plus moving or
@@ -84,13 +90,15 @@ def decide(
     forecast: Forecast | None = None,
     ready_s: Mapping[str, float] | None = None,
     holdings: Mapping[str, frozenset[int]] | None = None,
+    reaction_s: float | None = None,
 ) -> Decision:
     """Compare ``current`` (re-priced under ``problem``, the newest profiles) with ``candidate``.
 
     ``forecast``: the links over the horizon (None: today's rates persist). ``ready_s[node]``: seconds
     until ``node`` serves a new stage of its own (a warm server loads it; otherwise a process starts);
     ``holdings[node]``: the layers its store holds (None: weights are fetched from the current holder or
-    ``store_node``, default a cloud node). See the module docstring for the rule."""
+    ``store_node``, default a cloud node); ``reaction_s``: how soon the controller follows a change (None:
+    it is not counted on). See the module docstring for the rule."""
     routes = all_routes(problem)
     cand_metrics = predict(problem, candidate.stages, routes)
     cost = migration_cost(
@@ -113,6 +121,9 @@ def decide(
     j_cur = weighted_objective(problem, cur_metrics)
     past_cur = _past_costs(problem, current.stages, fc)
     past_new = _past_costs(problem, candidate.stages, fc)
+    if reaction_s is not None:
+        followed = math.exp(-reaction_s / fc.tau_s)
+        past_cur, past_new = _followed(past_cur, past_new, followed), _followed(past_new, past_cur, followed)
     # Until the new stages serve (make-before-break), the current plan does.
     ready = min(horizon_s, cost.weight_s)
     n_cur = fc.served(j_cur, past_cur, 0.0, horizon_s)
@@ -154,6 +165,21 @@ def _past_costs(problem: Problem, stages: Sequence[Stage], fc: Forecast) -> list
         past = problem.model_copy(update={"links": links})
         out.append(weighted_objective(past, predict(past, stages)))
     return out
+
+
+def _followed(own: Sequence[float], other: Sequence[float], share: float) -> list[float]:
+    """Per past state, the cost per request of a plan that the controller leaves for ``other`` in a
+    ``share`` of such states (those lasting beyond its reaction) where ``other`` serves more."""
+    out = []
+    for mine, theirs in zip(own, other, strict=True):
+        rate = _per_s(mine)
+        blended = share * max(rate, _per_s(theirs)) + (1.0 - share) * rate
+        out.append(1.0 / blended if blended > 0 else math.inf)
+    return out
+
+
+def _per_s(cost_s: float) -> float:
+    return 1.0 / cost_s if math.isfinite(cost_s) and cost_s > 0 else 0.0
 
 
 def _sessions(problem: Problem) -> float:

@@ -312,6 +312,39 @@ def test_a_link_that_is_slow_half_the_time_favours_the_plan_robust_to_it() -> No
     assert not decide(fast_now, current, candidate, 60, forecast=persistent({}), hysteresis=0.5, **rule).adopt
 
 
+def test_a_link_back_after_a_long_outage_is_moved_back_to_when_the_controller_follows_changes() -> None:
+    """The demo's recovery: the link was down for 45 s of the last minute and is back. Valued as if the
+    plan would sit through every past state, the move back does not pay (the outage dominates the
+    past); counting on the controller to follow a change that lasts beyond its reaction, it does. On a
+    link that swings every second the controller cannot follow, and the reaction changes little."""
+    base = _base().model_copy(update={"calibration": Calibration()})
+    # The way around the link is slow too (2 Mbit/s): the fallback serves at half the rate, as the
+    # demo's device-only plan does.
+    links = tuple(lk.model_copy(update={"bw_mbit": 2.0}) if (lk.a, lk.b) == ("edge-ap", "mec-2") else lk
+                  for lk in base.links)  # fmt: skip
+    p = base.model_copy(update={"links": links})
+    current = solve(_slow_link(p, 0.1), "latency_dp")
+    candidate = solve(p, "latency_dp")
+    assert SLOW in links_used(p, [s.node for s in candidate.stages])
+    holdings = {n.name: frozenset(range(p.num_layers)) for n in p.nodes}
+    rule = {"ready_s": {n.name: 0.5 for n in p.nodes}, "holdings": holdings, "switch_stall_s": 0.5,
+            "hysteresis": 0.5}  # fmt: skip
+    now = 100.0
+    times = [now - 60 + 0.1 * i for i in range(600)]
+    fast = next(lk.bw_mbit for lk in p.links if f"{lk.a}-{lk.b}" == SLOW)
+    back = forecast({SLOW: (times, [0.1 if 55 <= t < 100 else fast for t in times])}, {SLOW: fast}, now)
+    assert 5.0 < back.tau_s < 60.0
+    sitting = decide(p, current, candidate, 60, forecast=back, **rule)
+    following = decide(p, current, candidate, 60, forecast=back, reaction_s=2.5, **rule)
+    assert not sitting.adopt, sitting.reason
+    assert following.adopt, following.reason
+    swinging = forecast({SLOW: (times, [fast if int(t) % 2 else 0.1 for t in times])}, {SLOW: fast}, now)
+    assert swinging.tau_s < 2.0
+    alone = decide(p, current, candidate, 60, forecast=swinging, **rule)
+    counted = decide(p, current, candidate, 60, forecast=swinging, reaction_s=2.5, **rule)
+    assert counted.gain_s - alone.gain_s < 0.25 * abs(following.gain_s - sitting.gain_s)
+
+
 def test_untried_links_are_judged_at_the_low_end_of_their_range() -> None:
     now = 100.0
     times = [now - 60 + 0.2 * i for i in range(300)]
