@@ -17,11 +17,14 @@ past:
 A plan serves ``1 / J`` requests a second per session when a request costs it ``J`` (by default its
 latency); over ``[a, b]`` the forecast expects ``P / J_now + (b - a - P) x mean_i 1 / J_i`` of them, with
 ``P = tau (exp(-a / tau) - exp(-b / tau))`` the present's share (``Forecast.served``). Each link's mean
-and spread (10th and 90th percentiles) over the window are reported with it.
+and spread (10th and 90th percentiles) over the window are reported with it, and for each snapshot how
+long the joint state it shows lasted (every link within ``RUN_TOLERANCE`` of its rate then): what a
+controller that reacts within seconds could have followed (``policies.replan``).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import math
@@ -35,6 +38,8 @@ MAX_TAU_S = 120.0
 # A history shorter than this many 1-second means says nothing about persistence or the past.
 MIN_SAMPLES = 10
 DEFAULT_TAU_S = 30.0
+# Rates within this relative distance are one state (the controller's own change bar).
+RUN_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class Forecast:
     links: Mapping[str, LinkOutlook]
     tau_s: float  # how long the present persists (the most volatile link's)
     snapshots: tuple[Mapping[str, float], ...] = ()  # joint past rates (link -> Mbit/s), oldest first
+    lasting_s: tuple[float, ...] = ()  # per snapshot: how long its joint state lasted (to now at most)
 
     def present_s(self, start_s: float, end_s: float) -> float:
         """How much of ``[start, end]`` today's rates are expected to hold."""
@@ -97,7 +103,7 @@ class Forecast:
             for link, o in self.links.items()
         }
         snapshots = tuple({k: min(v, low.get(k, v)) for k, v in s.items()} for s in self.snapshots)
-        return Forecast(outlooks, self.tau_s, snapshots)
+        return Forecast(outlooks, self.tau_s, snapshots, self.lasting_s)
 
     def now_mbit(self) -> dict[str, float]:
         return {link: o.now_mbit for link, o in self.links.items()}
@@ -148,7 +154,39 @@ def forecast(
     if not covered:
         return Forecast(outlooks, tau)
     picks = [since + window_s * (i + 0.5) / snapshots for i in range(snapshots)]
-    return Forecast(outlooks, tau, tuple(_snapshot(history, now_mbit, t) for t in picks))
+    snapshots = tuple(_snapshot(history, now_mbit, t) for t in picks)
+    lasting = tuple(_lasting_s(history, now_mbit, t, now_s) for t in picks)
+    return Forecast(outlooks, tau, snapshots, lasting)
+
+
+def _lasting_s(
+    history: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    now_mbit: Mapping[str, float],
+    t: float,
+    now_s: float,
+) -> float:
+    """How long the joint state at time ``t`` lasted: the shortest, over the links, of the run of samples
+    around ``t`` that stay within ``RUN_TOLERANCE`` of the rate at ``t`` (a run still going counts to
+    ``now_s``)."""
+    shortest = math.inf
+    for link, (times, rates) in history.items():
+        if link not in now_mbit or not times:
+            continue
+        k = max(0, bisect.bisect_right(times, t) - 1)
+        level = rates[k]
+
+        def same(rate: float, level: float = level) -> bool:
+            return abs(rate - level) <= RUN_TOLERANCE * max(abs(level), 1e-9)
+
+        lo = k
+        while lo > 0 and same(rates[lo - 1]):
+            lo -= 1
+        hi = k
+        while hi + 1 < len(rates) and same(rates[hi + 1]):
+            hi += 1
+        end = now_s if hi + 1 == len(rates) else times[hi + 1]
+        shortest = min(shortest, end - times[lo])
+    return shortest
 
 
 def _snapshot(

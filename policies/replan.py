@@ -11,12 +11,12 @@ The rule (docs/policies.md, "Re-planning"):
    seconds (``tau`` about a second) it is the plan's value over what the link has lately been doing, so a
    plan is neither chased into a dip nor held against the link's average. The gain, in session-seconds of
    the current plan's service, is ``(N_new - N_cur) x (H / N_cur) x sessions``.
-   The controller re-plans when the network changes again, within ``reaction_s``: in a past state that
-   lasts longer than that (a share ``exp(-reaction_s / tau)`` of them, ``tau`` the links' persistence)
-   either plan would be left for the better of the two, so each is valued there at the better one's
-   rate; only states too brief to follow count at the plan's own. A link that was down for most of the
-   last minute and is back then counts against a move back only by what the move risks, not as if the
-   plan would sit through the next outage (without ``reaction_s``: every past state at the plan's own).
+   The controller re-plans when the network changes again, within ``reaction_s``: of a past state that
+   lasted ``L`` (``Forecast.lasting_s``), the share ``1 - reaction_s / L`` after the reaction would be
+   served by the better of the two plans whichever is deployed, so each plan is valued there at that
+   rate; states too brief to follow count at the plan's own. A link that was down for most of the last
+   minute and is back then counts against a move back only by what the move risks, not as if the plan
+   would sit through the next outage (without ``reaction_s``: every past state at the plan's own).
 3. The candidate serves only once its new stages are ready (make-before-break: the current plan serves
    meanwhile): loading them into a warm server, starting one, or fetching weights a node's store lacks.
    The cost: every live session stalls once at the switch (a fixed ``switch_stall_s`` plus moving or
@@ -121,9 +121,9 @@ def decide(
     j_cur = weighted_objective(problem, cur_metrics)
     past_cur = _past_costs(problem, current.stages, fc)
     past_new = _past_costs(problem, candidate.stages, fc)
-    if reaction_s is not None:
-        followed = math.exp(-reaction_s / fc.tau_s)
-        past_cur, past_new = _followed(past_cur, past_new, followed), _followed(past_new, past_cur, followed)
+    if reaction_s is not None and fc.lasting_s:
+        shares = [max(0.0, 1.0 - reaction_s / lasted) for lasted in fc.lasting_s]
+        past_cur, past_new = _followed(past_cur, past_new, shares), _followed(past_new, past_cur, shares)
     # Until the new stages serve (make-before-break), the current plan does.
     ready = min(horizon_s, cost.weight_s)
     n_cur = fc.served(j_cur, past_cur, 0.0, horizon_s)
@@ -167,11 +167,11 @@ def _past_costs(problem: Problem, stages: Sequence[Stage], fc: Forecast) -> list
     return out
 
 
-def _followed(own: Sequence[float], other: Sequence[float], share: float) -> list[float]:
-    """Per past state, the cost per request of a plan that the controller leaves for ``other`` in a
-    ``share`` of such states (those lasting beyond its reaction) where ``other`` serves more."""
+def _followed(own: Sequence[float], other: Sequence[float], shares: Sequence[float]) -> list[float]:
+    """Per past state, the cost per request of a plan that the controller leaves for ``other``, where it
+    serves more, for the ``share`` of the state after the controller's reaction."""
     out = []
-    for mine, theirs in zip(own, other, strict=True):
+    for mine, theirs, share in zip(own, other, shares, strict=True):
         rate = _per_s(mine)
         blended = share * max(rate, _per_s(theirs)) + (1.0 - share) * rate
         out.append(1.0 / blended if blended > 0 else math.inf)
