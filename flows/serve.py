@@ -246,9 +246,13 @@ async def _serve_with_controller(
                 continue
             if evaluation is not None:
                 verdict = "adopt" if evaluation.adopt else "keep"
-                why = evaluation.decision.get("reason")
-                print(f"controller: {evaluation.reason}: {verdict} {evaluation.candidate} ({why}; "
-                      f"{evaluation.solve_s * 1e3:.0f} ms)", flush=True)  # fmt: skip
+                d = evaluation.decision
+                served = ""
+                if d.get("served_current") is not None:  # what the forecast valued (requests per session)
+                    served = (f"; serves {d['served_candidate']:.1f} vs {d['served_current']:.1f} requests, "
+                              f"present {d['lasting_s']:.0f} s of the horizon")  # fmt: skip
+                print(f"controller: {evaluation.reason}: {verdict} {evaluation.candidate} ({d.get('reason')}"
+                      f"{served}; {evaluation.solve_s * 1e3:.0f} ms)", flush=True)  # fmt: skip
 
     async with anyio.create_task_group() as group:
         group.start_soon(runner.start)

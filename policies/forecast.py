@@ -147,7 +147,7 @@ def forecast(
             mean_mbit=sum(ordered) / len(ordered),
             p10_mbit=ordered[int(0.1 * (len(ordered) - 1))],
             p90_mbit=ordered[int(0.9 * (len(ordered) - 1))],
-            tau_s=_persistence_s(series),
+            tau_s=_longest(_persistence_s(series), _mean_run_s(times, rates, since, now)),
         )
     known = [o.tau_s for o in outlooks.values() if o.tau_s is not None]
     tau = min(known) if known else DEFAULT_TAU_S
@@ -214,6 +214,33 @@ def _seconds(times: Sequence[float], rates: Sequence[float], since: float) -> li
         if t >= since:
             bins.setdefault(int(t), []).append(r)
     return [sum(bins[k]) / len(bins[k]) for k in sorted(bins)]
+
+
+def _longest(ar1_s: float | None, runs_s: float | None) -> float | None:
+    """A link's persistence by the estimator that sees it longer. They fail in opposite cases: the AR(1)
+    reading takes a fresh step of a piecewise-constant rate (a link that just came back) for noise (its
+    lag-1 correlation is near 0 at a change point: a few seconds), and the states' lengths take a rate
+    that wobbles by more than ``RUN_TOLERANCE`` every second for many short states."""
+    if ar1_s is None or runs_s is None:
+        return ar1_s
+    return min(MAX_TAU_S, max(ar1_s, runs_s))
+
+
+def _mean_run_s(times: Sequence[float], rates: Sequence[float], since: float, now: float) -> float | None:
+    """How long the link's states at today's rate lasted: the mean length of its runs of samples
+    within ``RUN_TOLERANCE`` of one level, at a level within that of ``now``, that ended within the
+    window (the first counted from the window's start). None when no such state ended there (a steady
+    link, or a rate not seen before)."""
+
+    def same(a: float, b: float) -> bool:
+        return abs(a - b) <= RUN_TOLERANCE * max(abs(b), 1e-9)
+
+    runs: list[tuple[float, float]] = []  # (start, level)
+    for t, r in zip(times, rates, strict=True):
+        if t >= since and (not runs or not same(r, runs[-1][1])):
+            runs.append((t, r))
+    lengths = [b[0] - a[0] for a, b in itertools.pairwise(runs) if same(a[1], now)]
+    return sum(lengths) / len(lengths) if lengths else None
 
 
 def _persistence_s(series: list[float]) -> float | None:
