@@ -173,16 +173,10 @@ def _lasting_s(
         if link not in now_mbit or not times:
             continue
         k = max(0, bisect.bisect_right(times, t) - 1)
-        level = rates[k]
-
-        def same(rate: float, level: float = level) -> bool:
-            return abs(rate - level) <= RUN_TOLERANCE * max(abs(level), 1e-9)
-
-        lo = k
-        while lo > 0 and same(rates[lo - 1]):
+        lo = hi = k
+        while lo > 0 and _same_state(rates[lo - 1], rates[k]):
             lo -= 1
-        hi = k
-        while hi + 1 < len(rates) and same(rates[hi + 1]):
+        while hi + 1 < len(rates) and _same_state(rates[hi + 1], rates[k]):
             hi += 1
         end = now_s if hi + 1 == len(rates) else times[hi + 1]
         shortest = min(shortest, end - times[lo])
@@ -216,6 +210,10 @@ def _seconds(times: Sequence[float], rates: Sequence[float], since: float) -> li
     return [sum(bins[k]) / len(bins[k]) for k in sorted(bins)]
 
 
+def _same_state(rate: float, level: float) -> bool:
+    return abs(rate - level) <= RUN_TOLERANCE * max(abs(level), 1e-9)
+
+
 def _longest(ar1_s: float | None, runs_s: float | None) -> float | None:
     """A link's persistence by the estimator that sees it longer. They fail in opposite cases: the AR(1)
     reading takes a fresh step of a piecewise-constant rate (a link that just came back) for noise (its
@@ -231,15 +229,11 @@ def _mean_run_s(times: Sequence[float], rates: Sequence[float], since: float, no
     within ``RUN_TOLERANCE`` of one level, at a level within that of ``now``, that ended within the
     window (the first counted from the window's start). None when no such state ended there (a steady
     link, or a rate not seen before)."""
-
-    def same(a: float, b: float) -> bool:
-        return abs(a - b) <= RUN_TOLERANCE * max(abs(b), 1e-9)
-
     runs: list[tuple[float, float]] = []  # (start, level)
     for t, r in zip(times, rates, strict=True):
-        if t >= since and (not runs or not same(r, runs[-1][1])):
+        if t >= since and (not runs or not _same_state(r, runs[-1][1])):
             runs.append((t, r))
-    lengths = [b[0] - a[0] for a, b in itertools.pairwise(runs) if same(a[1], now)]
+    lengths = [b[0] - a[0] for a, b in itertools.pairwise(runs) if _same_state(a[1], now)]
     return sum(lengths) / len(lengths) if lengths else None
 
 
