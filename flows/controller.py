@@ -53,6 +53,9 @@ from testbed.scenario import Scenario, load_scenario
 # A link rate or node load that moved by more than this (relative) since the last evaluation is a
 # change worth re-solving for; below it the tick only learns and records.
 CHANGE_RATIO = 0.1
+# A plan's prediction that moved by less than this is not a change whatever its ratio: a step's timing
+# on a shared host varies by about a millisecond (a 6 ms tiny-model step read 15-20 % apart, quiet).
+CHANGE_FLOOR_S = 0.002
 # The calibrated prediction of a plan is taken once the model has seen this many of its decode steps.
 CALIBRATED_AFTER_STEPS = 100
 # After a deployment changes, its transients (the switch, the old servers stopping, new standbys
@@ -386,9 +389,9 @@ class Controller:
         """What moved since the last evaluation beyond ``CHANGE_RATIO``; None if nothing did. The
         calibration drifting counts by what it does to the prediction of the plan serving and of the last
         evaluation's best candidate, beyond the least gain a move must show (``min_gain_ratio``, the
-        model's accuracy bound: a drift inside it is noise by the model's own standard). The
-        coefficients alone move with every noisy step: watched one by one, they asked for an
-        evaluation every other tick on the testbed."""
+        model's accuracy bound: a drift inside it is noise by the model's own standard) and by more
+        than ``CHANGE_FLOOR_S``. The coefficients alone move with every noisy step: watched one by one,
+        they asked for an evaluation every other tick on the testbed."""
         w = self._watch
         if state.revision != w.revision:
             return "new deployment"
@@ -405,7 +408,7 @@ class Controller:
         drift = self.config.min_gain_ratio
         for plan, before_s in w.predicted_s:
             now_s = _tpot_s(problem, plan)
-            if now_s is not None and abs(now_s / before_s - 1.0) > drift:
+            if now_s is not None and abs(now_s - before_s) > max(drift * before_s, CHANGE_FLOOR_S):
                 return f"model: {plan.layout()} predicted {before_s * 1e3:.1f} -> {now_s * 1e3:.1f} ms/token"
         return None
 
