@@ -72,8 +72,8 @@ class Forecast:
         if end_s <= start_s:
             return 0.0
         present = self.present_s(start_s, end_s)
-        now = _rate(cost_now_s)
-        past = sum(_rate(c) for c in past_costs_s) / len(past_costs_s) if past_costs_s else now
+        now = requests_per_s(cost_now_s)
+        past = sum(requests_per_s(c) for c in past_costs_s) / len(past_costs_s) if past_costs_s else now
         return present * now + (end_s - start_s - present) * past
 
     def typical_mbit(self) -> dict[str, float]:
@@ -116,7 +116,8 @@ class Forecast:
         }
 
 
-def _rate(cost_s: float) -> float:
+def requests_per_s(cost_s: float) -> float:
+    """Requests a second one session gets from a plan whose request costs ``cost_s`` (0: never served)."""
     return 0.0 if not math.isfinite(cost_s) or cost_s <= 0 else 1.0 / cost_s
 
 

@@ -40,7 +40,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from policies.analytic import node_times, predict, violations, weighted_objective
-from policies.forecast import Forecast, persistent
+from policies.forecast import Forecast, persistent, requests_per_s
 from policies.plan import Metrics, Plan, Stage
 from policies.problem import Problem
 from policies.routes import Routes, all_routes, transfer_s
@@ -172,14 +172,10 @@ def _followed(own: Sequence[float], other: Sequence[float], shares: Sequence[flo
     serves more, for the ``share`` of the state after the controller's reaction."""
     out = []
     for mine, theirs, share in zip(own, other, shares, strict=True):
-        rate = _per_s(mine)
-        blended = share * max(rate, _per_s(theirs)) + (1.0 - share) * rate
+        rate = requests_per_s(mine)
+        blended = share * max(rate, requests_per_s(theirs)) + (1.0 - share) * rate
         out.append(1.0 / blended if blended > 0 else math.inf)
     return out
-
-
-def _per_s(cost_s: float) -> float:
-    return 1.0 / cost_s if math.isfinite(cost_s) and cost_s > 0 else 0.0
 
 
 def _sessions(problem: Problem) -> float:
