@@ -37,6 +37,12 @@ _FALLBACK_SPEED_FLOPS = {"device": 2e9, "edge": 8e9, "mec": 8e9, "cloud": 16e9}
 PROCESS_OVERHEAD_BYTES = 300 * 1024 * 1024
 # The gateway on the source node: the interpreter, the tokenizer, the HTTP server (measured: 285 MiB).
 GATEWAY_BYTES = 300 * 1024 * 1024
+# The shared libraries (torch, transformers, Python) that a node's processes map from the image: file
+# pages counted once per node, but pages its memory limit must hold while they run (measured: RssFile of
+# a server before it touches its weights 110-121 MiB, of the gateway 89 MiB). Leaving them out had
+# SmolLM2's gateway + a stage with the head "fit" a 768 MiB camera with 6 MiB to spare; the kernel then
+# OOM-killed the camera's processes (smart city, 1572 tokens lost).
+NODE_LIBRARY_BYTES = 120 * 1024 * 1024
 # What every message between stages carries besides its tensors: the 16-byte frame prefix, the JSON
 # header (route, sampling, the hops' step telemetry: 400-450 B for a decode step, segments.protocol) and
 # the TCP/IP/Ethernet headers of its segments (66 B each; a decode step's ~2.8 KiB takes two).
@@ -85,20 +91,28 @@ def profile_nodes(
     *,
     max_age_s: float,
     refresh: Iterable[str] = (),
+    keep: Iterable[str] = (),
     progress: Progress = print,
     settings: Settings | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-node compute profiles, measured where the cached one is older than ``max_age_s`` (or the node
     is in ``refresh``, e.g. the node an overload event named). Nodes are profiled one at a time: emulated
-    nodes share the host's cores, and a request's pipeline computes on one node at a time too."""
+    nodes share the host's cores, and a request's pipeline computes on one node at a time too. A node in
+    ``keep`` (its memory cannot hold the profiler beside what it serves: ``profiler_fits``) keeps any
+    cached profile however old; the live calibration measures its compute meanwhile."""
     settings = settings or get_settings()
     cache_path = settings.run_dir / f"profiles-{backend.name}-{model}-{context}.json"
     cache: dict[str, dict[str, Any]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     now = time.time()
     refresh = set(refresh)
+    keep = {n for n in keep if n in cache}
     stale = sorted(
-        n for n in nodes if n in refresh or n not in cache or now - cache[n]["measured_at_s"] > max_age_s
+        n
+        for n in nodes
+        if n not in keep and (n in refresh or n not in cache or now - cache[n]["measured_at_s"] > max_age_s)
     )
+    for node in sorted(keep & set(nodes)):
+        progress(f"{node}: profile kept, its memory cannot hold the profiler beside what it serves")
 
     def one(node: str) -> dict[str, Any]:
         started = time.monotonic()
@@ -113,7 +127,7 @@ def profile_nodes(
         cache[node] = one(node)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cache_path.write_text(json.dumps(cache, sort_keys=True))
-    for node in sorted(set(nodes) - set(stale)):
+    for node in sorted(set(nodes) - set(stale) - keep):
         progress(f"{node}: cached profile, {now - cache[node]['measured_at_s']:.0f} s old")
     return {n: cache[n] for n in sorted(nodes)}
 
@@ -201,10 +215,13 @@ def build_problem(
             name=n.name,
             tier=n.tier,
             speed_flops=_FALLBACK_SPEED_FLOPS[n.tier],
-            # A segment process's own overhead, and on the source the gateway beside it.
+            # A segment process's own overhead and the node's libraries, and on the source the gateway.
             mem_bytes=max(
                 0,
-                n.mem_mb * 1024 * 1024 - PROCESS_OVERHEAD_BYTES - GATEWAY_BYTES * (n.name == scenario.source),
+                n.mem_mb * 1024 * 1024
+                - PROCESS_OVERHEAD_BYTES
+                - NODE_LIBRARY_BYTES
+                - GATEWAY_BYTES * (n.name == scenario.source),
             ),
             load=min(0.95, max(0.0, loads.get(n.name, 0.0))),
             trust=n.trust / 3,
@@ -293,7 +310,8 @@ def node_bytes(
 ) -> int:
     """What a node's processes hold in memory: each server's own overhead (the interpreter, torch,
     transformers, its sessions' KV) and, once, the weights of every layer any of them serves (servers map
-    them from the store, so a node's processes share those pages), plus the gateway on the source."""
+    them from the store, so a node's processes share those pages) and the libraries, plus the gateway on
+    the source."""
     spans = list(ranges)
     n = manifest["num_layers"]
     layers = sorted({layer for first, end in spans for layer in range(first, end)})
@@ -301,12 +319,28 @@ def node_bytes(
     weights += manifest["embed_weight_bytes"] if 0 in layers else 0
     weights += manifest["head_weight_bytes"] if n - 1 in layers else 0
     gateway = GATEWAY_BYTES if node == scenario.source else 0
-    return len(spans) * PROCESS_OVERHEAD_BYTES + weights + gateway
+    libraries = NODE_LIBRARY_BYTES if spans or gateway else 0
+    return len(spans) * PROCESS_OVERHEAD_BYTES + weights + gateway + libraries
+
+
+def profiler_fits(scenario: Scenario, node: str, manifest: dict[str, Any], state: DeploymentState) -> bool:
+    """Whether ``node``'s memory holds the compute profiler (``segments.profile``: one more process with
+    the embeddings, a layer and the head; peak RSS 544 MB measured for SmolLM2) beside the deployment's
+    servers and gateway there. Profiling in a node's container beside a gateway and a standby on a 768 MiB
+    camera OOM-killed them (smart city: 1572 tokens lost)."""
+    n = manifest["num_layers"]
+    running = [(e.first, e.end) for e in (*state.segments, *state.standbys) if e.node == node]
+    # Two spans for the profiler's parts, one process: take back the second span's overhead.
+    need = node_bytes(scenario, node, manifest, [*running, (0, 1), (n - 1, n)]) - PROCESS_OVERHEAD_BYTES
+    return need <= _mem_bytes(scenario, node)
+
+
+def _mem_bytes(scenario: Scenario, node: str) -> int:
+    return next(x for x in scenario.nodes if x.name == node).mem_mb * 1024 * 1024
 
 
 def _fits(scenario: Scenario, node: str, manifest: dict[str, Any], ranges: Iterable[tuple[int, int]]) -> bool:
-    spec = next(x for x in scenario.nodes if x.name == node)
-    return node_bytes(scenario, node, manifest, ranges) <= spec.mem_mb * 1024 * 1024
+    return node_bytes(scenario, node, manifest, ranges) <= _mem_bytes(scenario, node)
 
 
 def _serving(layout: list[tuple[str, int, int]], node: str) -> list[tuple[int, int]]:
@@ -341,7 +375,11 @@ def standby_span(
     costs little more than the process."""
     n = manifest["num_layers"]
     fallback = node == scenario.source and (node, 0, n) not in layout
-    if fallback and _fits(scenario, node, manifest, [*_serving(layout, node), (0, n)]):
+    # A standby maps its weights but touches none until it is claimed, and once claimed it serves the
+    # whole model alone (the stage it replaces stops): what must fit is the idle standby beside the
+    # node's stages, and the fallback by itself.
+    idle = [*_serving(layout, node), standby_range(n)]
+    if fallback and _fits(scenario, node, manifest, idle) and _fits(scenario, node, manifest, [(0, n)]):
         return (0, n)
     return standby_range(n)
 

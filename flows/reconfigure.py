@@ -43,13 +43,20 @@ def profile_nodes_task(
     model: str,
     refresh: list[str],
     max_age_s: float | None = None,
+    serving: DeploymentState | None = None,
 ) -> dict[str, dict[str, Any]]:
     scenario = load_scenario(Path(scenario_path))
     backend = backend_for(backend_name, scenario)
-    age = get_settings().flows.profile_max_age_s if max_age_s is None else max_age_s
+    settings = get_settings()
+    age = settings.flows.profile_max_age_s if max_age_s is None else max_age_s
+    alive = backend.alive_nodes()
+    keep = []
+    if serving is not None:  # the profiler runs in a node's container beside the deployment's processes
+        manifest = pipeline.read_manifest(settings, model)
+        keep = [n for n in alive if not pipeline.profiler_fits(scenario, n, manifest, serving)]
     return pipeline.profile_nodes(
-        backend, backend.alive_nodes(), model, scenario.workload.prompt_tokens,
-        max_age_s=age, refresh=refresh, progress=get_run_logger().info,
+        backend, alive, model, scenario.workload.prompt_tokens,
+        max_age_s=age, refresh=refresh, keep=keep, progress=get_run_logger().info,
     )  # fmt: skip
 
 
@@ -356,7 +363,7 @@ def reconfigure(
     _log(f"reconfigure: {reason} {resource or ''} {'' if bw_mbit is None else f'bw={bw_mbit} Mbit/s'}")
     # A node event invalidates that node's compute profile; a link event leaves compute profiles valid.
     refresh = [resource.removeprefix("mec.node.")] if resource and resource.startswith("mec.node.") else []
-    profiles = profile_nodes_task(current.backend, scenario, current.model, refresh)
+    profiles = profile_nodes_task(current.backend, scenario, current.model, refresh, serving=current)
     # A link event carries the rate the daemon just read back: that link takes it, the others keep a
     # recent probe. A node event re-probes that node's links only. A run without an event probes all.
     link_event = bool(resource and resource.startswith("mec.link.") and bw_mbit is not None)

@@ -51,6 +51,13 @@ def test_profiles_are_measured_then_cached_until_stale(backend: LocalBackend) ->
     )  # fmt: skip
     assert fresh["edge"]["measured_at_s"] > first["edge"]["measured_at_s"]
     assert fresh["device"]["measured_at_s"] == first["device"]["measured_at_s"]
+    # A node whose memory cannot hold the profiler keeps its profile, however old or asked to refresh.
+    kept = pipeline.profile_nodes(
+        LocalBackend(backend.scenario), ["device", "edge"], "llama-tiny", 8, max_age_s=0, refresh=["edge"],
+        keep=["edge"], progress=print,
+    )  # fmt: skip
+    assert kept["edge"]["measured_at_s"] == fresh["edge"]["measured_at_s"]
+    assert kept["device"]["measured_at_s"] > fresh["device"]["measured_at_s"]
 
 
 def test_problem_respects_trust_and_link_changes(backend: LocalBackend) -> None:

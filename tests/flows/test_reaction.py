@@ -14,7 +14,7 @@ from flows import pipeline
 from flows.measure import stream_completion
 from flows.reaction import medians
 from flows.runtime import LinkProbe, LocalBackend, standby_range
-from flows.state import Endpoint
+from flows.state import DeploymentState, Endpoint
 from mecsplit.process import pid_alive
 from mecsplit.settings import get_settings
 from policies import solve
@@ -68,25 +68,50 @@ def test_standbys_only_where_memory_holds_them() -> None:
     layout = [("device", 0, 2), ("edge", 2, 30)]
     assert pipeline.standby_nodes(scenario, alive, layout, SMOLLM2) == ["device", "cloud"]
     assert pipeline.standby_nodes(scenario, ["device", "edge"], layout, SMOLLM2) == ["device"]
-    # After the drop the device runs the whole model; one more process (sharing its weights) still fits,
-    # a second does not (deploy keeps the old split stage there as that one: retained_servers).
+    # After the drop the device runs the gateway and the whole model: with the libraries, one more
+    # process (1641 MiB in all) no longer fits its 1536 MiB.
     whole = [("device", 0, 30)]
-    assert pipeline.standby_nodes(scenario, alive, whole, SMOLLM2) == ["device", "edge", "cloud"]
-    assert not pipeline._fits(scenario, "device", SMOLLM2, [(0, 30), (0, 2), (15, 16)])
+    assert pipeline.standby_nodes(scenario, alive, whole, SMOLLM2) == ["edge", "cloud"]
+    assert not pipeline._fits(scenario, "device", SMOLLM2, [(0, 30), (0, 2)])
 
 
 def test_node_memory_counts_shared_weights_once() -> None:
     """Servers map their weights from the store: two servers of one node holding overlapping ranges cost
-    two processes and the union of their layers. So the device keeps its split stage beside the whole
-    model (the fallback of a collapsing link) and preloads the whole model beside the split stage."""
+    two processes and the union of their layers. A standby touches none of its weights until it is
+    claimed, and then the stage it replaces stops: the device preloads the whole model (the fallback of
+    a collapsing link) beside its split stage, though the two serving at once would not fit."""
     scenario = load_scenario(SCENARIOS / "default.yaml")
-    mib = 1024 * 1024
     both = pipeline.node_bytes(scenario, "device", SMOLLM2, [(0, 2), (0, 30)])
     whole = pipeline.node_bytes(scenario, "device", SMOLLM2, [(0, 30)])
     assert both - whole == pipeline.PROCESS_OVERHEAD_BYTES  # the split stage adds its process only
-    assert both <= 1536 * mib
+    assert both > 1536 * 1024 * 1024
     assert pipeline.standby_span(scenario, "device", [("device", 0, 2), ("edge", 2, 30)], SMOLLM2) == (0, 30)
     assert pipeline.standby_span(scenario, "edge", [("device", 0, 2), ("edge", 2, 30)], SMOLLM2) == (15, 16)
+
+
+def _state(segments: list[tuple[str, int, int]], standbys: list[tuple[str, int, int]]) -> DeploymentState:
+    def endpoint(node: str, first: int, end: int, port: int) -> Endpoint:
+        return Endpoint(node=node, first=first, end=end, host="10.0.0.1", port=port, handle=f"h{port}")
+
+    return DeploymentState(
+        scenario="scenarios/smart-city.yaml", model="smollm2-135m", backend="testbed", revision=1, plan={},
+        segments=tuple(endpoint(*s, 9000 + i) for i, s in enumerate(segments)),
+        standbys=tuple(endpoint(*s, 9100 + i) for i, s in enumerate(standbys)),
+        gateway_url="http://10.0.0.1:8000", gateway_handle="g", secret="s", updated_at_s=0.0,
+    )  # fmt: skip
+
+
+def test_the_profiler_runs_only_where_memory_holds_it_beside_the_deployment() -> None:
+    """Smart city, SmolLM2's sizes: the camera (768 MiB) with the gateway and a standby has no room for the
+    profiler's process and its embeddings and head (profiling there OOM-killed the gateway), nor with the
+    gateway alone; the pole has none beside a stage but has when it serves nothing; the MEC site has."""
+    scenario = load_scenario(SCENARIOS / "smart-city.yaml")
+    serving = _state([("pole", 0, 14), ("mec", 14, 30)], [("cam", 15, 16), ("cloud", 15, 16)])
+    fits = {n: pipeline.profiler_fits(scenario, n, SMOLLM2, serving) for n in ("cam", "pole", "mec", "cloud")}
+    assert fits == {"cam": False, "pole": False, "mec": True, "cloud": True}
+    bare = _state([("mec", 0, 30)], [])
+    assert pipeline.profiler_fits(scenario, "pole", SMOLLM2, bare)
+    assert not pipeline.profiler_fits(scenario, "cam", SMOLLM2, bare)
 
 
 class _CountingBackend(LocalBackend):
