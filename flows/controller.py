@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
@@ -49,6 +49,9 @@ from policies.plan import Plan
 from policies.problem import Problem
 from policies.routes import links_used
 from testbed.scenario import Scenario, load_scenario
+
+if TYPE_CHECKING:
+    from policies.replan import Decision
 
 # A link rate or node load that moved by more than this (relative) since the last evaluation is a
 # change worth re-solving for; below it the tick only learns and records.
@@ -468,7 +471,7 @@ class Controller:
         for plan in self._candidates(problem, fc):
             judged, judged_fc = self._judged(problem, fc, plan)
             decided = decide(judged, current, plan, self.config.horizon_s, forecast=judged_fc, **rule)
-            decisions.append((decided, plan))
+            decisions.append((_held_by_memory(decided, self.scenario, state, plan), plan))
         # The adopted candidate gaining most; none adopted: the one that came closest, for the record.
         decision, candidate = max(decisions, key=lambda d: (d[0].adopt, d[0].gain_s))
         plans = {p.layout(): p for p in (current, candidate)}.values()
@@ -494,6 +497,8 @@ class Controller:
                                    + str(decision.reason)}  # fmt: skip
         elif decision.adopt and candidate.layout() != current.layout():
             self.predictions.expect(candidate, decision.candidate.tpot_s, "decision", state.revision + 1)
+            prepared = _prepare_switch(self._http, state, candidate, evaluation.decision)
+            evaluation.decision["prepared"] = prepared
             self.runs_started += 1
             self.start_run({
                 "reason": f"controller: {reason}", "plan": candidate.model_dump(mode="json"),
@@ -502,6 +507,31 @@ class Controller:
                 "event_occurred": event.get("event_occurred"), "trigger": event.get("trigger") or {},
             })  # fmt: skip
         return evaluation
+
+
+def _prepare_switch(
+    http: httpx.Client, state: DeploymentState, plan: Plan, decision: dict[str, Any]
+) -> bool | str:
+    """Let the gateway prefill the sessions on the new chain while the run that deploys ``plan`` starts
+    (where that chain is known before the deploy: ``pipeline.foreseen_chain``). Returns whether it
+    prepares, or why it could not: the run then switches without, as before."""
+    chain = pipeline.foreseen_chain(state, pipeline.plan_layout(plan))
+    if chain is None:
+        return False
+    mode, recompute = pipeline.switch_of(decision)
+    try:
+        url = state.gateway_url
+        return pipeline.prepare_gateway_chain(http, url, chain, mode=mode, recompute_hops=recompute)
+    except httpx.HTTPError as exc:
+        return f"prepare failed: {exc}"
+
+
+def _held_by_memory(decision: Decision, scenario: Scenario, state: DeploymentState, plan: Plan) -> Decision:
+    """``decision``, not adopted where a node's memory cannot hold the move while it happens."""
+    full = pipeline.transition_overflow(scenario, state, pipeline.plan_layout(plan))
+    if not decision.adopt or not full:
+        return decision
+    return decision.model_copy(update={"adopt": False, "reason": f"the move does not fit: {'; '.join(full)}"})
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

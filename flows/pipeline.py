@@ -335,6 +335,33 @@ def profiler_fits(scenario: Scenario, node: str, manifest: dict[str, Any], state
     return need <= _mem_bytes(scenario, node)
 
 
+def transition_overflow(
+    scenario: Scenario, current: DeploymentState, layout: list[tuple[str, int, int]]
+) -> list[str]:
+    """The nodes whose memory cannot hold a move to ``layout`` while it happens, each with what it would
+    run. Make-before-break: a node's old servers serve on until the gateway has switched, so a new stage
+    on that node starts beside them (in its standby, if it has one, else in a new process). For the
+    seconds of a switch the kernel can drop and re-read the clean file pages of the processes (weights,
+    libraries), not their own memory: the move fits if that does. On the smart-city camera a new stage
+    started beside the gateway and the old stage (three processes, 768 MiB) OOM-killed them."""
+    full = []
+    for node in sorted({n for n, _, _ in layout}):
+        old = [(e.first, e.end) for e in current.segments if e.node == node]
+        new = [(f, e) for n, f, e in layout if n == node and (f, e) not in old]
+        if not new:
+            continue
+        standbys = sum(e.node == node for e in current.standbys)
+        processes = len(old) + max(len(new), standbys)  # a standby claimed for a new stage becomes it
+        need = processes * PROCESS_OVERHEAD_BYTES + GATEWAY_BYTES * (node == scenario.source)
+        if need > _mem_bytes(scenario, node):
+            gateway = " and the gateway" if node == scenario.source else ""
+            full.append(
+                f"{node} would run {processes} servers{gateway} at once "
+                f"({need >> 20} MiB of its own memory, {_mem_bytes(scenario, node) >> 20} MiB)"
+            )
+    return full
+
+
 def _mem_bytes(scenario: Scenario, node: str) -> int:
     return next(x for x in scenario.nodes if x.name == node).mem_mb * 1024 * 1024
 
@@ -375,13 +402,24 @@ def standby_span(
     costs little more than the process."""
     n = manifest["num_layers"]
     fallback = node == scenario.source and (node, 0, n) not in layout
-    # A standby maps its weights but touches none until it is claimed, and once claimed it serves the
-    # whole model alone (the stage it replaces stops): what must fit is the idle standby beside the
-    # node's stages, and the fallback by itself.
-    idle = [*_serving(layout, node), standby_range(n)]
-    if fallback and _fits(scenario, node, manifest, idle) and _fits(scenario, node, manifest, [(0, n)]):
+    if fallback and _idle_fits(scenario, node, manifest, layout, (0, n)):
         return (0, n)
     return standby_range(n)
+
+
+def _idle_fits(
+    scenario: Scenario,
+    node: str,
+    manifest: dict[str, Any],
+    layout: list[tuple[str, int, int]],
+    span: tuple[int, int],
+) -> bool:
+    """Whether ``node`` holds an idle server of ``span`` beside its stages. An idle server's weights are
+    clean file pages it does not touch (a standby's never were; a retained server's the kernel drops
+    under pressure), and once it is claimed the stage it replaces stops: what must fit is its process
+    beside the node's stages, and ``span`` by itself."""
+    idle = [*_serving(layout, node), standby_range(manifest["num_layers"])]
+    return _fits(scenario, node, manifest, idle) and _fits(scenario, node, manifest, [span])
 
 
 def weight_bytes(manifest: dict[str, Any], first: int, end: int) -> int:
@@ -399,10 +437,11 @@ def retained_servers(
     spare: dict[str, Endpoint],
 ) -> dict[str, Endpoint]:
     """Old servers kept running, idle, as their node's standby (at most one per node) where the node's
-    memory holds them beside its new stages: moving back to a plan that used them (a link that recovers,
-    a load that ends) then costs a switch, not a cold start of the process and its layers (29 s on the
-    default scenario's edge; on a source at its CPU quota a fresh standby's boot would also eat the quota
-    its serving stage needs). Among a node's old servers the one holding the most layers is kept."""
+    memory holds them idle beside its new stages (``_idle_fits``): moving back to a plan that used them
+    (a link that recovers, a load that ends) then costs a switch, not a cold start of the process and its
+    layers (29 s on the default scenario's edge; on a source at its CPU quota a fresh standby's boot would
+    also eat the quota its serving stage needs). Among a node's old servers the one holding the most
+    layers is kept."""
     alive = set(alive)
     by_node: dict[str, Endpoint] = {}
     for endpoint in replaced:
@@ -412,7 +451,7 @@ def retained_servers(
     return {
         node: endpoint
         for node, endpoint in by_node.items()
-        if _fits(scenario, node, manifest, [*_serving(layout, node), (endpoint.first, endpoint.end)])
+        if _idle_fits(scenario, node, manifest, layout, (endpoint.first, endpoint.end))
     }
 
 
@@ -787,6 +826,35 @@ def chain_health(gateway_url: str) -> tuple[bool, str]:
     if response.status_code == 200:
         return True, "all hops answer"
     return False, str(response.json().get("error", response.text))
+
+
+def switch_of(decision: dict[str, Any]) -> tuple[str, int]:
+    """How the decision priced the sessions' move cheapest: (gateway switch mode, stages recomputed)."""
+    cost = decision.get("cost", {})
+    if cost.get("kv_mode") == "recompute":
+        return "replay", 0
+    return "push", int(cost.get("recompute_stages", 0))
+
+
+def foreseen_chain(state: DeploymentState, layout: list[tuple[str, int, int]]) -> dict[str, Any] | None:
+    """The gateway chain a deploy of ``layout`` will switch to, where it is known before the deploy:
+    every stage is served by the server serving it now or by its node's standby already holding its
+    range (the source's whole-model fallback). None where a stage needs a load or a new server."""
+    servers = {(e.node, e.first, e.end): e for e in (*state.standbys, *state.segments)}  # serving first
+    if any(stage not in servers for stage in layout):
+        return None
+    return chain_dict(state.model, [servers[stage] for stage in layout])
+
+
+def prepare_gateway_chain(
+    client: httpx.Client, gateway_url: str, chain: dict[str, Any], *, mode: str, recompute_hops: int
+) -> bool:
+    """Have the gateway open ``chain`` and prefill its live sessions there ahead of the switch a deploy
+    will make (``/admin/prepare``: it returns at once). Returns whether it is preparing."""
+    body = {"chain": chain, "mode": mode, "recompute_hops": recompute_hops}
+    response = client.post(f"{gateway_url}/admin/prepare", json=body, timeout=2.0)
+    response.raise_for_status()
+    return bool(response.json().get("preparing"))
 
 
 def set_gateway_chain(

@@ -199,16 +199,8 @@ def check_chain_task(gateway_url: str) -> tuple[bool, str]:
     return healthy, detail
 
 
-def _switch_mode(decision: dict[str, Any]) -> tuple[str, int]:
-    """How the decision priced the sessions' move cheapest: (gateway switch mode, stages recomputed)."""
-    cost = decision.get("cost", {})
-    if cost.get("kv_mode") == "recompute":
-        return "replay", 0
-    return "push", int(cost.get("recompute_stages", 0))
-
-
 def _chosen_switch(decision: dict[str, Any], switch_mode: str) -> tuple[str, int]:
-    return _switch_mode(decision) if switch_mode == "auto" else (switch_mode, 0)
+    return pipeline.switch_of(decision) if switch_mode == "auto" else (switch_mode, 0)
 
 
 def _epoch_s(value: Any) -> float | None:
@@ -379,6 +371,9 @@ def reconfigure(
     before = _plan_of(current)
     deployed: dict[str, Any] | None = None
     planned = None if failover_only else decide_task(problem, before, candidate, horizon_s)
+    full = pipeline.transition_overflow(sc, current, pipeline.plan_layout(candidate))
+    if planned is not None and planned["adopt"] and full:
+        planned = {**planned, "adopt": False, "reason": f"the move does not fit: {'; '.join(full)}"}
     if _adopts_by_replay(planned, before, candidate, switch_mode):
         # Replay rebuilds every session from its token history, which a broken chain needs too: the
         # chain's health (a round trip over the degraded link, seconds when it is collapsed) changes

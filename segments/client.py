@@ -27,7 +27,7 @@ import json
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -152,6 +152,10 @@ class SwitchReport:
     connect_s: float  # opening the new chain
     move_s: float  # moving or recomputing every session's KV
     stall_s: float
+    # Tokens of history recomputed on the new chain before the gate closed, while the sessions still ran
+    # on the old one (``prefill_s``): the stall then recomputes only the tokens added since.
+    tokens_prefilled: int = 0
+    prefill_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
@@ -252,6 +256,23 @@ class Link:
                 await self._task
 
 
+# A preparation older than this is not used: the switch it was for did not come (the flow run failed or
+# another decision came first), and the sessions' histories on its hops are stale.
+AHEAD_TTL_S = 10.0
+
+
+@dataclass
+class _Ahead:
+    """A chain opened and prefilled ahead of a switch (``AsyncChainClient.prepare``)."""
+
+    chain: Chain
+    recompute: int
+    at_s: float  # time.monotonic() of the preparation
+    links: list[Link] = field(default_factory=list)
+    prefilled: dict[str, int] = field(default_factory=dict)  # session id -> tokens of KV on the prefix
+    task: asyncio.Task[None] | None = None
+
+
 class AsyncChainClient:
     def __init__(
         self,
@@ -285,6 +306,8 @@ class AsyncChainClient:
         self.recoveries: list[Recovery] = []
         # Old chains still freeing the moved sessions' KV after a switch (see ``_retire``).
         self._retiring: set[asyncio.Task[None]] = set()
+        # A chain opened and prefilled ahead of a switch to it (see ``prepare``).
+        self._ahead: _Ahead | None = None
         # Every generated token's step, traced hop by hop (read by the gateway's /admin/telemetry).
         self.telemetry = Telemetry()
 
@@ -321,6 +344,9 @@ class AsyncChainClient:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        if self._ahead is not None:
+            await self._discard(self._ahead)
+            self._ahead = None
         for link in self.links:
             await link.close()
         self.links = []
@@ -536,7 +562,7 @@ class AsyncChainClient:
 
     async def switch(
         self,
-        sessions: Session | Sequence[Session],
+        sessions: Session | Iterable[Session],
         new_chain: Chain,
         mode: SwitchMode = "kv",
         drop_old: bool = True,
@@ -553,39 +579,52 @@ class AsyncChainClient:
 
         Steps in flight finish first; those still running after ``abandon_after_s`` (or at once, when the old
         chain is broken) are abandoned and, with failure recovery on, retried on the new chain.
+
+        Where no recomputed hop belongs to the old chain, the history each session has so far is prefilled
+        on the new chain before the gate closes, while the sessions still step on the old one: the stall
+        then recomputes only the tokens added since (on a collapsed link the old chain's steps take
+        seconds, and a whole-model prefill of the history on a small device most of a second).
+        ``sessions`` may be a live view (a dict's values): it is read again when the gate has closed, so a
+        session that started meanwhile moves too.
         """
-        if new_chain.num_layers != self.chain.num_layers:
-            raise LayerRangeError(
-                f"the new chain covers {new_chain.num_layers} layers, the old {self.chain.num_layers}"
-            )
-        if mode not in ("kv", "push", "replay"):
-            raise ValueError(f"unknown switch mode {mode!r}; use kv, push or replay")
-        hops = len(new_chain.hops)
-        recompute = hops if mode == "replay" else recompute_hops
-        if not 0 <= recompute <= hops:
-            raise ValueError(f"recompute_hops must lie in 0..{hops}, got {recompute_hops}")
-        if self.broken is not None and recompute < hops:
-            raise ChainError(f"the old chain is broken ({self.broken}): its KV is lost, switch by replay")
+        recompute = self._recomputed_hops(new_chain, mode, recompute_hops)
         assert self._open_gate is not None and self._idle is not None, "connect() first"
-        moving = [sessions] if isinstance(sessions, Session) else list(sessions)
-        t0 = time.perf_counter()
+
+        def current() -> list[Session]:
+            return [sessions] if isinstance(sessions, Session) else list(sessions)
+
         # An earlier switch's old chain must have dropped its copies before sessions move again: a session
         # moving back there would otherwise be dropped after its import.
         for task in list(self._retiring):
             with contextlib.suppress(Exception):
                 await task
+        t_open = time.perf_counter()
+        early = self._prefills(new_chain, recompute)
+        ahead = await self._take_ahead(new_chain, recompute, early)
+        new_links = ahead.links if ahead is not None else await self._open(new_chain)
+        prefilled = ahead.prefilled if ahead is not None else {}
+        t_prefill = time.perf_counter()
+        try:
+            if early:  # what the sessions added since the preparation, or all of it
+                await self._prefill(current(), new_links[:recompute], prefilled)
+        except BaseException:
+            for link in new_links:
+                await link.close()
+            raise
+        t0 = time.perf_counter()
         # Close the gate, let the steps in flight finish: every session now sits between two tokens.
         self._open_gate.clear()
         try:
             abandoned = await self._settle(abandon_after_s)
             t_wait = time.perf_counter()
-            new_links = await self._open(new_chain)
-            t_connect = time.perf_counter()
+            moving = current()
             old_links = self.links
             moved_bytes = recomputed = 0
             try:
                 for session in moving:
-                    nbytes, ntokens = await self._move(session, mode, recompute, old_links, new_links)
+                    nbytes, ntokens = await self._move(
+                        session, mode, recompute, old_links, new_links, prefilled.get(session.id, 0)
+                    )
                     moved_bytes += nbytes
                     recomputed += ntokens
             except BaseException:
@@ -604,29 +643,137 @@ class AsyncChainClient:
         # The sessions already run on the new chain: freeing their KV on the old hops (round trips over
         # what may be a degraded link) goes on in the background, neither stalling them nor the caller.
         leaving = [link for link in old_links if link.hop not in new_chain.hops]
-        retire = asyncio.create_task(self._retire(old_links, leaving, moving if drop_old else [], broken))
+        # A session that ended while it was prefilled left its KV on the new hops.
+        ended = [Session(id=sid) for sid in prefilled.keys() - {x.id for x in moving}]
+        retire = asyncio.create_task(
+            self._retire(old_links, leaving, moving if drop_old else [], broken, new_links[:recompute], ended)
+        )
         self._retiring.add(retire)
         retire.add_done_callback(self._retiring.discard)
         return SwitchReport(
             mode=mode,
             recompute_hops=recompute,
-            hops=hops,
+            hops=len(new_chain.hops),
             sessions=len(moving),
             kv_bytes_moved=moved_bytes,
             tokens_recomputed=recomputed,
             abandoned_steps=abandoned,
             wait_s=t_wait - t0,
-            connect_s=t_connect - t_wait,
-            move_s=t_moved - t_connect,
+            connect_s=t_prefill - t_open,
+            move_s=t_moved - t_wait,
             stall_s=stall_s,
+            tokens_prefilled=sum(prefilled.values()),
+            prefill_s=t0 - t_prefill,
         )
 
-    async def _retire(
-        self, old_links: list[Link], leaving: list[Link], sessions: list[Session], broken: str | None
+    def _recomputed_hops(self, new_chain: Chain, mode: SwitchMode, recompute_hops: int) -> int:
+        if new_chain.num_layers != self.chain.num_layers:
+            raise LayerRangeError(
+                f"the new chain covers {new_chain.num_layers} layers, the old {self.chain.num_layers}"
+            )
+        if mode not in ("kv", "push", "replay"):
+            raise ValueError(f"unknown switch mode {mode!r}; use kv, push or replay")
+        hops = len(new_chain.hops)
+        recompute = hops if mode == "replay" else recompute_hops
+        if not 0 <= recompute <= hops:
+            raise ValueError(f"recompute_hops must lie in 0..{hops}, got {recompute_hops}")
+        if self.broken is not None and recompute < hops:
+            raise ChainError(f"the old chain is broken ({self.broken}): its KV is lost, switch by replay")
+        return recompute
+
+    def _prefills(self, new_chain: Chain, recompute: int) -> bool:
+        """Whether the sessions' history can be recomputed on the new chain before the gate closes: only
+        on hops the old chain does not use (a shared one holds the session's KV, which the old chain's
+        steps still extend), and not off a broken chain (its steps stall until the switch anyway)."""
+        old_hops = {link.hop for link in self.links}
+        return recompute > 0 and self.broken is None and not old_hops & set(new_chain.hops[:recompute])
+
+    async def _prefill(self, sessions: list[Session], links: list[Link], done: dict[str, int]) -> None:
+        """Recompute each session's history so far on ``links`` (the new chain's recomputed prefix, which
+        the old chain does not use) while the old chain serves on; ``done`` holds, and is updated with,
+        how many tokens each session's KV there covers."""
+        for session in sessions:
+            # Recorded before the forward: a preparation cancelled during it still drops what it reached.
+            start = done.setdefault(session.id, 0)
+            done[session.id] = start + await self._recompute(session, links, start)
+
+    async def prepare(
+        self,
+        sessions: Iterable[Session],
+        new_chain: Chain,
+        mode: SwitchMode = "replay",
+        recompute_hops: int = 0,
     ) -> None:
-        """Drop the moved sessions on the old hops that leave (a hop both chains share keeps them), then
-        close the old links. A broken chain's hops may hang: they get little time."""
+        """Get ready for a ``switch(sessions, new_chain, mode, recompute_hops=...)`` that is coming: open
+        the new chain and prefill each session's history so far on its recomputed hops, in the background,
+        while the sessions step on the old chain. The switch then only tops the history up (on the demo's
+        collapsed link the controller prepares when it decides, and the flow run that deploys the plan
+        switches about half a second later). Preparing another chain discards this one; a preparation
+        unused after ``AHEAD_TTL_S`` is discarded by the next switch."""
+        recompute = self._recomputed_hops(new_chain, mode, recompute_hops)
+        if self._ahead is not None:
+            stale, self._ahead = self._ahead, None
+            await self._discard(stale)
+        if not self._prefills(new_chain, recompute):
+            return
+        ahead = _Ahead(new_chain, recompute, time.monotonic())
+        ahead.task = asyncio.create_task(self._fill(ahead, list(sessions)))
+        self._ahead = ahead
+
+    def preparing(self, chain: Chain) -> bool:
+        """Whether a preparation for ``chain`` is held (running or done)."""
+        return self._ahead is not None and self._ahead.chain == chain
+
+    async def _fill(self, ahead: _Ahead, sessions: list[Session]) -> None:
+        ahead.links = await self._open(ahead.chain)
+        await self._prefill(sessions, ahead.links[: ahead.recompute], ahead.prefilled)
+
+    async def _take_ahead(self, new_chain: Chain, recompute: int, usable: bool) -> _Ahead | None:
+        """The preparation for this switch, finished; None (and any other discarded) where there is none,
+        it is for another chain, too old, failed, or not ``usable`` (the old chain now shares a hop with
+        the recomputed prefix)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        fits = usable and ahead.chain == new_chain and ahead.recompute == recompute
+        if fits and time.monotonic() - ahead.at_s <= AHEAD_TTL_S:
+            assert ahead.task is not None
+            with contextlib.suppress(Exception):
+                await ahead.task
+                return ahead
+        await self._discard(ahead)
+        return None
+
+    async def _discard(self, ahead: _Ahead) -> None:
+        """Forget a preparation: its prefilled sessions dropped on its hops, its links closed. Waited for,
+        not left to the background: the switch that follows may prefill the same sessions on the same
+        servers, and a late drop would erase them there."""
+        assert ahead.task is not None
+        ahead.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await ahead.task
         try:
+            for sid in ahead.prefilled:
+                await self._drop_on(ahead.links, Session(id=sid), 2.0)
+        finally:
+            for link in ahead.links:
+                await link.close()
+
+    async def _retire(
+        self,
+        old_links: list[Link],
+        leaving: list[Link],
+        sessions: list[Session],
+        broken: str | None,
+        new_links: Sequence[Link] = (),
+        ended: Sequence[Session] = (),
+    ) -> None:
+        """Drop the moved sessions on the old hops that leave (a hop both chains share keeps them), and the
+        ``ended`` ones on ``new_links``, then close the old links. A broken chain's hops may hang: they get
+        little time."""
+        try:
+            for session in ended:
+                await self._drop_on(list(new_links), session, 10.0)
             for session in sessions:
                 await self._drop_on(leaving, session, 2.0 if broken else 10.0)
         finally:
@@ -656,7 +803,13 @@ class AsyncChainClient:
         done.set()
 
     async def _move(
-        self, session: Session, mode: SwitchMode, recompute: int, old: list[Link], new: list[Link]
+        self,
+        session: Session,
+        mode: SwitchMode,
+        recompute: int,
+        old: list[Link],
+        new: list[Link],
+        prefilled: int = 0,
     ) -> tuple[int, int]:
         """Bring one session onto ``new``; returns (KV bytes moved, tokens recomputed).
 
@@ -664,14 +817,16 @@ class AsyncChainClient:
         nothing, unless it lies in the recomputed prefix, where it forgets the session and recomputes too.
         It forgets it even when the client counts no tokens yet: an abandoned or failed first step may
         have reached that hop, which then holds the prompt's KV that the client never saw confirmed.
+        ``prefilled``: the tokens of history the recomputed prefix already holds (``_prefill``).
         """
         kept = {link.hop for link in old}
         recomputed = 0
         if recompute:
             for link in new[:recompute]:
-                if link.hop in kept:
+                if link.hop in kept or prefilled > session.kv_length:
                     await self._control_link(link, "drop", session=session.id)
-            recomputed = await self._recompute(session, new[:recompute])
+            prefilled = 0 if prefilled > session.kv_length else prefilled
+            recomputed = await self._recompute(session, new[:recompute], prefilled)
         rest = [link for link in new[recompute:] if link.hop not in kept]
         if not rest or session.kv_length == 0:
             return 0, recomputed
@@ -721,15 +876,17 @@ class AsyncChainClient:
                     moved += int(result.get("bytes", 0))
         return moved
 
-    async def _recompute(self, session: Session, links: list[Link]) -> int:
-        """Prefill the session's history through ``links`` (a prefix of the new chain) to rebuild their KV."""
+    async def _recompute(self, session: Session, links: list[Link], start: int = 0) -> int:
+        """Prefill the session's history from ``start`` through ``links`` (a prefix of the new chain, which
+        holds its first ``start`` tokens already) to rebuild their KV; returns the tokens recomputed."""
         import torch
 
-        if session.kv_length == 0:
+        end = session.kv_length
+        if end <= start:
             return 0
-        history = torch.tensor([session.tokens[: session.kv_length]], dtype=torch.int64)
-        await self._forward(links, session.id, history, 0, None, None, "none", discard_output=True)
-        return session.kv_length
+        history = torch.tensor([session.tokens[start:end]], dtype=torch.int64)
+        await self._forward(links, session.id, history, start, None, None, "none", discard_output=True)
+        return end - start
 
 
 class ChainClient:

@@ -84,16 +84,24 @@ class Gateway:
 
     async def switch(self, chain: Chain, mode: SwitchMode = "kv", recompute_hops: int = 0) -> dict[str, Any]:
         t0 = time.perf_counter()
-        sessions = list(self.live.values())
         if self.client.broken is not None:
             mode = "replay"  # a dead hop's KV is gone: the history is all that is left to rebuild from
         # Replay rebuilds everything from the history, so a step still running on the old chain can as
         # well be retried on the new one; a KV move needs every step finished.
         abandon = self.abandon_after_s if mode == "replay" else None
+        # The live view: a session that starts while the new chain is prefilled moves too.
         report = await self.client.switch(
-            sessions, chain, mode, recompute_hops=recompute_hops, abandon_after_s=abandon
+            self.live.values(), chain, mode, recompute_hops=recompute_hops, abandon_after_s=abandon
         )
         return {**report.to_dict(), "t_s": round(time.perf_counter() - t0, 4)}
+
+    async def prepare(
+        self, chain: Chain, mode: SwitchMode = "replay", recompute_hops: int = 0
+    ) -> dict[str, Any]:
+        """Open ``chain`` and prefill the live sessions' histories on it in the background, ahead of a
+        switch to it with the same mode (``AsyncChainClient.prepare``); returns at once."""
+        await self.client.prepare(self.live.values(), chain, mode, recompute_hops)
+        return {"preparing": self.client.preparing(chain), "live_sessions": len(self.live)}
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
@@ -273,6 +281,18 @@ def create_app(gateway: Gateway) -> FastAPI:
             return _error(400, f"bad chain: {exc}", param="chain")
         except (ChainError, RemoteError) as exc:
             return _error(503, f"switch failed, the old chain stays: {exc}", "server_error")
+
+    @app.post("/admin/prepare")
+    async def prepare_chain(request: Request) -> Any:
+        body = await request.json()
+        try:
+            chain = Chain.from_dict(body["chain"])
+            mode, recompute = body.get("mode", "replay"), int(body.get("recompute_hops", 0))
+            return await gateway.prepare(chain, mode, recompute)
+        except (KeyError, TypeError, ValueError, SegmentError) as exc:
+            return _error(400, f"bad chain: {exc}", param="chain")
+        except ChainError as exc:
+            return _error(409, f"cannot prepare: {exc}", "server_error")
 
     async def _run(request: Request, chat: bool) -> Any:
         try:

@@ -85,6 +85,16 @@ def test_node_memory_counts_shared_weights_once() -> None:
     whole = pipeline.node_bytes(scenario, "device", SMOLLM2, [(0, 30)])
     assert both - whole == pipeline.PROCESS_OVERHEAD_BYTES  # the split stage adds its process only
     assert both > 1536 * 1024 * 1024
+    # So after the drop the old split stage is not kept beside the whole model; after the recovery the
+    # whole-model server is, idle, as the next drop's fallback.
+    alive = ["device", "edge", "cloud"]
+    split, whole = _state([("device", 0, 2), ("edge", 2, 30)], []), _state([("device", 0, 30)], [])
+    after_drop = pipeline.retained_servers(scenario, alive, [("device", 0, 30)], SMOLLM2, split.segments, {})
+    assert after_drop == {"edge": split.segments[1]}
+    after_recovery = pipeline.retained_servers(
+        scenario, alive, [("device", 0, 2), ("edge", 2, 30)], SMOLLM2, whole.segments, {}
+    )
+    assert after_recovery == {"device": whole.segments[0]}
     assert pipeline.standby_span(scenario, "device", [("device", 0, 2), ("edge", 2, 30)], SMOLLM2) == (0, 30)
     assert pipeline.standby_span(scenario, "edge", [("device", 0, 2), ("edge", 2, 30)], SMOLLM2) == (15, 16)
 
@@ -112,6 +122,34 @@ def test_the_profiler_runs_only_where_memory_holds_it_beside_the_deployment() ->
     bare = _state([("mec", 0, 30)], [])
     assert pipeline.profiler_fits(scenario, "pole", SMOLLM2, bare)
     assert not pipeline.profiler_fits(scenario, "cam", SMOLLM2, bare)
+
+
+def test_a_move_fits_only_if_old_and_new_servers_fit_together() -> None:
+    """Make-before-break on smart city: the camera (768 MiB) cannot start a new stage beside the gateway
+    and an old stage (three processes: the OOM of the smart-city run); the pole can start one beside its
+    old one; a standby takes its new stage and adds no process."""
+    scenario = load_scenario(SCENARIOS / "smart-city.yaml")
+    serving = _state([("pole", 0, 26), ("cam", 26, 30)], [("cloud", 15, 16)])
+    full = pipeline.transition_overflow(scenario, serving, [("cam", 0, 2), ("mec", 2, 30)])
+    assert full == ["cam would run 2 servers and the gateway at once (900 MiB of its own memory, 768 MiB)"]
+    for fits in ([("pole", 0, 14), ("mec", 14, 30)], [("pole", 0, 26), ("cloud", 26, 30)]):
+        assert pipeline.transition_overflow(scenario, serving, fits) == []
+
+
+def test_the_chain_of_a_move_is_foreseen_only_where_no_stage_needs_a_load() -> None:
+    """Default scenario after a decision: the device's whole-model standby serves the fallback as it is,
+    so the gateway can prepare that chain; a stage that needs a range loaded or a new server cannot."""
+    serving = _state([("device", 0, 5), ("edge", 5, 30)], [("device", 0, 30), ("cloud", 15, 16)])
+    chain = pipeline.foreseen_chain(serving, [("device", 0, 30)])
+    assert chain == {
+        "model": "smollm2-135m",
+        "hops": [{"host": "10.0.0.1", "port": 9100, "first": 0, "end": 30}],
+    }
+    kept = pipeline.foreseen_chain(serving, [("device", 0, 5), ("edge", 5, 30)])
+    assert kept is not None and [h["port"] for h in kept["hops"]] == [9000, 9001]
+    assert pipeline.foreseen_chain(serving, [("device", 0, 5), ("cloud", 5, 30)]) is None
+    assert pipeline.switch_of({"cost": {"kv_mode": "recompute"}}) == ("replay", 0)
+    assert pipeline.switch_of({"cost": {"kv_mode": "move", "recompute_stages": 1}}) == ("push", 1)
 
 
 class _CountingBackend(LocalBackend):

@@ -139,6 +139,47 @@ def test_switch_between_tokens_keeps_the_tokens(
     assert len(asyncio.run(scenario())) == 4
 
 
+def test_a_prepared_switch_only_tops_the_history_up(
+    wire_store: Path, chains: tuple[LocalChain, LocalChain]
+) -> None:
+    """The controller prepares the chain it decided on; the switch that comes then recomputes only what
+    the session added since, before the gate closes (nothing in the stall). A preparation for a chain
+    the switch does not go to is discarded; one onto hops the old chain uses is refused."""
+    a, b = chains
+    tokenizer = load_tokenizer(wire_store, MODEL)
+    ids = tokenizer.encode("Split inference on edge nodes")
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3)
+
+    async def scenario() -> None:
+        gateway = Gateway(a.chain, a.secret(), tokenizer, MODEL)
+        await gateway.start()
+        try:
+            want = "".join([d async for d, _ in gateway.stream(ids, 12, params, [], {})])
+            assert (await gateway.prepare(a.chain, "replay"))["preparing"] is False  # the serving chain
+            got, n, report = "", 0, {}
+            async for delta, _ in gateway.stream(ids, 12, params, [], {}):
+                got, n = got + delta, n + 1
+                if n == 3:
+                    assert (await gateway.prepare(b.chain, "replay"))["preparing"] is True
+                if n == 6:
+                    report = await gateway.switch(b.chain, "replay")
+            assert got == want
+            assert (report["tokens_prefilled"], report["tokens_recomputed"]) == (len(ids) + 5, 0)
+            got, n = "", 0
+            async for delta, _ in gateway.stream(ids, 12, params, [], {}):
+                got, n = got + delta, n + 1
+                if n == 2:
+                    await gateway.prepare(a.chain, "push", 1)  # not the switch that comes
+                if n == 4:
+                    report = await gateway.switch(a.chain, "replay")
+            assert got == want
+            assert (report["tokens_prefilled"], report["tokens_recomputed"]) == (len(ids) + 3, 0)
+        finally:
+            await gateway.close()
+
+    asyncio.run(scenario())
+
+
 def test_admin_endpoint_switches_the_chain(base_url: str, chains: tuple[LocalChain, LocalChain]) -> None:
     a, b = chains
     body = {"model": MODEL, "prompt": "Split inference", "max_tokens": 8, "temperature": 0}
@@ -152,6 +193,10 @@ def test_admin_endpoint_switches_the_chain(base_url: str, chains: tuple[LocalCha
     assert after["choices"][0]["text"] == before["choices"][0]["text"]
     bad = httpx.post(f"{base_url}/admin/chain", json={"chain": {"model": MODEL, "hops": []}}, timeout=30)
     assert bad.status_code == 400 and "error" in bad.json()
+    bad = httpx.post(f"{base_url}/admin/prepare", json={"chain": {"model": MODEL, "hops": []}}, timeout=30)
+    assert bad.status_code == 400 and "error" in bad.json()
+    ready = httpx.post(f"{base_url}/admin/prepare", json={"chain": a.chain.to_dict()}, timeout=30)
+    assert ready.json() == {"preparing": True, "live_sessions": 0}
     httpx.post(f"{base_url}/admin/chain", json={"chain": a.chain.to_dict()}, timeout=120).raise_for_status()
 
 

@@ -88,12 +88,63 @@ def test_resplit_and_migration_keep_256_greedy_tokens_exact(fleet: Fleet) -> Non
     per_layer_token = push[0].kv_bytes_moved / (30 * at_resplit)
     assert push[1].kv_bytes_moved == per_layer_token * 15 * at_migration
     assert [r.kv_bytes_moved for r in reports["kv-via-client"]] == [r.kv_bytes_moved for r in push]
+    # A recomputed first hop new to the chain gets the history before the gate closes (the client sits
+    # between two tokens: nothing is left for the stall); one the old chain has recomputes in the stall.
     mixed = reports["recompute-first-hop"]
-    assert [r.tokens_recomputed for r in mixed] == [at_resplit, at_migration]
+    assert [(r.tokens_prefilled, r.tokens_recomputed) for r in mixed] == [(at_resplit, 0), (0, at_migration)]
     # The first hop recomputes [0, 15); only [15, 30) moves at the re-split, as at the migration.
     assert [r.kv_bytes_moved for r in mixed] == [push[0].kv_bytes_moved // 2, push[1].kv_bytes_moved]
     replay = reports["replay"]
-    assert [(r.kv_bytes_moved, r.tokens_recomputed) for r in replay] == [(0, at_resplit), (0, at_migration)]
+    assert [(r.tokens_prefilled, r.tokens_recomputed, r.kv_bytes_moved) for r in replay] == [
+        (at_resplit, 0, 0),
+        (0, at_migration, 0),
+    ]
+
+
+def test_a_replay_prefilled_while_the_session_runs_keeps_greedy_tokens_exact(fleet: Fleet) -> None:
+    """The switch is called while the session generates (as the gateway's is): the new chain gets the
+    history so far while the old chain serves on, and the stall recomputes only the tokens added since.
+    A session that starts meanwhile (passed in the live view) moves too."""
+    old = fleet.start((0, 5), (5, 30))
+    new = fleet.start((0, 30))
+    prompt = _prompt(fleet.store_dir, "A camera on a street pole streams to")
+    late_prompt = _prompt(fleet.store_dir, "The backhaul link")
+    secret = old.secret()
+    with ChainClient(old.chain, secret) as client:
+        want = list(client.generate(Session(tokens=list(prompt)), 96, GREEDY))
+        want_late = list(client.generate(Session(tokens=list(late_prompt)), 24, GREEDY))
+
+    async def scenario() -> tuple[list[int], list[int], SwitchReport]:
+        client = await AsyncChainClient(old.chain, secret).connect()
+        try:
+            live: dict[str, Session] = {}
+            got: list[int] = []
+            late: list[int] = []
+            twenty = asyncio.Event()
+
+            async def run(session: Session, n: int, out: list[int]) -> None:
+                live[session.id] = session
+                async for token in client.generate(session, n, GREEDY):
+                    out.append(token)
+                    if len(got) == 20:
+                        twenty.set()
+                live.pop(session.id)
+                await client.drop(session)
+
+            first = asyncio.create_task(run(Session(tokens=list(prompt)), 96, got))
+            await twenty.wait()
+            switching = asyncio.create_task(client.switch(live.values(), new.chain, "replay"))
+            second = asyncio.create_task(run(Session(tokens=list(late_prompt)), 24, late))
+            report = await switching
+            await asyncio.gather(first, second)
+            return got, late, report
+        finally:
+            await client.close()
+
+    got, late, report = asyncio.run(scenario())
+    assert got == want, f"first difference at token {_first_difference(got, want)}"
+    assert late == want_late
+    assert report.tokens_prefilled >= len(prompt) + 19  # the history when the switch was called
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
