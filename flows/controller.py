@@ -516,7 +516,7 @@ def _prepare_switch(
     (where that chain is known before the deploy: ``pipeline.foreseen_chain``). Returns whether it
     prepares, or why it could not: the run then switches without, as before."""
     chain = pipeline.foreseen_chain(state, pipeline.plan_layout(plan))
-    if chain is None:
+    if chain is None or not get_settings().flows.prepare_switch:
         return False
     mode, recompute = pipeline.switch_of(decision)
     try:

@@ -106,6 +106,11 @@ class FlowSettings(BaseModel):
         description="keep one started, nearly empty segment server per node (where memory allows) that the "
         "next deploy loads a layer range into instead of starting a process cold",
     )
+    prepare_switch: bool = Field(
+        default=True,
+        description="when the controller adopts a plan whose chain is known before the deploy, have the "
+        "gateway prefill the sessions on it while the run starts (POST /admin/prepare)",
+    )
     keep_telemetry: bool = Field(
         default=False,
         description="append every telemetry read of the controller to run/telemetry.jsonl (to study it)",

@@ -21,8 +21,9 @@ from policies.calibration import (
     observe_source,
 )
 from policies.contention import Quota, Station, cycle_time_s, queue_lengths
-from policies.forecast import MAX_TAU_S, MIN_TAU_S, forecast, persistent
+from policies.forecast import MAX_TAU_S, MIN_TAU_S, Forecast, forecast, persistent
 from policies.plan import Stage
+from policies.replan import Decision
 from policies.routes import all_routes, links_used
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "smollm2_mec.json"
@@ -290,6 +291,34 @@ def test_a_dip_on_a_mostly_fast_link_does_not_pay_for_a_move() -> None:
     brief = decide(worse, current, candidate, 60, forecast=dips, **rule)
     assert not brief.adopt, brief.reason
     assert brief.gain_s < 0 < lasting.gain_s
+
+
+def test_a_bound_broken_by_a_dip_forces_only_a_move_ready_before_the_dip_passes() -> None:
+    """The current plan breaks a TPOT bound at the dip's rate. The dip is expected to pass in about a
+    second: a move served by warm servers (0.5 s) is still forced, one that must start servers cold
+    (12 s) is valued like any other and, as for a plain dip, not made; a lasting break forces both."""
+    p = _base().model_copy(update={"calibration": Calibration()})
+    current = solve(p, "latency_dp")
+    worse = _slow_link(p, 2.0)
+    candidate = solve(worse, "latency_dp")
+    bound = (predict(worse, current.stages).tpot_s + predict(worse, candidate.stages).tpot_s) / 2
+    bounded = worse.constraints.model_copy(update={"max_tpot_s": bound})
+    worse = worse.model_copy(update={"constraints": bounded})
+    holdings = {n.name: frozenset(range(p.num_layers)) for n in p.nodes}
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    dips = forecast({SLOW: (times, [2.0 if int(t) % 10 == 0 else 1000.0 for t in times])},
+                    {SLOW: 2.0}, now)  # fmt: skip
+
+    def decided(ready_s: float, fc: Forecast) -> Decision:
+        ready = {n.name: ready_s for n in p.nodes}
+        return decide(worse, current, candidate, 60, forecast=fc, ready_s=ready, holdings=holdings,
+                      switch_stall_s=0.5, hysteresis=0.5)  # fmt: skip
+
+    warm, cold = decided(0.5, dips), decided(12.0, dips)
+    assert warm.adopt and "infeasible (max_tpot" in warm.reason
+    assert not cold.adopt and "infeasible" not in cold.reason, cold.reason
+    assert decided(12.0, persistent({})).adopt
 
 
 def test_a_link_that_is_slow_half_the_time_favours_the_plan_robust_to_it() -> None:
