@@ -528,10 +528,8 @@ def _prepare_switch(
 
 def _held_by_memory(decision: Decision, scenario: Scenario, state: DeploymentState, plan: Plan) -> Decision:
     """``decision``, not adopted where a node's memory cannot hold the move while it happens."""
-    full = pipeline.transition_overflow(scenario, state, pipeline.plan_layout(plan))
-    if not decision.adopt or not full:
-        return decision
-    return decision.model_copy(update={"adopt": False, "reason": f"the move does not fit: {'; '.join(full)}"})
+    why = pipeline.misfit(scenario, state, plan) if decision.adopt else None
+    return decision if why is None else decision.model_copy(update={"adopt": False, "reason": why})
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

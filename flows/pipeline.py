@@ -362,6 +362,12 @@ def transition_overflow(
     return full
 
 
+def misfit(scenario: Scenario, current: DeploymentState, plan: Plan) -> str | None:
+    """Why a move to ``plan`` cannot be adopted for memory (``transition_overflow``), or None."""
+    full = transition_overflow(scenario, current, plan_layout(plan))
+    return f"the move does not fit: {'; '.join(full)}" if full else None
+
+
 def _mem_bytes(scenario: Scenario, node: str) -> int:
     return next(x for x in scenario.nodes if x.name == node).mem_mb * 1024 * 1024
 

@@ -371,9 +371,9 @@ def reconfigure(
     before = _plan_of(current)
     deployed: dict[str, Any] | None = None
     planned = None if failover_only else decide_task(problem, before, candidate, horizon_s)
-    full = pipeline.transition_overflow(sc, current, pipeline.plan_layout(candidate))
-    if planned is not None and planned["adopt"] and full:
-        planned = {**planned, "adopt": False, "reason": f"the move does not fit: {'; '.join(full)}"}
+    why = pipeline.misfit(sc, current, candidate) if planned is not None and planned["adopt"] else None
+    if why is not None:
+        planned = {**planned, "adopt": False, "reason": why}
     if _adopts_by_replay(planned, before, candidate, switch_mode):
         # Replay rebuilds every session from its token history, which a broken chain needs too: the
         # chain's health (a round trip over the degraded link, seconds when it is collapsed) changes

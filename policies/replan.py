@@ -6,7 +6,7 @@ The rule (docs/policies.md, "Re-planning"):
    expects today's rates to hold for less of the horizon than the candidate needs before it serves
    (``P`` below the time until its new stages are ready): the move would arrive after the dip it answers,
    so it is valued like any other (2-4). On the smart-city 5G backhaul, dips to 0.1 Mbit/s that lasted
-   seconds forced cold starts of 35-53 s on the loaded pole, which slowed the plan still serving.
+   seconds forced cold starts of 21-62 s on the loaded pole, which slowed the plan still serving.
 2. Otherwise both plans are valued over the horizon ``H`` against the link forecast (policies.forecast):
    requests served per session, ``N = P / J_now + (H - P) x mean_i 1 / J_i``, where ``J`` is the
    objective per request (by default its latency) at today's rates and at each of the recent past's
