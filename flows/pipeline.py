@@ -386,16 +386,11 @@ def standby_nodes(
     """The alive nodes whose memory holds a standby besides their stages (and the gateway on the
     source): a standby must never push a node's own segments out of memory."""
     alive = set(alive)
+    span = standby_range(manifest["num_layers"])
     return [
         node.name
         for node in scenario.nodes
-        if node.name in alive
-        and _fits(
-            scenario,
-            node.name,
-            manifest,
-            [*_serving(layout, node.name), standby_range(manifest["num_layers"])],
-        )
+        if node.name in alive and _idle_fits(scenario, node.name, manifest, layout, span)
     ]
 
 
