@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -493,27 +494,43 @@ def claim_standby(standby: Endpoint, request: SegmentRequest, secret: str) -> En
     return standby.model_copy(update={"first": request.first, "end": request.end})
 
 
+@dataclass(frozen=True)
+class BroughtUp:
+    """The new chain's servers: endpoints in layer order, nodes whose standby took a stage, standbys
+    left, and per node the seconds its cold start took until it served."""
+
+    endpoints: list[Endpoint]
+    claimed: list[str]
+    spare: dict[str, Endpoint]
+    start_s: dict[str, float]
+
+
+def _timed(fn: Callable[[], Endpoint]) -> tuple[Endpoint, float]:
+    started = time.monotonic()
+    return fn(), time.monotonic() - started
+
+
 def _bring_up(
     backend: Backend, requests: list[SegmentRequest], spare: dict[str, Endpoint], secret: str
-) -> tuple[list[Endpoint], list[str], dict[str, Endpoint]]:
+) -> BroughtUp:
     """Every request's server, all at once (their loads overlap): a node's standby for its first stage,
-    a fresh server otherwise. Returns (endpoints in layer order, nodes claimed, standbys left)."""
+    a fresh server otherwise."""
     spare = dict(spare)
     if not requests:
-        return [], [], spare
+        return BroughtUp([], [], spare, {})
     jobs = []
     for request in requests:
         standby = spare.pop(request.node, None)
         jobs.append((request, standby))
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = [
-            pool.submit(claim_standby, standby, request, secret)
+            pool.submit(_timed, partial(claim_standby, standby, request, secret))
             if standby is not None
-            else pool.submit(backend.start_segment, request, secret)
+            else pool.submit(_timed, partial(backend.start_segment, request, secret))
             for request, standby in jobs
         ]
     failures = [f.exception() for f in futures if f.exception() is not None]
-    endpoints = [f.result() for f in futures if f.exception() is None]
+    endpoints = [f.result()[0] for f in futures if f.exception() is None]
     if failures:
         for endpoint in endpoints:  # nothing half-done: the old chain keeps serving
             backend.stop_segment(endpoint)
@@ -522,7 +539,12 @@ def _bring_up(
                 backend.stop_segment(standby)  # a standby that failed to load is of no further use
         raise RuntimeFailure(f"starting the new segments failed: {failures[0]}") from failures[0]
     claimed = [request.node for request, standby in jobs if standby is not None]
-    return endpoints, claimed, spare
+    start_s = {
+        request.node: future.result()[1]
+        for (request, standby), future in zip(jobs, futures, strict=True)
+        if standby is None
+    }
+    return BroughtUp(endpoints, claimed, spare, start_s)
 
 
 def _unchanged_servers(
@@ -649,7 +671,7 @@ def deploy(
         progress(f"segment [{first}, {end}) on {node}: {how}")
         requests.append(SegmentRequest(node, model, first, end, revision))
     try:
-        started, claimed, spare = _bring_up(backend, requests, spare, secret)
+        brought = _bring_up(backend, requests, spare, secret)
     except RuntimeFailure:
         if current is not None:  # the old chain serves on; the standbys offered to the new one are gone
             from flows.state import save_state
@@ -658,6 +680,7 @@ def deploy(
             left = tuple(e for e in current.standbys if e.node not in gone)
             save_state(current.model_copy(update={"standbys": left}), settings)
         raise
+    started, claimed, spare = brought.endpoints, brought.claimed, brought.spare
     ready_at = time.time()
     fresh = {(e.node, e.first, e.end): e for e in started}
     endpoints = [kept.get(stage) or fresh[stage] for stage in layout]
@@ -716,6 +739,7 @@ def deploy(
         scenario=str(Path(scenario_path).resolve()), model=model, backend=backend.name, revision=revision,
         plan=plan.model_dump(mode="json"), segments=tuple(endpoints), gateway_url=gateway_url,
         gateway_handle=gateway_handle, secret=secret, updated_at_s=time.time(), standbys=tuple(standbys),
+        start_s={**(current.start_s if current is not None else {}), **brought.start_s},
     )  # fmt: skip
     return DeployResult(
         state=state,

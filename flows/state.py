@@ -55,6 +55,10 @@ class DeploymentState(BaseModel):
     standbys: tuple[Endpoint, ...] = Field(
         default=(), description="started servers holding no useful range yet, at most one per node"
     )
+    start_s: dict[str, float] = Field(
+        default_factory=dict,
+        description="per node, how long its last cold server start took until the server served (seconds)",
+    )
 
 
 def state_path(settings: Settings | None = None) -> Path:

@@ -122,7 +122,10 @@ class FlowSettings(BaseModel):
         default=0.5, ge=0, description="time for a warm standby to load a new stage (priced by decisions)"
     )
     cold_start_s: float = Field(
-        default=12.0, ge=0, description="time to start a segment server where no standby waits (priced)"
+        default=12.0,
+        ge=0,
+        description="time to start a segment server where no standby waits, priced until the node has "
+        "started one (then its measured start)",
     )
     warm_start_runs: bool = Field(
         default=True,

@@ -9,7 +9,16 @@ from typing import Any, cast
 
 from conftest import TINY_SCENARIO
 
-from flows.controller import MIN_LEARNED_STEPS, Controller, ControllerConfig, NetworkSample, _Watch
+from flows.controller import (
+    MIN_LEARNED_STEPS,
+    Controller,
+    ControllerConfig,
+    NetworkSample,
+    _ready_s,
+    _starting,
+    _Watch,
+)
+from flows.state import DeploymentState, Endpoint
 from mecsplit.settings import get_settings
 
 
@@ -59,3 +68,22 @@ def test_a_move_that_waited_for_the_model_to_learn_is_decided_again_once_it_has(
     assert "learned" in str(controller._changed(state, net, problem))
     controller._watch.deferred = False  # the evaluation that follows replaces the watch
     assert controller._changed(state, net, problem) is None
+
+
+def test_a_move_is_priced_at_each_nodes_last_start() -> None:
+    """A node with a standby loads a stage; one without starts a server, as long as its last start took,
+    or the setting where it never started one; only nodes without a standby count as starting."""
+    settings = get_settings()
+    f = settings.flows
+    state = DeploymentState(
+        scenario="s.yaml", model="m", backend="local", revision=1, plan={}, segments=(), gateway_url="",
+        gateway_handle="", secret="", updated_at_s=0.0, start_s={"edge": 58.5, "cloud": 3.0},
+        standbys=(Endpoint(node="cloud", first=1, end=2, host="127.0.0.1", port=9, handle="pid:1"),),
+    )  # fmt: skip
+    net = NetworkSample(at_s=0.0, rates_mbit={}, loads={}, alive=frozenset({"device", "edge", "cloud"}))
+    assert _ready_s(state, net, settings) == {
+        "device": f.cold_start_s,
+        "edge": 58.5,
+        "cloud": f.standby_load_s,
+    }
+    assert _starting(state, net) == {"device", "edge"}

@@ -440,6 +440,30 @@ def test_a_move_waits_for_its_cold_start() -> None:
     assert warm.gain_s > cold.gain_s
 
 
+def test_a_start_beside_a_serving_stage_slows_the_current_plan_until_ready() -> None:
+    """A candidate whose new stage starts a process on a node that serves the current plan gains less:
+    until it is ready the current plan's stage there has half its CPU. A start on a node the current
+    plan does not use, or a warm server's load, changes nothing."""
+    p = _base().model_copy(update={"calibration": Calibration()})
+    current = solve(p, "latency_dp")
+    worse = _slow_link(p, 2.0)
+    head, tail = current.stages
+    moved = current.model_copy(update={"stages": (
+        Stage(node=head.node, first=0, end=head.end - 1), Stage(node="mec-2", first=head.end - 1, end=30),
+    )})  # fmt: skip
+    assert tail.node != "mec-2"
+    rule = {
+        "ready_s": {n.name: 12.0 for n in p.nodes},
+        "holdings": {n.name: frozenset(range(p.num_layers)) for n in p.nodes},
+    }
+
+    def gain(starting: set[str]) -> float:
+        return decide(worse, current, moved, 60, starting=starting, **rule).gain_s
+
+    assert gain({"mec-2"}) == pytest.approx(gain(set()))
+    assert gain({head.node, "mec-2"}) < gain(set())
+
+
 def test_stores_that_hold_the_layers_fetch_nothing() -> None:
     p = _base()
     current = solve(p, "latency_dp")
