@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from flows.runtime import Backend, LinkProbe, RuntimeFailure, SegmentRequest, standby_range
-from flows.state import DeploymentState, Endpoint
+from flows.state import DeploymentState, Endpoint, NodeStart
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration
 from policies.plan import Plan
@@ -497,17 +497,18 @@ def claim_standby(standby: Endpoint, request: SegmentRequest, secret: str) -> En
 @dataclass(frozen=True)
 class BroughtUp:
     """The new chain's servers: endpoints in layer order, nodes whose standby took a stage, standbys
-    left, and per node the seconds its cold start took until it served."""
+    left, and each node's cold start."""
 
     endpoints: list[Endpoint]
     claimed: list[str]
     spare: dict[str, Endpoint]
-    start_s: dict[str, float]
+    starts: dict[str, NodeStart]
 
 
-def _timed(fn: Callable[[], Endpoint]) -> tuple[Endpoint, float]:
+def _timed(fn: Callable[[], Endpoint]) -> tuple[Endpoint, NodeStart]:
     started = time.monotonic()
-    return fn(), time.monotonic() - started
+    endpoint = fn()
+    return endpoint, NodeStart(took_s=time.monotonic() - started, ended_at_s=time.time())
 
 
 def _bring_up(
@@ -539,12 +540,12 @@ def _bring_up(
                 backend.stop_segment(standby)  # a standby that failed to load is of no further use
         raise RuntimeFailure(f"starting the new segments failed: {failures[0]}") from failures[0]
     claimed = [request.node for request, standby in jobs if standby is not None]
-    start_s = {
+    starts = {
         request.node: future.result()[1]
         for (request, standby), future in zip(jobs, futures, strict=True)
         if standby is None
     }
-    return BroughtUp(endpoints, claimed, spare, start_s)
+    return BroughtUp(endpoints, claimed, spare, starts)
 
 
 def _unchanged_servers(
@@ -739,7 +740,7 @@ def deploy(
         scenario=str(Path(scenario_path).resolve()), model=model, backend=backend.name, revision=revision,
         plan=plan.model_dump(mode="json"), segments=tuple(endpoints), gateway_url=gateway_url,
         gateway_handle=gateway_handle, secret=secret, updated_at_s=time.time(), standbys=tuple(standbys),
-        start_s={**(current.start_s if current is not None else {}), **brought.start_s},
+        starts={**(current.starts if current is not None else {}), **brought.starts},
     )  # fmt: skip
     return DeployResult(
         state=state,

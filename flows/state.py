@@ -39,6 +39,15 @@ class Endpoint(BaseModel):
         return self.control_host or self.host
 
 
+class NodeStart(BaseModel):
+    """A node's last cold server start: how long it took until the server served, and when it ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    took_s: float = Field(ge=0)
+    ended_at_s: float = Field(description="wall clock (time.time) when the server was ready")
+
+
 class DeploymentState(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -55,10 +64,7 @@ class DeploymentState(BaseModel):
     standbys: tuple[Endpoint, ...] = Field(
         default=(), description="started servers holding no useful range yet, at most one per node"
     )
-    start_s: dict[str, float] = Field(
-        default_factory=dict,
-        description="per node, how long its last cold server start took until the server served (seconds)",
-    )
+    starts: dict[str, NodeStart] = Field(default_factory=dict, description="each node's last cold start")
 
 
 def state_path(settings: Settings | None = None) -> Path:

@@ -7,18 +7,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import pytest
 from conftest import TINY_SCENARIO
 
 from flows.controller import (
     MIN_LEARNED_STEPS,
     Controller,
     ControllerConfig,
+    LoadLog,
     NetworkSample,
     _ready_s,
     _starting,
     _Watch,
 )
-from flows.state import DeploymentState, Endpoint
+from flows.state import DeploymentState, Endpoint, NodeStart
 from mecsplit.settings import get_settings
 
 
@@ -70,20 +72,27 @@ def test_a_move_that_waited_for_the_model_to_learn_is_decided_again_once_it_has(
     assert controller._changed(state, net, problem) is None
 
 
-def test_a_move_is_priced_at_each_nodes_last_start() -> None:
-    """A node with a standby loads a stage; one without starts a server, as long as its last start took,
-    or the setting where it never started one; only nodes without a standby count as starting."""
+def test_a_move_is_priced_at_each_nodes_last_start_scaled_by_its_load() -> None:
+    """A node with a standby loads a stage; one without starts a server, as long as its last start took
+    scaled by the CPU its load leaves now against then, or the setting where it never started one; only
+    nodes without a standby count as starting."""
     settings = get_settings()
     f = settings.flows
+    starts = {
+        "edge": NodeStart(took_s=30.0, ended_at_s=100.0),
+        "cloud": NodeStart(took_s=3.0, ended_at_s=50.0),
+        "mec": NodeStart(took_s=20.0, ended_at_s=190.0),
+    }
     state = DeploymentState(
         scenario="s.yaml", model="m", backend="local", revision=1, plan={}, segments=(), gateway_url="",
-        gateway_handle="", secret="", updated_at_s=0.0, start_s={"edge": 58.5, "cloud": 3.0},
+        gateway_handle="", secret="", updated_at_s=0.0, starts=starts,
         standbys=(Endpoint(node="cloud", first=1, end=2, host="127.0.0.1", port=9, handle="pid:1"),),
     )  # fmt: skip
-    net = NetworkSample(at_s=0.0, rates_mbit={}, loads={}, alive=frozenset({"device", "edge", "cloud"}))
-    assert _ready_s(state, net, settings) == {
-        "device": f.cold_start_s,
-        "edge": 58.5,
-        "cloud": f.standby_load_s,
-    }
-    assert _starting(state, net) == {"device", "edge"}
+    loads = LoadLog()
+    for t in range(60, 110, 2):  # edge idle while it started; none sampled while mec started
+        loads.add(float(t), {"edge": 0.0})
+    everyone = frozenset({"device", "edge", "cloud", "mec"})
+    net = NetworkSample(at_s=200.0, rates_mbit={}, loads={"edge": 0.6, "mec": 0.5}, alive=everyone)
+    want = {"device": f.cold_start_s, "edge": 75.0, "cloud": f.standby_load_s, "mec": 20.0}
+    assert _ready_s(state, net, settings, loads) == pytest.approx(want)
+    assert _starting(state, net) == {"device", "edge", "mec"}

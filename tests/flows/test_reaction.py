@@ -208,8 +208,8 @@ def test_the_next_deploy_loads_its_range_into_a_warm_standby(flows_home: Path) -
     try:
         assert state.standbys, "no standby was started"
         # Every stage started cold, and each node's start is remembered for pricing the next move there.
-        assert set(state.start_s) == {s.node for s in plan_a.stages}
-        assert all(0.0 < s < 180.0 for s in state.start_s.values())
+        assert set(state.starts) == {s.node for s in plan_a.stages}
+        assert all(0.0 < s.took_s < 180.0 and s.ended_at_s <= time.time() for s in state.starts.values())
         assert len({e.node for e in state.standbys}) == len(state.standbys)  # at most one per node
         before = stream_completion(state.gateway_url, "Hello edge", 6)
         for standby in state.standbys:
@@ -224,7 +224,7 @@ def test_the_next_deploy_loads_its_range_into_a_warm_standby(flows_home: Path) -
         took_s = time.monotonic() - started
         claimed = [n for n in second.claimed]
         assert claimed and set(claimed) <= set(offered)
-        assert {n: state.start_s[n] for n in claimed} == {n: first.state.start_s[n] for n in claimed}
+        assert {n: state.starts[n] for n in claimed} == {n: first.state.starts[n] for n in claimed}
         for endpoint in second.started:
             if endpoint.node in claimed:  # the very process that stood by now serves the range
                 assert endpoint.handle == offered[endpoint.node].handle
