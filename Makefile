@@ -30,6 +30,8 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest
+	@echo "exactness again on MKL's generic code path (MKL_CBWR=COMPATIBLE; the project pins AVX2):"
+	MKL_CBWR=COMPATIBLE $(BIN)/pytest -q -m "exactness and not slow"
 
 test-fast: venv
 	$(BIN)/pytest -m "not root and not docker and not mininet and not slow"

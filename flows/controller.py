@@ -43,6 +43,7 @@ from flows import pipeline
 from flows.calibrate import LinkHistory, Snapshot, calibration_path, learn, load_calibration, save_calibration
 from flows.runtime import LinkProbe, local_link_overrides
 from flows.state import DeploymentState, load_state
+from mecsplit.files import write_json
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration, observe_switch
 from policies.forecast import Forecast, forecast
@@ -739,11 +740,7 @@ class PredictionLog:
     def _flush(self) -> None:
         if not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".predictions-", suffix=".json")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(sorted(self.rows.values(), key=lambda r: r["revision"]), handle, indent=1)
-        os.replace(tmp, self.path)
+        write_json(self.path, sorted(self.rows.values(), key=lambda r: r["revision"]), indent=1)
         self._dirty = False
 
 

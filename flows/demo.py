@@ -10,9 +10,11 @@ per plan, reactions) -> tear down (the Prefect server stays up so the runs can b
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,9 +37,12 @@ from mecsplit.settings import get_settings
 from testbed.scenario import Scenario, load_scenario
 
 
-def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | None:
+def _wait_for_reconfigure(
+    since_s: float, timeout_s: float, check: Callable[[], None] = lambda: None
+) -> dict[str, Any] | None:
     """The first reconfigure flow run started after ``since_s`` that completed and adopted a plan (the
-    controller starts one only for a plan it adopts; a triggered run may keep the plan); None on timeout."""
+    controller starts one only for a plan it adopts; a triggered run may keep the plan); None on timeout.
+    ``check()`` runs every second and raises when what the wait depends on has died."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -47,10 +52,12 @@ def _wait_for_reconfigure(since_s: float, timeout_s: float) -> dict[str, Any] | 
     )
     from prefect.client.schemas.sorting import FlowRunSort
 
+    check()
     deadline = time.monotonic() + timeout_s
     after = datetime.fromtimestamp(since_s, tz=UTC)
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
+            check()
             # Only runs started since: a server that kept many older runs would otherwise fill the page.
             runs = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=["reconfigure"])),
@@ -115,14 +122,14 @@ def _set_source_link(
 
 def _change_and_follow(
     name: str, bw_mbit: float, chosen: BackendName, scenario: Scenario, server: PrefectServer,
-    timeout_s: float,
+    timeout_s: float, check: Callable[[], None],
 ) -> dict[str, Any]:  # fmt: skip
     """One change of the demo's timeline: set the source's link, wait for the reconfiguration it leads
     to, and say what happened."""
     changed_s = time.time()
     a, b = _set_source_link(chosen, scenario, server, bw_mbit)
     say(f"{name}: {a}-{b} set to {bw_mbit:g} Mbit/s; waiting for the controller's reconfiguration")
-    run = _wait_for_reconfigure(changed_s - 1, timeout_s)
+    run = _wait_for_reconfigure(changed_s - 1, timeout_s, check)
     if run is None:
         say(f"{name}: no reconfiguration adopted within {timeout_s:.0f} s (see the serve log)")
     else:
@@ -189,9 +196,10 @@ def run_demo(
         say(f"{len(sessions)} sessions generating for {phase_s:.0f} s (the controller calibrates the model)")
         time.sleep(phase_s)
         changes = []
+        serving = functools.partial(_check_serve, serve_proc, settings.run_dir / "serve.log")
         for name, bw in (("drop", degraded_bw_mbit), ("recovery", nominal)):
-            _check_serve(serve_proc, settings.run_dir / "serve.log")
-            change = _change_and_follow(name, bw, chosen, scenario, server, reaction_timeout_s)
+            serving()
+            change = _change_and_follow(name, bw, chosen, scenario, server, reaction_timeout_s, serving)
             changes.append(change)
             timeline.append({"t_s": change["changed_s"], "event": f"link.{name}", "link": change["link"],
                              "bw_mbit": bw})  # fmt: skip

@@ -57,6 +57,7 @@ from flows.workload import (
     stop_process,
     teardown,
 )
+from mecsplit.files import write_json
 from mecsplit.settings import get_settings
 from testbed.scenario import load_scenario
 
@@ -521,12 +522,9 @@ def run_policy(
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         results.write_samples(out_dir / "samples.parquet", [x for s in sessions for x in s.samples])
-        (out_dir / "requests.json").write_text(
-            json.dumps([{**vars(r), "lost": r.lost} for r in records], indent=1)
-        )
-        (out_dir / "policy.json").write_text(
-            json.dumps({"t0_wall_s": t0, "stats": stats, "plan_changes": watcher.changes}, indent=2)
-        )
+        write_json(out_dir / "requests.json", [{**vars(r), "lost": r.lost} for r in records], indent=1)
+        changes = {"t0_wall_s": t0, "stats": stats, "plan_changes": watcher.changes}
+        write_json(out_dir / "policy.json", changes, indent=2)
         log.info(f"{policy} r{repeat}: {json.dumps(stats)}")
         return stats
     finally:
@@ -573,7 +571,7 @@ def experiment(
     out_dir = Path(results_root) / f"{time.strftime('%Y%m%d-%H%M%S')}-experiment-{sc.name}"
     out_dir.mkdir(parents=True)
     shutil.copy(scenario_path, out_dir / "scenario.yaml")
-    (out_dir / "meta.json").write_text(json.dumps(results.meta(), indent=2))
+    write_json(out_dir / "meta.json", results.meta(), indent=2)
     order = run_order(policies, repeats)
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
     for k, ordered in enumerate(order, start=1):
@@ -634,7 +632,7 @@ def write_summary(out_dir: Path, run: RunInfo, per_policy: dict[str, dict[str, A
         "policies": per_policy,
         "adaptive_vs_best_static": compare(per_policy),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / "summary.json", summary, indent=2)
     results.plot_policies(out_dir, run.timeline)
     results.plot_policy_bars(out_dir, per_policy)
     return summary

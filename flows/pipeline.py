@@ -21,6 +21,7 @@ import httpx
 
 from flows.runtime import Backend, LinkProbe, RuntimeFailure, SegmentRequest, standby_range
 from flows.state import DeploymentState, Endpoint, NodeStart
+from mecsplit.files import read_cache, write_json
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration
 from policies.plan import Plan
@@ -103,7 +104,7 @@ def profile_nodes(
     cached profile however old; the live calibration measures its compute meanwhile."""
     settings = settings or get_settings()
     cache_path = settings.run_dir / f"profiles-{backend.name}-{model}-{context}.json"
-    cache: dict[str, dict[str, Any]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache: dict[str, dict[str, Any]] = read_cache(cache_path, progress)
     now = time.time()
     refresh = set(refresh)
     keep = {n for n in keep if n in cache}
@@ -126,8 +127,7 @@ def profile_nodes(
 
     for node in stale:
         cache[node] = one(node)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_text(json.dumps(cache, sort_keys=True))
+    write_json(cache_path, cache, sort_keys=True)
     for node in sorted(set(nodes) - set(stale) - keep):
         progress(f"{node}: cached profile, {now - cache[node]['measured_at_s']:.0f} s old")
     return {n: cache[n] for n in sorted(nodes)}
@@ -152,7 +152,7 @@ def profile_links(
     which on a thin link stalls the traffic that crosses it: what need not be probed is not."""
     settings = settings or get_settings()
     cache_path = settings.run_dir / f"links-{backend.name}.json"
-    cache: dict[str, dict[str, Any]] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    cache: dict[str, dict[str, Any]] = read_cache(cache_path, progress)
     known = known_bw_mbit or {}
     now = time.time()
     probes = []
@@ -179,8 +179,7 @@ def profile_links(
                           "measured_at_s": now}  # fmt: skip
         progress(f"link {key}: {probe.bw_mbit:.2f} Mbit/s, rtt {probe.rtt_ms:.1f} ms ({how})")
         probes.append(probe)
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_text(json.dumps(cache, sort_keys=True))
+    write_json(cache_path, cache, sort_keys=True)
     return probes
 
 

@@ -18,6 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from mecsplit.files import write_json
 from mecsplit.process import pid_alive, stop_pid
 from mecsplit.settings import Settings, get_settings
 
@@ -119,8 +120,8 @@ def _start(settings: Settings, *, timeout_s: float) -> PrefectServer:
             raise PrefectServerError(f"prefect server exited with {proc.returncode}; see {log_path}")
         if api_healthy(api_url):
             server = PrefectServer(api_url=api_url, ui_url=f"http://127.0.0.1:{port}", pid=proc.pid)
-            _state_file(settings).write_text(
-                json.dumps({"api_url": server.api_url, "ui_url": server.ui_url, "pid": server.pid})
+            write_json(
+                _state_file(settings), {"api_url": server.api_url, "ui_url": server.ui_url, "pid": server.pid}
             )
             return server
         time.sleep(0.5)

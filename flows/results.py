@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.measure import StreamSample
+from mecsplit.files import write_json
 from testbed.scenario import Scenario
 
 
@@ -150,9 +151,9 @@ def write_run(
     run_dir = root / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=False)
     shutil.copy(scenario_path, run_dir / "scenario.yaml")
-    (run_dir / "meta.json").write_text(json.dumps(meta(), indent=2))
-    (run_dir / "timeline.json").write_text(json.dumps(timeline, indent=2, default=str))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(run_dir / "meta.json", meta(), indent=2)
+    write_json(run_dir / "timeline.json", timeline, indent=2, default=str)
+    write_json(run_dir / "summary.json", summary, indent=2, default=str)
     write_samples(run_dir / "samples.parquet", samples)
     _plot(token_rows(samples), timeline, run_dir / "latency.png")
     return run_dir

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flows.state import BackendName, Endpoint
+from mecsplit.files import write_json
 from mecsplit.process import stop_pid
 from mecsplit.settings import Settings, get_settings
 from testbed.scenario import Scenario
@@ -289,7 +290,7 @@ def local_link_overrides(settings: Settings) -> dict[str, float]:
 def set_local_link(settings: Settings, a: str, b: str, bw_mbit: float) -> None:
     overrides = local_link_overrides(settings)
     overrides[link_key(a, b)] = bw_mbit
-    _overrides_path(settings).write_text(json.dumps(overrides, sort_keys=True))
+    write_json(_overrides_path(settings), overrides, sort_keys=True)
 
 
 def clear_local_links(settings: Settings) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.events import DeploymentEventTrigger
 
-from mecsplit.settings import get_settings
+from mecsplit.settings import Settings, get_settings
 
 DEPLOYMENT_NAME = "reconfigure"
 
@@ -161,6 +161,18 @@ def cancel_stale_runs() -> int:
     return len(runs)
 
 
+def own_temp_dir(settings: Settings) -> Path:
+    """Point this process's temporary files (Prefect's runner storage among them) under MECSPLIT_HOME.
+    Prefect's runner makes ``<tmp>/runner_storage/<uuid>``; in the shared /tmp that folder belongs to
+    whichever user served first, and a second user's serve died on it with PermissionError."""
+    import tempfile
+
+    path = settings.home / "tmp"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tempfile.tempdir = str(path)  # this process only: the processes it starts keep their own
+    return path
+
+
 def serve_forever(
     scenario: str,
     *,
@@ -194,6 +206,7 @@ def serve_forever(
             print("flow runs start as forks of a process with flows.reconfigure imported")
         else:
             print("this Prefect has no starter hook: each flow run starts a fresh interpreter")
+    own_temp_dir(get_settings())
     # The runner's poll is the wait between a triggered run being created and being started.
     runner = Runner(name="mecsplit-serve", query_seconds=get_settings().flows.runner_poll_s)
     runner.add_flow(reconfigure, **options)

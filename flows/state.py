@@ -6,14 +6,12 @@ deploy writes it atomically (write a temporary file, then rename) and the next r
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mecsplit.files import write_json
 from mecsplit.settings import Settings, get_settings
 
 BackendName = Literal["local", "testbed"]
@@ -79,12 +77,8 @@ def load_state(settings: Settings | None = None) -> DeploymentState | None:
 
 
 def save_state(state: DeploymentState, settings: Settings | None = None) -> None:
-    path = state_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".deployment-", suffix=".json")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(state.model_dump(mode="json"), handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    # It holds the deployment's secret: readable by its owner only.
+    write_json(state_path(settings), state.model_dump(mode="json"), mode=0o600, indent=2, sort_keys=True)
 
 
 def clear_state(settings: Settings | None = None) -> None:

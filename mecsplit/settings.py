@@ -26,6 +26,9 @@ class SegmentSettings(BaseModel):
     default_model: str = "smollm2-135m"
     max_frame_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     max_sessions: int = Field(default=256, gt=0)
+    session_idle_s: float = Field(
+        default=600.0, gt=0, description="a segment server drops a session no step has used for this long"
+    )
     max_kv_bytes: int = Field(default=4 * 1024**3, gt=0)
     threads: int = Field(default=1, gt=0, description="torch threads per segment process")
     gateway_port: int = Field(

@@ -13,11 +13,14 @@ session to a new chain between two tokens (``Gateway.switch`` from Python) and a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # FastAPI resolves handler annotations (``Request``) from this module's globals, so import it here.
@@ -67,14 +70,34 @@ class Gateway:
         *,
         recover_timeout_s: float = 60.0,
         abandon_after_s: float = 0.1,
+        vocab_size: int | None = None,
+        context_tokens: int | None = None,
     ) -> None:
+        """``vocab_size``: token ids a prompt may hold (default: the tokenizer's); ``context_tokens``: the
+        most positions a session may reach, prompt plus generated (None: unchecked)."""
         self.client = AsyncChainClient(chain, secret, recover_timeout_s=recover_timeout_s)
         self.abandon_after_s = abandon_after_s
         self.tokenizer = tokenizer
         self.model = model
+        self.vocab_size = len(tokenizer) if vocab_size is None else vocab_size
+        self.context_tokens = context_tokens
         self.live: dict[str, Session] = {}
+        self._drops: set[asyncio.Task[None]] = set()
         eos = tokenizer.eos_token_id
         self.stop_ids: tuple[int, ...] = () if eos is None else (int(eos),)
+
+    @classmethod
+    def from_store(cls, chain: Chain, secret: bytes, store_dir: Path, model: str, **options: Any) -> Gateway:
+        """A gateway whose limits are the prepared model's: its vocabulary and its context length."""
+        from segments.store import load_config, load_tokenizer, read_manifest
+
+        manifest = read_manifest(store_dir, model)
+        config = load_config(store_dir, manifest)
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return cls(
+            chain, secret, load_tokenizer(store_dir, model), model, vocab_size=manifest.info.vocab_size,
+            context_tokens=int(context) if context else None, **options,
+        )  # fmt: skip
 
     async def start(self) -> None:
         await self.client.connect()
@@ -116,13 +139,24 @@ class Gateway:
             prompt = prompt[0]
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
+        elif isinstance(prompt, list) and prompt and all(_is_int(i) for i in prompt):
             ids = prompt
         else:
             raise GatewayRequestError("prompt must be a string or a list of token ids (one prompt)", "prompt")
         if not ids:
             raise GatewayRequestError("the prompt is empty", "prompt")
+        if not all(0 <= i < self.vocab_size for i in ids):
+            raise GatewayRequestError(f"token ids must lie in [0, {self.vocab_size})", "prompt")
         return [int(i) for i in ids]
+
+    def check_context(self, prompt_ids: list[int], max_tokens: int) -> None:
+        """Refuse a request whose prompt plus ``max_tokens`` would run past the model's context."""
+        if self.context_tokens is not None and len(prompt_ids) + max_tokens > self.context_tokens:
+            raise GatewayRequestError(
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceed the model's "
+                f"context of {self.context_tokens} tokens",
+                "max_tokens",
+            )
 
     async def stream(
         self,
@@ -166,7 +200,16 @@ class Gateway:
                 completion_tokens=len(generated),
                 total_tokens=len(prompt_ids) + len(generated),
             )
-            await self.client.drop(session)
+            # A client that leaves cancels this generator; the drop must still reach every hop (cancelled
+            # midway it freed hop 0 and left the session on the others until max_sessions filled up).
+            drop = asyncio.ensure_future(self.client.drop(session))
+            self._drops.add(drop)
+            drop.add_done_callback(self._drops.discard)
+            await asyncio.shield(drop)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _error(
@@ -186,11 +229,40 @@ def _sampling(body: dict[str, Any]) -> SamplingParams:
     temperature = body.get("temperature")
     top_p = body.get("top_p")
     seed = body.get("seed")
+    if seed is not None and not (_is_int(seed) and -(2**63) <= seed < 2**63):
+        raise GatewayRequestError("seed must be an integer in [-2^63, 2^63)", "seed")
     return SamplingParams(
         temperature=1.0 if temperature is None else float(temperature),
         top_p=1.0 if top_p is None else float(top_p),
-        seed=secrets.randbelow(2**31) if seed is None else int(seed),
+        seed=secrets.randbelow(2**31) if seed is None else seed,
     )
+
+
+# OpenAI parameters this gateway does not implement, with the values that ask for nothing: any other
+# value is refused, not ignored (a client asking for logprobs must not get a reply without them).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "logprobs": (False,),
+    "top_logprobs": (),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": (),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "n": (1,),
+}
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    for name, accepted in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(type(value) is type(a) and value == a for a in accepted):
+            raise GatewayRequestError(f"{name}={value!r} is not supported by this gateway", name)
 
 
 def _stop_list(body: dict[str, Any]) -> list[str]:
@@ -205,8 +277,10 @@ def _stop_list(body: dict[str, Any]) -> list[str]:
 
 
 def _max_tokens(body: dict[str, Any], default: int) -> int:
-    value = body.get("max_completion_tokens") or body.get("max_tokens") or default
-    if not isinstance(value, int) or value < 1 or value > 32_768:
+    value = body.get("max_completion_tokens")
+    value = body.get("max_tokens") if value is None else value
+    value = default if value is None else value
+    if not _is_int(value) or value < 1 or value > 32_768:
         raise GatewayRequestError("max_tokens must be an integer in 1..32768", "max_tokens")
     return value
 
@@ -220,6 +294,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -233,13 +308,26 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def _validation(_: Request, exc: RequestValidationError) -> Any:
         return _error(400, str(exc))
 
-    async def _body(request: Request) -> dict[str, Any]:
+    @app.exception_handler(GatewayRequestError)
+    async def _refused(_: Request, exc: GatewayRequestError) -> Any:
+        return _error(400, str(exc), param=exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Any:
+        etype = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), etype)
+
+    async def _json_object(request: Request) -> dict[str, Any]:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise GatewayRequestError("the request body must be JSON") from None
         if not isinstance(body, dict):
             raise GatewayRequestError("the request body must be a JSON object")
+        return body
+
+    async def _body(request: Request) -> dict[str, Any]:
+        body = await _json_object(request)
         model = body.get("model")
         if model not in (None, gateway.model):
             raise GatewayRequestError(f"model {model!r} is not served here; use {gateway.model!r}", "model")
@@ -273,7 +361,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/admin/chain")
     async def set_chain(request: Request) -> Any:
-        body = await request.json()
+        body = await _json_object(request)
         try:
             chain = Chain.from_dict(body["chain"])
             return await gateway.switch(chain, body.get("mode", "kv"), int(body.get("recompute_hops", 0)))
@@ -284,7 +372,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/admin/prepare")
     async def prepare_chain(request: Request) -> Any:
-        body = await request.json()
+        body = await _json_object(request)
         try:
             chain = Chain.from_dict(body["chain"])
             mode, recompute = body.get("mode", "replay"), int(body.get("recompute_hops", 0))
@@ -301,11 +389,11 @@ def create_app(gateway: Gateway) -> FastAPI:
                 prompt_ids = gateway.encode_chat(body.get("messages"))
             else:
                 prompt_ids = gateway.encode_prompt(body.get("prompt"))
+            _refuse_unsupported(body)
             params = _sampling(body)
             max_tokens = _max_tokens(body, 256 if chat else 16)
+            gateway.check_context(prompt_ids, max_tokens)
             stop = _stop_list(body)
-            if body.get("n", 1) != 1:
-                raise GatewayRequestError("only n=1 is supported", "n")
         except (GatewayRequestError, SamplingError, ValueError, TypeError) as exc:
             return _error(400, str(exc), param=getattr(exc, "param", None))
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
@@ -320,9 +408,13 @@ def create_app(gateway: Gateway) -> FastAPI:
         usage: dict[str, int] = {}
         try:
             text, finish = "", "length"
-            async for delta, reason in gateway.stream(prompt_ids, max_tokens, params, stop, usage):
-                text += delta
-                finish = reason or finish
+            tokens = gateway.stream(prompt_ids, max_tokens, params, stop, usage)
+            async with contextlib.aclosing(tokens):
+                async for delta, reason in tokens:
+                    text += delta
+                    finish = reason or finish
+                    if await request.is_disconnected():  # nobody waits for the rest: free the hops now
+                        return _error(499, "the client closed the request", code="client_closed")
         except (ChainError, RemoteError, SegmentError) as exc:
             return _error(503, f"the segment chain failed: {exc}", "server_error")
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -369,9 +461,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         try:
             if chat:
                 yield _sse(chunk(None, None, role=True))
-            async for delta, reason in gateway.stream(prompt_ids, max_tokens, params, stop, usage):
-                if delta or reason:
-                    yield _sse(chunk(delta, reason))
+            tokens = gateway.stream(prompt_ids, max_tokens, params, stop, usage)
+            async with contextlib.aclosing(tokens):
+                async for delta, reason in tokens:
+                    if delta or reason:
+                        yield _sse(chunk(delta, reason))
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": usage})
         except (ChainError, RemoteError, SegmentError) as exc:

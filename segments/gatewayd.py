@@ -52,14 +52,13 @@ async def _serve(args: argparse.Namespace) -> int:
 
     from mecsplit.settings import get_settings
     from segments.gateway import Gateway, create_app
-    from segments.store import load_tokenizer
 
     chain = Chain.from_dict(json.loads(args.chain_json))
     seg = get_settings().segments
-    gateway = Gateway(
+    gateway = Gateway.from_store(
         chain,
         load_secret(args.secret_file),
-        load_tokenizer(args.store, args.model),
+        args.store,
         args.model,
         recover_timeout_s=seg.recover_timeout_s,
         abandon_after_s=seg.abandon_after_s,

@@ -19,6 +19,7 @@ Semantics shared with ``segments.reference.ReferenceModel``:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class _Session:
     length: int
     # Layers whose KV is present; a session imported piecewise is usable only once all are.
     layers: set[int] = field(default_factory=set)
+    used_s: float = field(default_factory=time.monotonic)  # last forward or import (idle eviction)
 
 
 class _Blocks:
@@ -480,6 +482,7 @@ class SegmentRunner:
             )
         if state is None:
             state = self._new_session(session, batch)
+        state.used_s = time.monotonic()
         return state
 
     def _new_session(self, session: str, batch: int) -> _Session:
@@ -592,6 +595,7 @@ class SegmentRunner:
                 state = self._new_session(session, batch)
                 state.layers = set()
             self._install(state, tensors, layers, length, batch)
+            state.used_s = time.monotonic()
 
     def _parse_kv(self, tensors: Mapping[str, torch.Tensor], length: int) -> set[int]:
         if not tensors:
@@ -667,6 +671,16 @@ class SegmentRunner:
         """Free the session's KV; True if it existed (dropping an unknown session is not an error)."""
         with self._lock:
             return self._sessions.pop(session, None) is not None
+
+    def evict_idle(self, idle_s: float) -> list[str]:
+        """Drop the sessions no forward or import has used for ``idle_s``: a gateway that died or lost
+        its connection never drops them, and they would hold KV and a place in ``max_sessions``."""
+        cutoff = time.monotonic() - idle_s
+        with self._lock:
+            idle = sorted(sid for sid, state in self._sessions.items() if state.used_s < cutoff)
+            for sid in idle:
+                del self._sessions[sid]
+            return idle
 
 
 def run_chain(

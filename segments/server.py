@@ -95,7 +95,8 @@ LOGITS_MODES = ("none", "last", "all")
 
 
 class BadRequestError(ProtocolError):
-    """A well-framed request that makes no sense for this segment (wrong shape, broken route)."""
+    """A well-framed request that makes no sense for this segment (wrong shape, broken route): it fails
+    alone, the connection stays."""
 
     code = "bad_request"
 
@@ -117,6 +118,7 @@ class ServerLimits:
     handshake_timeout_s: float = 5.0
     frame_timeout_s: float = 10.0
     peer_timeout_s: float = 10.0
+    session_idle_s: float = 600.0  # a session unused this long is dropped (its gateway left without it)
 
 
 @dataclass
@@ -363,6 +365,7 @@ class SegmentServer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-compute")
         self.background = False  # started at low priority (a standby) and not yet given work
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -393,7 +396,21 @@ class SegmentServer:
             await loop.run_in_executor(self.executor, store.verify, self.store_dir, self.model)
         self.runner = await loop.run_in_executor(self.executor, self._load_runner, self.first, self.end)
         self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20)
+        self._sweeper = asyncio.create_task(self._sweep_idle())
         return self._server.sockets[0].getsockname()[1]
+
+    async def _sweep_idle(self) -> None:
+        """Evict idle sessions every quarter of the idle limit, on the compute thread (between steps)."""
+        loop = asyncio.get_running_loop()
+        every_s = min(60.0, self.limits.session_idle_s / 4)
+        while True:
+            await asyncio.sleep(every_s)
+            runner = self.runner
+            evicted = await loop.run_in_executor(self.executor, runner.evict_idle, self.limits.session_idle_s)
+            if evicted:
+                log.warning("evicted %d sessions idle for %.0f s", len(evicted), self.limits.session_idle_s)
+                self.kv_bytes = runner.kv_bytes()
+                self.session_count = len(runner.sessions())
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Refuse new sessions and wait for queued compute to finish."""
@@ -402,6 +419,8 @@ class SegmentServer:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for link in list(self.links.values()):
@@ -541,7 +560,10 @@ class SegmentServer:
             except ProtocolError as exc:
                 rid = frame.header.get("request_id")
                 self._send_error(conn, exc.code, str(exc), rid if isinstance(rid, str) else None)
-                return
+                # A well-framed request that makes no sense fails alone: the stream is still in step, and
+                # the connection carries the gateway's other sessions. Anything else ends it.
+                if not isinstance(exc, BadRequestError):
+                    return
             await conn.writer.drain()
 
     def _close_conn(self, conn: Connection) -> None:
@@ -861,6 +883,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-kv-bytes", type=int, default=seg.max_kv_bytes)
     p.add_argument("--max-frame-bytes", type=int, default=seg.max_frame_bytes)
     p.add_argument(
+        "--session-idle-s",
+        type=float,
+        default=seg.session_idle_s,
+        help="drop a session no step has used for this long (a gateway that left never drops it)",
+    )
+    p.add_argument(
         "--verify-store",
         action="store_true",
         help="hash every file of the model before listening, so a later load_range reads nothing twice",
@@ -881,6 +909,7 @@ async def _amain(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         max_kv_bytes=args.max_kv_bytes,
         threads=args.threads,
+        session_idle_s=args.session_idle_s,
     )
     server = SegmentServer(args.store, args.model, args.first, args.end, secret, limits)
     if args.background and can_restore_priority():

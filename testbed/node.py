@@ -212,25 +212,37 @@ class NodeCgroup:
 
 
 def remove_cgroup_tree(path: Path) -> None:
-    """Remove a cgroup directory bottom-up after killing what still runs in it (only our own cgroups)."""
-    if not path.is_dir():
+    """Remove a cgroup directory bottom-up after killing what still runs in it (only our own cgroups).
+    A directory may vanish while it is walked (Docker removes a container's cgroup as the container
+    goes): what is gone is what was to be removed, not an error."""
+    try:
+        children = sorted((p for p in path.iterdir() if p.is_dir()), reverse=True)
+    except (FileNotFoundError, NotADirectoryError):
         return
-    for child in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
+    for child in children:
         remove_cgroup_tree(child)
     procs = path / "cgroup.procs"
     for _ in range(50):
-        pids = [int(x) for x in procs.read_text().split()] if procs.exists() else []
+        try:
+            pids = [int(x) for x in procs.read_text().split()] if procs.exists() else []
+        except FileNotFoundError:
+            return
         if not pids:
             break
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         time.sleep(0.05)
-    try:
-        path.rmdir()
-    except OSError:
-        time.sleep(0.2)
-        path.rmdir()
+    for attempt in range(2):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if attempt:
+                raise
+            time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------------------------- nodes

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from testbed.trace import bundled_trace_path, read_trace_columns
+from testbed.trace import TRACES_DIR, bundled_trace_path, header_note, read_trace_columns
 
 # Linux IFNAMSIZ is 16 including the terminating NUL.
 MAX_IFNAME_CHARS = 15
@@ -194,8 +194,14 @@ class TraceEvent(_Event):
         if value is None:
             return None
         base = (info.context or {}).get("base_dir")
-        path = value if value.is_absolute() or base is None else Path(base) / value
-        path = path.resolve()
+        folder = Path(base if base is not None else Path.cwd()).resolve()
+        path = (value if value.is_absolute() else folder / value).resolve()
+        # Only the scenario's own folder and the bundled traces: a scenario names no other file of the
+        # host (links resolved first, so one pointing out is refused too).
+        if not (path.is_relative_to(folder) or path.is_relative_to(TRACES_DIR)):
+            raise ValueError(
+                f"trace file {value} must lie in the scenario's folder ({folder}) or be a bundled trace"
+            )
         if not path.is_file():
             raise ValueError(f"trace file {path} does not exist")
         return path
@@ -217,7 +223,7 @@ class TraceEvent(_Event):
             return value
         columns = read_trace_columns(path)
         if value not in columns:
-            raise ValueError(f"column {value!r} not in {path.name} (it has {', '.join(columns)})")
+            raise ValueError(f"column {value!r} not in {path.name}{header_note(path, columns)}")
         return value
 
     @property

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,16 @@ def bundled_trace_path(name: str) -> Path:
     return path
 
 
+def is_bundled(path: Path) -> bool:
+    return path.resolve().parent == TRACES_DIR
+
+
+def header_note(path: Path, header: Sequence[str]) -> str:
+    """``; it has a, b`` for a bundled trace; nothing for a user's file, whose contents an error must not
+    echo (a scenario could otherwise name any file and read its first line in the error)."""
+    return f"; it has {', '.join(header)}" if is_bundled(path) else ""
+
+
 def read_trace_columns(path: Path) -> list[str]:
     """Rate columns of a trace CSV (every column but ``t_s``)."""
     header = _read_rows(path)[0]
@@ -85,7 +95,7 @@ def load_trace(
     rows = _read_rows(path)
     header, body = rows[0], rows[1:]
     if "t_s" not in header or column not in header:
-        raise TraceError(f"{path} needs columns 't_s' and {column!r}; it has {', '.join(header)}")
+        raise TraceError(f"{path} needs columns 't_s' and {column!r}{header_note(path, header)}")
     it, ic = header.index("t_s"), header.index(column)
     times: list[float] = []
     rates: list[float] = []
@@ -123,6 +133,8 @@ def _read_rows(path: Path) -> list[list[str]]:
             rows = [row for row in csv.reader(fh) if row]
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise TraceError(f"trace {path} is not a UTF-8 CSV") from None
     if not rows:
         raise TraceError(f"trace {path} is empty")
     rows[0] = [c.strip() for c in rows[0]]
@@ -133,7 +145,7 @@ def _number(path: Path, lineno: int, row: list[str], index: int) -> float:
     try:
         value = float(row[index])
     except (IndexError, ValueError):
-        raise TraceError(f"{path}:{lineno}: not a number in column {index + 1}: {row}") from None
+        raise TraceError(f"{path}:{lineno}: not a number in column {index + 1}") from None
     if not math.isfinite(value):
         raise TraceError(f"{path}:{lineno}: value must be finite, got {value}")
     return value

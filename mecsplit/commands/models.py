@@ -106,5 +106,20 @@ def list_cmd(
     Console().print(table)
 
 
+def bench_numerics_cmd(
+    runs: int = typer.Option(3, min=1, help="rounds; each runs every MKL setting once, interleaved"),
+    steps: int = typer.Option(32, min=1, help="timed decode steps per run"),
+    as_json: bool = typer.Option(True, "--json/--no-json", help="print JSON (the only format)"),
+) -> None:
+    """What pinning MKL's code path (MKL_CBWR, which exactness rests on) costs per decoded token: a
+    SmolLM2-135M-shaped model on one thread, unpinned against AVX2, COMPATIBLE and AVX2,STRICT, each in a
+    process of its own (JSON on stdout, progress on stderr)."""
+    from mecsplit import numerics_bench
+
+    result = numerics_bench.run(runs, steps, progress=lambda line: typer.echo(line, err=True))
+    typer.echo(json.dumps(result, indent=2 if as_json else None))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
+    bench.command("numerics")(bench_numerics_cmd)

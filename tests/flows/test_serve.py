@@ -29,8 +29,9 @@ from conftest import TINY_SCENARIO
 from flows import pipeline
 from flows.reaction import wait_for_deployment
 from flows.runtime import LocalBackend, clear_local_links, set_local_link, stop_local_processes
+from flows.serve import own_temp_dir
 from flows.state import clear_state, load_state
-from mecsplit.settings import get_settings
+from mecsplit.settings import Settings, get_settings
 from testbed.scenario import load_scenario
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
@@ -181,3 +182,15 @@ def _render(url: str) -> str:
         return proc.stdout
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_serve_keeps_its_temporary_files_under_its_home(tmp_path: Path) -> None:
+    """Prefect's runner storage goes under MECSPLIT_HOME, private to its user, not the shared /tmp."""
+    settings = Settings(home=tmp_path / "home")
+    saved = tempfile.tempdir
+    try:
+        path = own_temp_dir(settings)
+        assert path == tmp_path / "home" / "tmp" and path.stat().st_mode & 0o777 == 0o700
+        assert tempfile.gettempdir() == str(path)
+    finally:
+        tempfile.tempdir = saved

@@ -13,6 +13,7 @@ import openai
 import pytest
 from wire_helpers import children_alive, num_layers
 
+from segments.client import Chain, ChainClient
 from segments.gateway import Gateway, create_app
 from segments.launch import LocalChain
 from segments.sampling import SamplingParams
@@ -39,7 +40,7 @@ def base_url(wire_store: Path, chains: tuple[LocalChain, LocalChain]) -> Iterato
     import uvicorn
 
     a, _ = chains
-    gateway = Gateway(a.chain, a.secret(), load_tokenizer(wire_store, MODEL), MODEL)
+    gateway = Gateway.from_store(a.chain, a.secret(), wire_store, MODEL)
     server = uvicorn.Server(
         uvicorn.Config(create_app(gateway), host="127.0.0.1", port=0, log_level="warning")
     )
@@ -236,3 +237,96 @@ def test_a_stream_survives_a_dead_segment_server(wire_store: Path) -> None:
         want, got, recoveries = asyncio.run(scenario())
     assert got == want
     assert len(recoveries) == 1 and recoveries[0]["recovery_s"] > 0  # the step after the kill, retried
+
+
+def _hop_sessions(base_url: str, secret: bytes) -> list[list[str]]:
+    """The sessions each hop of the gateway's current chain holds."""
+    chain = Chain.from_dict(httpx.get(f"{base_url}/admin/chain", timeout=30).json()["chain"])
+    with ChainClient(chain, secret) as client:
+        return [client.control(i, "sessions")[0]["sessions"] for i in range(len(chain.hops))]
+
+
+def _completion(base_url: str, body: dict[str, object] | str) -> httpx.Response:
+    if isinstance(body, str):
+        return httpx.post(f"{base_url}/v1/completions", content=body, timeout=120,
+                          headers={"content-type": "application/json"})  # fmt: skip
+    return httpx.post(f"{base_url}/v1/completions", json=body, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": [5, 50_000], "max_tokens": 2}, "prompt"),  # beyond the vocabulary: broke hop 0's link
+        ({"prompt": [5, 10**30], "max_tokens": 2}, "prompt"),
+        ({"prompt": [5, True], "max_tokens": 2}, "prompt"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),  # was silently 16
+        ('{"prompt": "x", "max_tokens": 2, "seed": 1e400}', "seed"),  # was a 500
+        ({"prompt": "x", "max_tokens": 2, "seed": 2.5}, "seed"),
+        ({"prompt": "x", "max_tokens": 2, "logprobs": 3}, "logprobs"),  # were silently ignored
+        ({"prompt": "x", "max_tokens": 2, "echo": True}, "echo"),
+        ({"prompt": "x", "max_tokens": 2, "presence_penalty": 0.5}, "presence_penalty"),
+        ({"prompt": "x", "max_tokens": 2, "n": 2}, "n"),
+        ({"prompt": [5] * 2000, "max_tokens": 100}, "max_tokens"),  # past the context of 2048
+    ],
+)
+def test_a_bad_request_gets_a_400_and_the_gateway_serves_on(
+    base_url: str, chains: tuple[LocalChain, LocalChain], body: dict[str, object] | str, param: str
+) -> None:
+    response = _completion(base_url, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+    good = _completion(base_url, {"prompt": [5, 6], "max_tokens": 3, "temperature": 0})
+    assert good.status_code == 200, good.text
+    assert good.json()["usage"]["completion_tokens"] == 3
+    assert _hop_sessions(base_url, chains[0].secret()) == [[], []]
+
+
+def test_accepted_defaults_of_unsupported_parameters_pass(base_url: str) -> None:
+    body = {"prompt": "x", "max_tokens": 2, "logprobs": None, "echo": False, "presence_penalty": 0, "n": 1}
+    assert _completion(base_url, body).status_code == 200
+
+
+def test_admin_and_unknown_routes_answer_in_openai_shape(base_url: str) -> None:
+    for response, status in (
+        (httpx.post(f"{base_url}/admin/chain", content=b"not json", timeout=30), 400),
+        (httpx.post(f"{base_url}/admin/prepare", content=b"[1, 2]", timeout=30), 400),
+        (httpx.get(f"{base_url}/v1/nothing-here", timeout=30), 404),
+        (httpx.get(f"{base_url}/v1/completions", timeout=30), 405),
+    ):
+        assert response.status_code == status, response.text
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_client_that_leaves_frees_its_session_on_every_hop(
+    base_url: str, chains: tuple[LocalChain, LocalChain]
+) -> None:
+    """A stream read for a few tokens and closed, and a plain request whose client gave up: the gateway
+    stops generating and every hop drops the session (before, the last hop kept each streamed one, and
+    256 of them filled max_sessions)."""
+    secret = chains[0].secret()
+    body = {"prompt": "Edge nodes", "max_tokens": 1500, "temperature": 0}
+    started = time.monotonic()
+    whole = _completion(base_url, body).json()
+    whole_s = time.monotonic() - started
+    assert whole["usage"]["completion_tokens"] > 200, "the model stopped early; the test needs a long answer"
+    for _ in range(3):
+        with httpx.stream(
+            "POST", f"{base_url}/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as r:
+            lines = r.iter_lines()
+            for _ in range(4):
+                next(lines)
+    tokens_before = httpx.get(f"{base_url}/admin/telemetry", timeout=30).json()["tokens"]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{base_url}/v1/completions", json=body, timeout=whole_s / 10)
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base_url}/admin/chain", timeout=30).json()["live_sessions"]:
+        assert time.monotonic() < deadline, "the sessions of clients that left are still generating"
+        time.sleep(0.05)
+    generated = httpx.get(f"{base_url}/admin/telemetry", timeout=30).json()["tokens"] - tokens_before
+    assert generated < whole["usage"]["completion_tokens"] / 2
+    deadline = time.monotonic() + 10
+    while (held := _hop_sessions(base_url, secret)) != [[], []]:
+        assert time.monotonic() < deadline, f"sessions left on the hops: {held}"
+        time.sleep(0.05)

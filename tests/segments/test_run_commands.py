@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _mecsplit(*args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-c", "from mecsplit.cli import main; main()", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.exactness
 def test_verify_prints_exact_steps(wire_store: Path) -> None:
     out = _mecsplit("verify", "--model", "llama-tiny", "--boundaries", "1,3", "--tokens", "3", "--json",
                     "--store", str(wire_store))  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def _all_splits(num_layers: int) -> list[list[int]]:
     return [[cut] for cut in range(1, num_layers)] + [list(range(1, num_layers))]
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("model", TINY)
 def test_every_split_is_bit_exact(model_store: StoreFor, model: str) -> None:
     store_dir = model_store(model)
@@ -66,6 +68,7 @@ def test_every_split_is_bit_exact(model_store: StoreFor, model: str) -> None:
         assert [r.kv_length("s") for r in runners] == [ids.shape[1] + STEPS] * len(runners)
 
 
+@pytest.mark.exactness
 @pytest.mark.slow  # converts SmolLM2 (~35 s) unless the user's store has it; each chain then runs ~5 s
 def test_smollm2_splits_are_exact_and_answer(model_store: StoreFor) -> None:
     model = "smollm2-135m"
@@ -131,6 +134,7 @@ def test_left_padded_batch_equals_one_by_one(model_store: StoreFor, model: str) 
             torch.testing.assert_close(batched_logits[step][row], logits[step][0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("model", TINY)
 def test_kv_moves_to_a_chain_with_other_boundaries(model_store: StoreFor, model: str) -> None:
     store_dir = model_store(model)
@@ -163,6 +167,7 @@ def test_kv_moves_to_a_chain_with_other_boundaries(model_store: StoreFor, model:
         position += 1
 
 
+@pytest.mark.exactness
 def test_truncate_rolls_back_exactly(model_store: StoreFor) -> None:
     model = "llama-tiny"
     store_dir = model_store(model)
@@ -229,3 +234,20 @@ def test_spec_validation_and_json_round_trip() -> None:
         with pytest.raises(LayerRangeError):
             SegmentSpec("gpt2-tiny", first, end)
     assert [(s.first, s.end) for s in split_evenly("m", 30, 4)] == [(0, 8), (8, 16), (16, 23), (23, 30)]
+
+
+def test_idle_sessions_are_evicted_and_used_ones_kept(model_store: StoreFor) -> None:
+    """A session no forward has used for the idle limit is dropped with its KV; one used since is not."""
+    model = "gpt2-tiny"
+    store_dir = model_store(model)
+    ids = _prompt(store_dir, model)
+    runner = SegmentRunner(store_dir, SegmentSpec(model, 0, 2), max_sessions=2, max_kv_bytes=BIG)
+    runner.forward("left", ids, 0)
+    runner.forward("active", ids, 0)
+    assert runner.evict_idle(3600.0) == []
+    time.sleep(0.3)
+    runner.forward("active", ids[:, :1], ids.shape[1])
+    assert runner.evict_idle(0.2) == ["left"]
+    assert runner.sessions() == ["active"]
+    assert runner.kv_bytes() == (ids.numel() + 1) * runner.kv_bytes_per_token
+    runner.forward("new", ids, 0)  # the evicted session's place in max_sessions is free again

@@ -70,15 +70,31 @@ def test_unauthenticated_frame_gets_error_and_close(chain2: LocalChain) -> None:
     sock.close()
 
 
-def test_wrong_shape_gets_error_and_close_but_others_continue(chain2: LocalChain) -> None:
+@pytest.mark.parametrize(
+    ("hop", "x"),
+    [(1, torch.zeros(1, 2, 3)), (0, torch.tensor([[5, 50_000]]))],
+    ids=["wrong-shape", "out-of-vocabulary"],
+)
+def test_a_bad_request_fails_alone_and_the_connection_serves_on(
+    chain2: LocalChain, hop: int, x: torch.Tensor
+) -> None:
+    """A well-framed request that makes no sense (hidden states of the wrong width, a token id beyond the
+    vocabulary) gets a bad_request error; the same connection, which carries a gateway's other sessions,
+    still answers, and so do the other clients."""
     with ChainClient(chain2.chain, chain2.secret()) as client:
         session = Session(tokens=[5, 6, 7])
         first = list(client.generate(session, 2))
-        sock = raw_connect(chain2.ports[1], chain2.secret())
-        header = {"session": "x", "request_id": "r1", "position": 0, "layer": chain2.specs[1].first,
+        sock = raw_connect(chain2.ports[hop], chain2.secret())
+        header = {"session": "x", "request_id": "r1", "position": 0, "layer": chain2.specs[hop].first,
                   "route": [], "channel": "nobody"}  # fmt: skip
-        sock.sendall(encode_frame_bytes(FrameType.FORWARD, header, {"x": torch.zeros(1, 2, 3)}))
-        assert assert_error_then_closed(sock, "bad_request").header["request_id"] == "r1"
+        sock.sendall(encode_frame_bytes(FrameType.FORWARD, header, {"x": x}))
+        error = recv_frame(sock)
+        assert error is not None and error.type == FrameType.ERROR
+        assert (error.header["code"], error.header["request_id"]) == ("bad_request", "r1")
+        sock.sendall(encode_frame_bytes(FrameType.CONTROL, {"op": "stats", "request_id": "r2"}))
+        reply = recv_frame(sock)
+        assert reply is not None and reply.type == FrameType.REPLY, reply
+        assert reply.header["request_id"] == "r2"
         sock.close()
         more = list(client.generate(session, 2))
         assert len(first + more) == 4
@@ -187,6 +203,7 @@ def _chain_logits(
     return logits, torch.cat(ids, dim=1)
 
 
+@pytest.mark.exactness
 def test_chains_of_1_to_4_are_exact(wire_store: Path) -> None:
     """Every K and (with 4-layer models) every boundary; four processes re-loaded in place per split."""
     prompt = torch.tensor([[11, 250, 3000, 17, 42, 9]])

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import pytest
+
 from testbed.cleanup import Scope
 
 
@@ -30,3 +35,27 @@ def test_iptables_rules_match_by_comment_or_interface() -> None:
     assert exact.iptables_line(ours) and not exact.iptables_line(theirs)
     assert Scope("mecsplit").iptables_line(ours) and Scope("mecsplit").iptables_line(theirs)
     assert not Scope("mecsplit").iptables_line("-A FORWARD -i docker0 -j ACCEPT")
+
+
+def test_a_cgroup_tree_that_vanishes_while_it_is_removed_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``testbed down --force`` crashed when Docker removed a container's cgroup while it walked the node's
+    tree. Here a child disappears between being listed and being read (plain folders stand in for the
+    cgroup file system, whose folders rmdir removes with their files)."""
+    from testbed.node import remove_cgroup_tree
+
+    root = tmp_path / "mecsplitz-edge"
+    (root / "gone").mkdir(parents=True)
+    (root / "kept" / "inner").mkdir(parents=True)
+    listed = Path.iterdir
+
+    def racing(self: Path) -> Any:
+        if self == root / "gone":
+            self.rmdir()  # listed as a child, removed by Docker before it is walked
+        return listed(self)
+
+    monkeypatch.setattr(Path, "iterdir", racing)
+    remove_cgroup_tree(root)
+    assert not root.exists()
+    remove_cgroup_tree(tmp_path / "never-was")

@@ -20,6 +20,7 @@ from testbed.scenario import (
     load_scenario,
     parse_scenario,
 )
+from testbed.trace import TraceError, load_trace
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
 SHIPPED = sorted(SCENARIOS.glob("*.yaml"))
@@ -158,6 +159,41 @@ def test_relative_csv_is_resolved_against_the_scenario_file(tmp_path: Path) -> N
     event = load_scenario(tmp_path / "s.yaml").timeline[0]
     assert isinstance(event, TraceEvent)
     assert event.path == (tmp_path / "traces" / "mine.csv").resolve()
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "link"])
+def test_a_trace_outside_the_scenarios_folder_is_refused_without_echoing_it(
+    tmp_path: Path, where: str
+) -> None:
+    """A scenario reads traces from its own folder or the bundled ones only, and no error quotes a file's
+    contents (before, ``csv: /etc/passwd`` with a missing column printed its first line)."""
+    secret = tmp_path / "outside" / "secret.csv"
+    secret.parent.mkdir()
+    secret.write_text("t_s,hunter2\n0,1\n")
+    folder = tmp_path / "scenario"
+    folder.mkdir()
+    name = {"absolute": str(secret), "dotdot": "../outside/secret.csv", "link": "mine.csv"}[where]
+    if where == "link":
+        (folder / "mine.csv").symlink_to(secret)
+    (folder / "s.yaml").write_text(DEFAULT.replace("trace: lte-driving-1,", f"csv: {name},"))
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(folder / "s.yaml")
+    assert "scenario's folder" in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_an_error_in_a_users_trace_names_no_content(tmp_path: Path) -> None:
+    (tmp_path / "mine.csv").write_text("t_s,hunter2\n0,x-secret-x\n")
+    text = DEFAULT.replace("trace: lte-driving-1,", "csv: mine.csv, column: up,")
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(tmp_path / "s.yaml")
+    assert "not in mine.csv" in str(info.value) and "hunter2" not in str(info.value)
+    with pytest.raises(TraceError) as bad_row:
+        load_trace(tmp_path / "mine.csv", "hunter2")
+    assert "not a number" in str(bad_row.value) and "x-secret-x" not in str(bad_row.value)
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00secret")
+    with pytest.raises(TraceError, match="not a UTF-8 CSV"):
+        load_trace(tmp_path / "binary.csv")
 
 
 def test_trust_accepts_bool_and_link_refs_both_forms() -> None:
