@@ -261,6 +261,8 @@ def build_problem(
         constraints=Constraints(
             trust_threshold=c.min_trust / 3,
             trusted_prefix_layers=min(c.trusted_layers, n_layers),
+            private_depth=min(c.private_depth, n_layers),
+            trusted_head=c.trusted_head,
             max_ttft_s=c.slo_ttft_s,
             max_tpot_s=c.slo_tpot_s,
             min_throughput_tok_s=c.min_throughput_tok_s,
@@ -294,6 +296,28 @@ class DeployResult:
 
 def plan_layout(plan: Plan) -> list[tuple[str, int, int]]:
     return [(s.node, s.first, s.end) for s in plan.stages]
+
+
+def trust_breaches(scenario: Scenario, layout: Iterable[tuple[str, int, int]], num_layers: int) -> list[str]:
+    """Where a plan's stages break the scenario's trust constraints (empty: none). The optimiser never
+    proposes such a plan; this is the check where a plan takes effect, whoever made it (a hand-written
+    plan, another policy, a stale decision). Routes are the optimiser's to check: a stage here is judged
+    by the node it runs on."""
+    c = scenario.constraints
+    trust = {n.name: n.trust for n in scenario.nodes}
+    out = []
+    for node, first, end in layout:
+        level = trust.get(node, 0)
+        if level >= c.min_trust:
+            continue
+        who = f"{node} (trust {level} < {c.min_trust})"
+        if first < min(c.trusted_layers, num_layers):
+            out.append(f"{who} would run layer {first}; layers [0, {c.trusted_layers}) stay on trusted nodes")
+        elif first < min(c.private_depth, num_layers):
+            out.append(f"{who} would see depth-{first} activations; private_depth is {c.private_depth}")
+        if c.trusted_head and end == num_layers:
+            out.append(f"{who} would run the last layer and the head; trusted_head is set")
+    return out
 
 
 def read_manifest(settings: Settings, model: str) -> dict[str, Any]:
@@ -646,6 +670,9 @@ def deploy(
     secret = current_secret(current)
     layout = plan_layout(plan)
     manifest = read_manifest(settings, model)
+    breaches = trust_breaches(backend.scenario, layout, manifest["num_layers"])
+    if breaches:
+        raise RuntimeFailure(f"refusing a plan that breaks the trust constraints: {'; '.join(breaches)}")
     alive = set(backend.alive_nodes())
     spare = {
         e.node: e

@@ -146,6 +146,10 @@ class Constraints(_Frozen):
         default=0, ge=0, description="the first N layers (and the raw input) must stay on trusted nodes"
     )
     min_trust: int = Field(default=2, ge=0, le=3, description="trust level a node needs to count as trusted")
+    private_depth: int = Field(
+        default=0, ge=0, description="activations before layer N never reach an untrusted node or route"
+    )
+    trusted_head: bool = Field(default=False, description="the last layer and the LM head on trusted nodes")
 
 
 def _parse_link_ref(value: Any) -> Any:

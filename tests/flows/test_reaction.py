@@ -13,12 +13,12 @@ from conftest import TINY_SCENARIO
 from flows import pipeline
 from flows.measure import stream_completion
 from flows.reaction import medians
-from flows.runtime import LinkProbe, LocalBackend, standby_range
+from flows.runtime import LinkProbe, LocalBackend, RuntimeFailure, standby_range
 from flows.state import DeploymentState, Endpoint
 from mecsplit.process import pid_alive
 from mecsplit.settings import get_settings
 from policies import solve
-from policies.plan import Plan, Stage
+from policies.plan import Metrics, Plan, Stage
 from testbed.scenario import load_scenario
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
@@ -237,3 +237,30 @@ def test_the_next_deploy_loads_its_range_into_a_warm_standby(flows_home: Path) -
         pipeline.teardown(backend, state)
     for endpoint in (*state.segments, *state.standbys):
         assert not _alive(endpoint)
+
+
+def test_a_plan_that_breaks_trust_is_refused_before_anything_starts(flows_home: Path) -> None:
+    """The tiny scenario keeps layer 0 on trust >= 2 (device 3, edge 2, cloud 0). A plan that gives it to
+    the cloud, whoever made it, is refused by deploy with the reason, and no server is started."""
+    scenario = load_scenario(TINY_SCENARIO)
+    assert pipeline.trust_breaches(scenario, [("device", 0, 1), ("cloud", 1, 4)], 4) == []
+    with_head = scenario.model_copy(
+        update={
+            "constraints": scenario.constraints.model_copy(update={"trusted_head": True, "private_depth": 2})
+        }
+    )
+    breaches = pipeline.trust_breaches(with_head, [("device", 0, 1), ("cloud", 1, 4)], 4)
+    assert len(breaches) == 2 and "private_depth is 2" in breaches[0] and "head" in breaches[1]
+
+    class NoStarts(LocalBackend):
+        def start_segment(self, request: pipeline.SegmentRequest, secret: str) -> Endpoint:
+            raise AssertionError("a server was started for a refused plan")
+
+    backend = NoStarts(scenario)
+    metrics = Metrics(ttft_s=0.1, tpot_s=0.1, throughput_tok_s=10, privacy_exposure=1, bottleneck_s=0.1,
+                      request_latency_s=1.0)  # fmt: skip
+    bad = Plan(
+        stages=(Stage(node="cloud", first=0, end=4),), policy="hand", predicted=metrics, objective_value=0
+    )
+    with pytest.raises(RuntimeFailure, match=r"trust constraints: cloud \(trust 0 < 2\) would run layer 0"):
+        pipeline.deploy(backend, str(TINY_SCENARIO), "llama-tiny", bad, None, progress=print)
