@@ -610,16 +610,17 @@ def _start_s(
 ) -> float:
     """How long a server start on ``node`` takes now: its last start's time, scaled by the CPU its
     background load leaves now against what it left then (a start is CPU-bound); ``default_s`` where it
-    has not started one, and the load then taken as today's where the controller did not see it. Smart
-    city's pole started its stage in 29 s unloaded and in 61 s under 60 % load (priced: 29 / 0.4 = 72 s),
-    where a fixed 12 s made the move look five times cheaper than it was."""
+    has not started one. The load then: the controller's samples over the start, else what the deploy
+    read as it began (the initial deploy runs before the controller), else today's. Smart city's pole
+    started its stage in 29 s unloaded and in 57-61 s under 60 % load (priced: 29 / 0.4 = 72 s); priced
+    at the 29 s, the move was adopted and lost its window."""
     last = state.starts.get(node)
     if last is None:
         return default_s
     now = min(MAX_PRICED_LOAD, net.loads.get(node, 0.0))
-    then = loads.mean(node, last.ended_at_s - last.took_s, last.ended_at_s) if loads is not None else None
-    then = now if then is None else min(MAX_PRICED_LOAD, then)
-    return last.took_s * (1.0 - then) / (1.0 - now)
+    seen = loads.mean(node, last.ended_at_s - last.took_s, last.ended_at_s) if loads is not None else None
+    then = seen if seen is not None else last.load if last.load is not None else now
+    return last.took_s * (1.0 - min(MAX_PRICED_LOAD, then)) / (1.0 - now)
 
 
 class LoadLog:

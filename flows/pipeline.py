@@ -528,10 +528,19 @@ class BroughtUp:
     starts: dict[str, NodeStart]
 
 
-def _timed(fn: Callable[[], Endpoint]) -> tuple[Endpoint, NodeStart]:
+def _timed(fn: Callable[[], Endpoint], load: float | None) -> tuple[Endpoint, NodeStart]:
     started = time.monotonic()
     endpoint = fn()
-    return endpoint, NodeStart(took_s=time.monotonic() - started, ended_at_s=time.time())
+    return endpoint, NodeStart(took_s=time.monotonic() - started, ended_at_s=time.time(), load=load)
+
+
+def _loads(backend: Backend) -> dict[str, float]:
+    """The nodes' background loads now; none where the backend cannot say (a start is then priced as
+    if the load had not changed since)."""
+    try:
+        return backend.node_loads()
+    except Exception:  # the monitor is away: the starts go on, unpriced by load
+        return {}
 
 
 def _bring_up(
@@ -546,11 +555,12 @@ def _bring_up(
     for request in requests:
         standby = spare.pop(request.node, None)
         jobs.append((request, standby))
+    loads = _loads(backend)
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = [
-            pool.submit(_timed, partial(claim_standby, standby, request, secret))
+            pool.submit(_timed, partial(claim_standby, standby, request, secret), loads.get(request.node))
             if standby is not None
-            else pool.submit(_timed, partial(backend.start_segment, request, secret))
+            else pool.submit(_timed, partial(backend.start_segment, request, secret), loads.get(request.node))
             for request, standby in jobs
         ]
     failures = [f.exception() for f in futures if f.exception() is not None]

@@ -103,6 +103,9 @@ class Backend(Protocol):
     def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]: ...
     def stop_gateway(self, handle: str) -> None: ...
     def alive_nodes(self) -> list[str]: ...
+    def node_loads(self) -> dict[str, float]:
+        """Each node's background load now, the share of its CPU other work takes (0..1)."""
+        ...
 
 
 def _server_command(
@@ -249,6 +252,9 @@ class LocalBackend:
     def alive_nodes(self) -> list[str]:
         return [n.name for n in self.scenario.nodes if n.joins_at_s is None]
 
+    def node_loads(self) -> dict[str, float]:
+        return {}  # processes on one host: no node carries a background load of its own
+
 
 PID_REGISTRY = "pids.txt"
 
@@ -393,6 +399,9 @@ class TestbedBackend:
         """Nodes up as the daemon's monitor last saw them (its cheap view: no Docker call)."""
         nodes = self.client.monitor()["nodes"]
         return sorted(name for name, row in nodes.items() if row["up"])
+
+    def node_loads(self) -> dict[str, float]:
+        return {name: float(row["load_pct"]) / 100.0 for name, row in self.client.monitor()["nodes"].items()}
 
 
 def backend_for(name: BackendName, scenario: Scenario, settings: Settings | None = None) -> Backend:

@@ -44,6 +44,9 @@ class NodeStart(BaseModel):
 
     took_s: float = Field(ge=0)
     ended_at_s: float = Field(description="wall clock (time.time) when the server was ready")
+    load: float | None = Field(
+        default=None, ge=0, le=1, description="the node's background load as the start began (None: unknown)"
+    )
 
 
 class DeploymentState(BaseModel):

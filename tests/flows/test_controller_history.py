@@ -82,6 +82,7 @@ def test_a_move_is_priced_at_each_nodes_last_start_scaled_by_its_load() -> None:
         "edge": NodeStart(took_s=30.0, ended_at_s=100.0),
         "cloud": NodeStart(took_s=3.0, ended_at_s=50.0),
         "mec": NodeStart(took_s=20.0, ended_at_s=190.0),
+        "pole": NodeStart(took_s=29.0, ended_at_s=10.0, load=0.0),  # before the controller ran
     }
     state = DeploymentState(
         scenario="s.yaml", model="m", backend="local", revision=1, plan={}, segments=(), gateway_url="",
@@ -91,8 +92,9 @@ def test_a_move_is_priced_at_each_nodes_last_start_scaled_by_its_load() -> None:
     loads = LoadLog()
     for t in range(60, 110, 2):  # edge idle while it started; none sampled while mec started
         loads.add(float(t), {"edge": 0.0})
-    everyone = frozenset({"device", "edge", "cloud", "mec"})
-    net = NetworkSample(at_s=200.0, rates_mbit={}, loads={"edge": 0.6, "mec": 0.5}, alive=everyone)
-    want = {"device": f.cold_start_s, "edge": 75.0, "cloud": f.standby_load_s, "mec": 20.0}
+    everyone = frozenset({"device", "edge", "cloud", "mec", "pole"})
+    now_loads = {"edge": 0.6, "mec": 0.5, "pole": 0.6}
+    net = NetworkSample(at_s=200.0, rates_mbit={}, loads=now_loads, alive=everyone)
+    want = {"device": f.cold_start_s, "edge": 75.0, "cloud": f.standby_load_s, "mec": 20.0, "pole": 72.5}
     assert _ready_s(state, net, settings, loads) == pytest.approx(want)
-    assert _starting(state, net) == {"device", "edge", "mec"}
+    assert _starting(state, net) == {"device", "edge", "mec", "pole"}
