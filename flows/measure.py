@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 
+from mecsplit.settings import get_settings
+
 
 @dataclass(frozen=True)
 class StreamSample:
@@ -38,6 +40,13 @@ def sse_chunks(response: httpx.Response, gateway_url: str) -> Iterator[dict[str,
         yield chunk
 
 
+def gateway_headers() -> dict[str, str]:
+    """What this project's own clients send with a ``/v1`` request: the API key where one is set
+    (``MECSPLIT_SEGMENTS__API_KEY``, the same setting the gateway enforces)."""
+    key = get_settings().segments.api_key
+    return {} if key is None else {"Authorization": f"Bearer {key}"}
+
+
 def stream_completion(
     gateway_url: str, prompt: str, max_tokens: int, *, timeout_s: float = 300.0, seed: int = 0
 ) -> StreamSample:
@@ -51,7 +60,8 @@ def stream_completion(
     started = time.perf_counter()
     stamps: list[float] = []
     pieces: list[str] = []
-    with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=timeout_s) as response:
+    url = f"{gateway_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, timeout=timeout_s, headers=gateway_headers()) as response:
         for chunk in sse_chunks(response, gateway_url):
             text = chunk["choices"][0]["delta"].get("content", "") if chunk["choices"] else ""
             if text:

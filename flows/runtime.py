@@ -108,6 +108,13 @@ class Backend(Protocol):
         ...
 
 
+def _api_key_env(settings: Settings) -> dict[str, str]:
+    """The gateway's API key for a container, whose environment is only what it is given (a local
+    gateway inherits it with the rest of ours)."""
+    key = settings.segments.api_key
+    return {} if key is None else {"MECSPLIT_SEGMENTS__API_KEY": key}
+
+
 def _server_command(
     settings: Settings, req: SegmentRequest, host: str, port: int, *, standby: bool = False
 ) -> list[str]:
@@ -386,7 +393,7 @@ class TestbedBackend:
         source = self.scenario.source
         answer = self.client.deploy_segment(
             source, "gateway", _gateway_command(self.settings, model, "0.0.0.0", port, chain),
-            env={"MECSPLIT_SECRET": secret}, port=port,
+            env={"MECSPLIT_SECRET": secret, **_api_key_env(self.settings)}, port=port,
         )  # fmt: skip
         self._wait_for_json(source, "gateway", 180, ready=True)
         return f"http://{answer['mgmt_address']}:{port}", f"segment:{source}:gateway"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from flows.measure import StreamSample, sse_chunks
+from flows.measure import StreamSample, gateway_headers, sse_chunks
 from flows.prefect_server import PrefectServer
 from flows.runtime import backend_for, clear_local_links, stop_local_processes
 from flows.state import BackendName, clear_state, load_state
@@ -112,7 +112,8 @@ def stream_request(
     error: str | None = None
     failed_after_s: float | None = None
     try:
-        with httpx.stream("POST", f"{gateway_url}/v1/chat/completions", json=body, timeout=timeout_s) as resp:
+        url = f"{gateway_url}/v1/chat/completions"
+        with httpx.stream("POST", url, json=body, timeout=timeout_s, headers=gateway_headers()) as resp:
             for chunk in sse_chunks(resp, gateway_url):
                 if chunk.get("usage"):
                     usage = int(chunk["usage"]["completion_tokens"])

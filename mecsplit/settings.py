@@ -26,6 +26,11 @@ class SegmentSettings(BaseModel):
     default_model: str = "smollm2-135m"
     max_frame_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     max_sessions: int = Field(default=256, gt=0)
+    api_key: str | None = Field(
+        default=None,
+        description="the key clients of the gateway's /v1 routes must send (Authorization: Bearer KEY); "
+        "None: /v1 is open, as vLLM's and llama.cpp's servers are without --api-key",
+    )
     session_idle_s: float = Field(
         default=600.0, gt=0, description="a segment server drops a session no step has used for this long"
     )

@@ -289,7 +289,8 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def create_app(gateway: Gateway) -> FastAPI:
+def create_app(gateway: Gateway, api_key: str | None = None) -> FastAPI:
+    """The HTTP app; with ``api_key`` every ``/v1`` route wants ``Authorization: Bearer <api_key>``."""
     from contextlib import asynccontextmanager
 
     from fastapi.exceptions import RequestValidationError
@@ -307,6 +308,18 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Any:
         return _error(400, str(exc))
+
+    if api_key is not None:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorised(request: Request, call_next: Any) -> Any:
+            if request.url.path.startswith("/v1"):
+                given = request.headers.get("authorization", "").encode()
+                if not secrets.compare_digest(given, expected):
+                    return _error(401, "a valid API key is needed: Authorization: Bearer <key>",
+                                  code="invalid_api_key")  # fmt: skip
+            return await call_next(request)
 
     @app.exception_handler(GatewayRequestError)
     async def _refused(_: Request, exc: GatewayRequestError) -> Any:

@@ -63,7 +63,7 @@ async def _serve(args: argparse.Namespace) -> int:
         recover_timeout_s=seg.recover_timeout_s,
         abandon_after_s=seg.abandon_after_s,
     )
-    app = create_app(gateway)
+    app = create_app(gateway, api_key=seg.api_key)
     add_health_route(app, gateway)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -330,3 +330,20 @@ def test_a_client_that_leaves_frees_its_session_on_every_hop(
     while (held := _hop_sessions(base_url, secret)) != [[], []]:
         assert time.monotonic() < deadline, f"sessions left on the hops: {held}"
         time.sleep(0.05)
+
+
+def test_an_api_key_guards_the_v1_routes(wire_store: Path, chains: tuple[LocalChain, LocalChain]) -> None:
+    """With an API key (``MECSPLIT_SEGMENTS__API_KEY``) every /v1 route wants it as a bearer token and
+    answers 401 in OpenAI's shape without it; the admin routes are not /v1's (their own guard is to come)."""
+    from starlette.testclient import TestClient
+
+    a, _ = chains
+    app = create_app(Gateway.from_store(a.chain, a.secret(), wire_store, MODEL), api_key="s3cret")
+    client = TestClient(app)  # no lifespan: these answers need no chain
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        refused = client.get("/v1/models", headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    refused = client.post("/v1/completions", json={"prompt": "x"})
+    assert refused.status_code == 401
+    allowed = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+    assert allowed.status_code == 200 and allowed.json()["data"][0]["id"] == MODEL
