@@ -594,9 +594,9 @@ def _ready_s(
 ) -> dict[str, float]:
     """Seconds until each node serves a new stage: a standby loads it (``standby_load_s``), otherwise a
     server starts (``_start_s``)."""
-    f = settings.flows
+    f, warm = settings.flows, _warm(state)
     return {
-        n: f.standby_load_s if n in _warm(state) else _start_s(state, net, n, f.cold_start_s, loads)
+        n: f.standby_load_s if n in warm else _start_s(state, net, n, f.cold_start_s, loads)
         for n in net.alive
     }
 
