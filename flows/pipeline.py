@@ -19,7 +19,14 @@ from typing import Any
 
 import httpx
 
-from flows.runtime import Backend, LinkProbe, RuntimeFailure, SegmentRequest, standby_range
+from flows.runtime import (
+    Backend,
+    LinkProbe,
+    RuntimeFailure,
+    SegmentRequest,
+    orchestrator_credentials,
+    standby_range,
+)
 from flows.state import DeploymentState, Endpoint, NodeStart
 from mecsplit.files import read_cache, write_json
 from mecsplit.settings import Settings, get_settings
@@ -486,8 +493,9 @@ def control(endpoint: Endpoint, secret: str, op: str, timeout_s: float = 30.0, *
 
     from segments.client import control_once
 
+    credentials = orchestrator_credentials(secret)
     return asyncio.run(
-        control_once(endpoint.control_address, endpoint.port, secret.encode(), op, timeout_s, **args)
+        control_once(endpoint.control_address, endpoint.port, credentials, op, timeout_s, **args)
     )
 
 

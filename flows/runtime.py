@@ -13,21 +13,29 @@ the optimiser, the Prefect flows) is the same as on the testbed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from flows.state import BackendName, Endpoint
 from mecsplit.files import write_json
 from mecsplit.process import stop_pid
 from mecsplit.settings import Settings, get_settings
+from segments.pki import GATEWAY, segment_identity
+from testbed.node import FILES_MOUNT
 from testbed.scenario import Scenario
+
+if TYPE_CHECKING:
+    from segments.auth import Credentials
 
 
 class RuntimeFailure(RuntimeError):
@@ -115,13 +123,56 @@ def _api_key_env(settings: Settings) -> dict[str, str]:
     return {} if key is None else {"MECSPLIT_SEGMENTS__API_KEY": key}
 
 
+def credentials_dir(settings: Settings, secret: str, identity: str) -> Path:
+    """``identity``'s TLS credentials folder under the run dir (0700, key 0400), issued from the
+    deployment secret on first use. Only the orchestrator's own and the local backend's servers read
+    these; a testbed container gets its files mounted on its own (``credential_files``)."""
+    from segments.pki import issue, write_credentials
+
+    root = settings.run_dir / "pki"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder = root / hashlib.sha256(secret.encode()).hexdigest()[:16] / identity
+    if not folder.exists():
+        # Written aside and renamed into place: a concurrent start of the same identity finds either
+        # nothing or a complete folder.
+        staging = folder.with_name(f".{identity}.{os.getpid()}.{threading.get_ident()}")
+        write_credentials(issue(secret.encode(), identity), staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another start put it there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def orchestrator_credentials(secret: str, settings: Settings | None = None) -> Credentials:
+    """What the flows authenticate to segment servers with."""
+    from segments.auth import Credentials
+    from segments.pki import ORCHESTRATOR
+
+    return Credentials(tls_dir=credentials_dir(settings or get_settings(), secret, ORCHESTRATOR))
+
+
+def credential_files(secret: str, identity: str) -> dict[str, str]:
+    """A credentials folder's files (name -> PEM text), to deliver into a container."""
+    from segments import pki
+
+    issued = pki.issue(secret.encode(), identity)
+    return {name: content.decode() for name, content in pki.credential_files(issued).items()}
+
+
 def _server_command(
-    settings: Settings, req: SegmentRequest, host: str, port: int, *, standby: bool = False
+    settings: Settings,
+    req: SegmentRequest,
+    host: str,
+    port: int,
+    tls_dir: Path | str,
+    *,
+    standby: bool = False,
 ) -> list[str]:
     command = [
         sys.executable, "-m", "segments.server", "--store", str(settings.store_dir), "--model", req.model,
         "--first", str(req.first), "--end", str(req.end), "--host", host, "--port", str(port),
-        "--threads", str(settings.segments.threads),
+        "--threads", str(settings.segments.threads), "--tls-dir", str(tls_dir),
     ]  # fmt: skip
     # A standby hashes the whole model before it is ready, so the range it is later given loads
     # without reading the store again (the hashing is most of a load's time); it boots at the lowest
@@ -130,11 +181,11 @@ def _server_command(
 
 
 def _gateway_command(
-    settings: Settings, model: str, host: str, port: int, chain: dict[str, Any]
+    settings: Settings, model: str, host: str, port: int, chain: dict[str, Any], tls_dir: Path | str
 ) -> list[str]:
     return [
         sys.executable, "-m", "segments.gatewayd", "--store", str(settings.store_dir), "--model", model,
-        "--host", host, "--port", str(port), "--chain-json", json.dumps(chain),
+        "--host", host, "--port", str(port), "--chain-json", json.dumps(chain), "--tls-dir", str(tls_dir),
     ]  # fmt: skip
 
 
@@ -216,9 +267,13 @@ class LocalBackend:
         stop_pid(proc.pid)
         raise RuntimeFailure(f"{log_name} not ready within 180 s; see {log_path}")
 
+    def _tls_dir(self, secret: str, node: str) -> Path:
+        return credentials_dir(self.settings, secret, segment_identity(node))
+
     def start_segment(self, request: SegmentRequest, secret: str) -> Endpoint:
-        command = _server_command(self.settings, request, "127.0.0.1", 0)
-        pid, port = self._spawn(command, f"{request.node}-{request.name}", {"MECSPLIT_SECRET": secret})
+        tls_dir = self._tls_dir(secret, request.node)
+        command = _server_command(self.settings, request, "127.0.0.1", 0, tls_dir)
+        pid, port = self._spawn(command, f"{request.node}-{request.name}", {})
         return Endpoint(
             node=request.node, first=request.first, end=request.end, host="127.0.0.1", port=port,
             handle=f"pid:{pid}",
@@ -239,8 +294,9 @@ class LocalBackend:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        command = _server_command(self.settings, request, "127.0.0.1", port, standby=True)
-        proc = self._popen(command, f"{node}-{standby_name(revision)}", {"MECSPLIT_SECRET": secret})
+        tls_dir = self._tls_dir(secret, node)
+        command = _server_command(self.settings, request, "127.0.0.1", port, tls_dir, standby=True)
+        proc = self._popen(command, f"{node}-{standby_name(revision)}", {})
         return Endpoint(
             node=node, first=first, end=end, host="127.0.0.1", port=port, handle=f"pid:{proc.pid}"
         )
@@ -249,8 +305,9 @@ class LocalBackend:
         stop_pid(int(endpoint.handle.removeprefix("pid:")))
 
     def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]:
-        command = _gateway_command(self.settings, model, "127.0.0.1", port, chain)
-        pid, bound = self._spawn(command, "gateway", {"MECSPLIT_SECRET": secret})
+        tls_dir = credentials_dir(self.settings, secret, GATEWAY)
+        command = _gateway_command(self.settings, model, "127.0.0.1", port, chain, tls_dir)
+        pid, bound = self._spawn(command, "gateway", {})
         return f"http://127.0.0.1:{bound}", f"pid:{pid}"
 
     def stop_gateway(self, handle: str) -> None:
@@ -355,10 +412,11 @@ class TestbedBackend:
         return LinkProbe(a, b, float(result["goodput_mbit"]), float(result["rtt_ms"]), measured=True)
 
     def start_segment(self, request: SegmentRequest, secret: str) -> Endpoint:
-        command = _server_command(self.settings, request, "0.0.0.0", request.port)
+        command = _server_command(self.settings, request, "0.0.0.0", request.port, FILES_MOUNT)
         answer = self.client.deploy_segment(
-            request.node, request.name, command, env={"MECSPLIT_SECRET": secret}, port=request.port
-        )
+            request.node, request.name, command, port=request.port,
+            files=credential_files(secret, segment_identity(request.node)),
+        )  # fmt: skip
         self._wait_for_json(request.node, request.name, 180, ready=True)
         return Endpoint(
             node=request.node, first=request.first, end=request.end, host=answer["address"],
@@ -378,8 +436,8 @@ class TestbedBackend:
         name, port = standby_name(revision), standby_port(revision)
         request = SegmentRequest(node, model, first, end, revision)
         answer = self.client.deploy_segment(
-            node, name, _server_command(self.settings, request, "0.0.0.0", port, standby=True),
-            env={"MECSPLIT_SECRET": secret}, port=port,
+            node, name, _server_command(self.settings, request, "0.0.0.0", port, FILES_MOUNT, standby=True),
+            port=port, files=credential_files(secret, segment_identity(node)),
         )  # fmt: skip
         return Endpoint(
             node=node, first=first, end=end, host=answer["address"], port=port, handle=f"segment:{name}",
@@ -392,8 +450,8 @@ class TestbedBackend:
     def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]:
         source = self.scenario.source
         answer = self.client.deploy_segment(
-            source, "gateway", _gateway_command(self.settings, model, "0.0.0.0", port, chain),
-            env={"MECSPLIT_SECRET": secret, **_api_key_env(self.settings)}, port=port,
+            source, "gateway", _gateway_command(self.settings, model, "0.0.0.0", port, chain, FILES_MOUNT),
+            env=_api_key_env(self.settings), port=port, files=credential_files(secret, GATEWAY),
         )  # fmt: skip
         self._wait_for_json(source, "gateway", 180, ready=True)
         return f"http://{answer['mgmt_address']}:{port}", f"segment:{source}:gateway"

@@ -1,6 +1,15 @@
-"""Per-deployment shared secret and the mutual HMAC-SHA256 challenge-response on every connection.
+"""Who may talk to a segment server: mutual TLS with one identity per node, or a shared secret.
 
-Handshake (before any other frame is accepted):
+A process proves who it is with :class:`Credentials`, in one of two modes:
+
+* **TLS** (``--tls-dir DIR``; every deployment the flows make): mutual TLS 1.3 with the deployment's CA
+  (:mod:`segments.pki`); the peer's certificate names its identity and so its role, which the server
+  checks on every operation. No node holds the deployment secret.
+* **Shared secret** (``--secret-file FILE`` or ``MECSPLIT_SECRET``; loopback development, tests and
+  benches): the HMAC challenge-response below over plain TCP; the secret's holder has every role.
+
+In both modes the first frames are HELLO (the server's identity), AUTH and AUTH_OK. With TLS, AUTH and
+AUTH_OK carry nothing (the TLS handshake authenticated both ends); with a shared secret:
 
 1. server -> peer  ``HELLO   {nonce: hex(32 random bytes), version, model, first, end}``
 2. peer -> server  ``AUTH    {nonce: hex(32 random bytes), mac}`` with
@@ -23,10 +32,14 @@ import hashlib
 import hmac
 import os
 import secrets
+import ssl
 import sys
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from segments import pki
 from segments.protocol import (
     VERSION,
     FrameType,
@@ -86,6 +99,41 @@ def load_secret(secret_file: Path | None = None) -> bytes:
     return secret
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """This process's proof of identity: a TLS credentials folder, or the deployment secret itself."""
+
+    tls_dir: Path | None = None
+    secret: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_dir is None) == (self.secret is None):
+            raise SecretConfigError("give either a TLS credentials folder or a secret, not both or neither")
+
+    @classmethod
+    def of(cls, auth: bytes | Credentials) -> Credentials:
+        """Bytes are a shared secret (the loopback mode every bench and test uses)."""
+        return auth if isinstance(auth, Credentials) else cls(secret=auth)
+
+    @classmethod
+    def load(cls, tls_dir: Path | None, secret_file: Path | None) -> Credentials:
+        """A command's credentials: ``--tls-dir`` if given, else the secret (file or environment)."""
+        return cls(tls_dir=tls_dir) if tls_dir is not None else cls(secret=load_secret(secret_file))
+
+    @cached_property
+    def server_ssl(self) -> ssl.SSLContext | None:
+        return pki.server_context(self.tls_dir) if self.tls_dir is not None else None
+
+    @cached_property
+    def client_ssl(self) -> ssl.SSLContext | None:
+        return pki.client_context(self.tls_dir) if self.tls_dir is not None else None
+
+    @cached_property
+    def identity(self) -> str:
+        """Who this process is; the secret's holder is the orchestrator."""
+        return pki.own_identity(self.tls_dir) if self.tls_dir is not None else pki.ORCHESTRATOR
+
+
 def _mac(secret: bytes, label: bytes, first: bytes, second: bytes) -> str:
     return hmac.new(secret, label + b"|" + first + b"|" + second, hashlib.sha256).hexdigest()
 
@@ -111,16 +159,27 @@ def _nonce_from(header: dict[str, Any], key: str = "nonce") -> bytes:
     return nonce
 
 
+def _peer_of(writer: asyncio.StreamWriter) -> str | None:
+    return pki.peer_identity(writer.get_extra_info("ssl_object"))
+
+
 async def server_handshake(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    secret: bytes,
+    auth: bytes | Credentials,
     identity: dict[str, Any],
     timeout_s: float,
-) -> None:
-    """Authenticate a connecting peer; raises AuthError (after sending an error frame) or ProtocolError."""
+) -> str:
+    """Authenticate a connecting peer and return its identity (a certificate's common name; the secret's
+    holder is the orchestrator). Raises AuthError (the caller sends the error frame) or ProtocolError."""
+    credentials = Credentials.of(auth)
+    tls = credentials.tls_dir is not None
     s_nonce = secrets.token_bytes(NONCE_BYTES)
-    write_frame(writer, FrameType.HELLO, {"nonce": s_nonce.hex(), "version": VERSION, **identity})
+    write_frame(
+        writer,
+        FrameType.HELLO,
+        {"nonce": s_nonce.hex(), "version": VERSION, "auth": "tls" if tls else "secret", **identity},
+    )
     await writer.drain()
     try:
         frame = await asyncio.wait_for(
@@ -130,18 +189,32 @@ async def server_handshake(
         raise AuthError(f"no authentication within {timeout_s} s") from None
     if frame.type != FrameType.AUTH:
         raise AuthError(f"expected an AUTH frame first, got {frame.type.name}; authenticate before use")
-    p_nonce = _nonce_from(frame.header)
-    mac = require(frame.header, "mac", str)
-    if not hmac.compare_digest(mac, peer_proof(secret, s_nonce, p_nonce)):
-        raise AuthError("wrong secret: this peer is not part of the deployment")
-    write_frame(writer, FrameType.AUTH_OK, {"mac": server_proof(secret, p_nonce, s_nonce)})
+    if tls:
+        peer = _peer_of(writer) or ""
+        if pki.role_of(peer) == "unknown":
+            raise AuthError(f"certificate identity {peer!r} has no role in this deployment")
+        write_frame(writer, FrameType.AUTH_OK, {})
+    else:
+        assert credentials.secret is not None
+        p_nonce = _nonce_from(frame.header)
+        mac = require(frame.header, "mac", str)
+        if not hmac.compare_digest(mac, peer_proof(credentials.secret, s_nonce, p_nonce)):
+            raise AuthError("wrong secret: this peer is not part of the deployment")
+        write_frame(writer, FrameType.AUTH_OK, {"mac": server_proof(credentials.secret, p_nonce, s_nonce)})
+        peer = pki.ORCHESTRATOR
     await writer.drain()
+    return peer
 
 
 async def client_handshake(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes, timeout_s: float
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    auth: bytes | Credentials,
+    timeout_s: float,
 ) -> dict[str, Any]:
-    """Authenticate to a server; returns its HELLO header (identity). Raises AuthError on refusal."""
+    """Authenticate to a server; returns its HELLO header (identity). Raises AuthError on refusal or when
+    the server is not a segment server of this deployment."""
+    credentials = Credentials.of(auth)
 
     async def _run() -> dict[str, Any]:
         hello = await read_frame(reader, HANDSHAKE_MAX_FRAME_BYTES, timeout_s)
@@ -151,23 +224,39 @@ async def client_handshake(
             raise ProtocolError(f"expected HELLO from the server, got {hello.type.name}")
         s_nonce = _nonce_from(hello.header)
         p_nonce = secrets.token_bytes(NONCE_BYTES)
-        mac = peer_proof(secret, s_nonce, p_nonce)
-        write_frame(writer, FrameType.AUTH, {"nonce": p_nonce.hex(), "mac": mac})
+        if credentials.tls_dir is not None:
+            server = _peer_of(writer) or ""
+            if pki.role_of(server) != "segment":
+                raise AuthError(f"the server's certificate names {server!r}, not a segment server")
+            write_frame(writer, FrameType.AUTH, {})
+        else:
+            assert credentials.secret is not None
+            mac = peer_proof(credentials.secret, s_nonce, p_nonce)
+            write_frame(writer, FrameType.AUTH, {"nonce": p_nonce.hex(), "mac": mac})
         await writer.drain()
         reply = await read_frame(reader, HANDSHAKE_MAX_FRAME_BYTES, timeout_s)
         if reply.type == FrameType.ERROR:
             raise AuthError(f"server refused authentication: {reply.header.get('message')}")
         if reply.type != FrameType.AUTH_OK:
             raise ProtocolError(f"expected AUTH_OK, got {reply.type.name}")
-        expected = server_proof(secret, p_nonce, s_nonce)
-        if not hmac.compare_digest(require(reply.header, "mac", str), expected):
-            raise AuthError("the server does not hold this deployment's secret; refusing to talk to it")
-        return hello.header
+        if credentials.secret is not None:
+            expected = server_proof(credentials.secret, p_nonce, s_nonce)
+            if not hmac.compare_digest(require(reply.header, "mac", str), expected):
+                raise AuthError("the server does not hold this deployment's secret; refusing to talk to it")
+        return {**hello.header, "peer": _peer_of(writer) or pki.ORCHESTRATOR}
 
     try:
         return await asyncio.wait_for(_run(), timeout=timeout_s)
     except TimeoutError:
         raise AuthError(f"authentication did not complete within {timeout_s} s") from None
+
+
+async def open_connection(
+    host: str, port: int, auth: bytes | Credentials, **kwargs: Any
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection to a segment server, inside TLS when the credentials are a TLS identity.
+    A failed TLS handshake raises ``ssl.SSLError`` (an ``OSError``)."""
+    return await asyncio.open_connection(host, port, ssl=Credentials.of(auth).client_ssl, **kwargs)
 
 
 def auth_error_header(message: str) -> dict[str, Any]:

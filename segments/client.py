@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from segments.auth import AuthError, SecretConfigError, client_handshake, load_secret
+from segments.auth import AuthError, Credentials, SecretConfigError, client_handshake, open_connection
 from segments.errors import ERRORS_BY_CODE, LayerRangeError, SegmentError, error_for_code
+from segments.pki import PkiError
 from segments.protocol import (
     ConnectionClosedError,
     Frame,
@@ -204,11 +205,20 @@ class Link:
         timeout_s = self.client.timeout_s
         try:
             self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(self.hop.host, self.hop.port, limit=1 << 20), timeout_s
+                open_connection(self.hop.host, self.hop.port, self.client.credentials, limit=1 << 20),
+                timeout_s,
             )
         except (OSError, TimeoutError) as exc:
             raise ChainError(f"cannot connect to segment server {self.hop.address}: {exc}") from None
-        self.identity = await client_handshake(self.reader, self.writer, self.client.secret, timeout_s)
+        try:
+            credentials = self.client.credentials
+            self.identity = await client_handshake(self.reader, self.writer, credentials, timeout_s)
+        except (ConnectionClosedError, ProtocolError, OSError) as exc:
+            self.writer.close()
+            raise ChainError(
+                f"segment server {self.hop.address} ended the handshake ({exc}); does it expect the other "
+                "mode (TLS credentials or a shared secret)?"
+            ) from None
         served = (self.identity.get("first"), self.identity.get("end"))
         if served != (self.hop.first, self.hop.end):
             raise ChainError(
@@ -277,7 +287,7 @@ class AsyncChainClient:
     def __init__(
         self,
         chain: Chain,
-        secret: bytes,
+        auth: bytes | Credentials,
         *,
         max_frame_bytes: int = 64 * 1024 * 1024,
         timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -285,7 +295,7 @@ class AsyncChainClient:
         recover_timeout_s: float = 0.0,
     ) -> None:
         self.chain = chain
-        self.secret = secret
+        self.credentials = Credentials.of(auth)
         self.max_frame_bytes = max_frame_bytes
         self.timeout_s = timeout_s
         self.wire_dtype = wire_dtype
@@ -892,9 +902,9 @@ class AsyncChainClient:
 class ChainClient:
     """Synchronous facade over :class:`AsyncChainClient` with its own event loop."""
 
-    def __init__(self, chain: Chain, secret: bytes, **kwargs: Any) -> None:
+    def __init__(self, chain: Chain, auth: bytes | Credentials, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self.inner = AsyncChainClient(chain, secret, **kwargs)
+        self.inner = AsyncChainClient(chain, auth, **kwargs)
         self._loop.run_until_complete(self.inner.connect())
 
     @property
@@ -906,7 +916,7 @@ class ChainClient:
         self._loop.run_until_complete(self.inner.close())
         self.inner = AsyncChainClient(
             chain,
-            self.inner.secret,
+            self.inner.credentials,
             max_frame_bytes=self.inner.max_frame_bytes,
             timeout_s=self.inner.timeout_s,
             wire_dtype=self.inner.wire_dtype,
@@ -964,12 +974,12 @@ class ChainClient:
 
 
 async def control_once(
-    host: str, port: int, secret: bytes, op: str, timeout_s: float, **args: Any
+    host: str, port: int, auth: bytes | Credentials, op: str, timeout_s: float, **args: Any
 ) -> dict[str, Any]:
     """One control op on its own short-lived connection (health checks, reconfiguring a server)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    reader, writer = await asyncio.wait_for(open_connection(host, port, auth), timeout_s)
     try:
-        await client_handshake(reader, writer, secret, timeout_s)
+        await client_handshake(reader, writer, auth, timeout_s)
         write_frame(writer, FrameType.CONTROL, {"op": op, "request_id": op, **args})
         await writer.drain()
         frame = await asyncio.wait_for(read_frame(reader, 1 << 26, timeout_s), timeout_s)
@@ -986,14 +996,16 @@ def main(argv: list[str] | None = None) -> int:
     health = sub.add_parser("health", help="exit 0 and print stats JSON when the segment server is healthy")
     health.add_argument("--host", default="127.0.0.1")
     health.add_argument("--port", type=int, required=True)
+    health.add_argument("--tls-dir", type=Path, default=None, help="TLS credentials folder (segments.pki)")
     health.add_argument("--secret-file", type=Path, default=None)
     health.add_argument("--timeout-s", type=float, default=5.0)
     args = parser.parse_args(argv)
     try:
-        secret = load_secret(args.secret_file)
-        result = asyncio.run(control_once(args.host, args.port, secret, "health", args.timeout_s))
+        credentials = Credentials.load(args.tls_dir, args.secret_file)
+        result = asyncio.run(control_once(args.host, args.port, credentials, "health", args.timeout_s))
     except (
         SecretConfigError,
+        PkiError,
         AuthError,
         RemoteError,
         ProtocolError,

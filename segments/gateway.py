@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 # FastAPI resolves handler annotations (``Request``) from this module's globals, so import it here.
 from fastapi import FastAPI, Request
 
+from segments.auth import Credentials
 from segments.client import AsyncChainClient, Chain, ChainError, RemoteError, Session, SwitchMode
 from segments.errors import SegmentError
 from segments.sampling import SamplingError, SamplingParams
@@ -64,7 +65,7 @@ class Gateway:
     def __init__(
         self,
         chain: Chain,
-        secret: bytes,
+        auth: bytes | Credentials,
         tokenizer: PreTrainedTokenizerBase,
         model: str,
         *,
@@ -75,7 +76,7 @@ class Gateway:
     ) -> None:
         """``vocab_size``: token ids a prompt may hold (default: the tokenizer's); ``context_tokens``: the
         most positions a session may reach, prompt plus generated (None: unchecked)."""
-        self.client = AsyncChainClient(chain, secret, recover_timeout_s=recover_timeout_s)
+        self.client = AsyncChainClient(chain, auth, recover_timeout_s=recover_timeout_s)
         self.abandon_after_s = abandon_after_s
         self.tokenizer = tokenizer
         self.model = model
@@ -87,7 +88,9 @@ class Gateway:
         self.stop_ids: tuple[int, ...] = () if eos is None else (int(eos),)
 
     @classmethod
-    def from_store(cls, chain: Chain, secret: bytes, store_dir: Path, model: str, **options: Any) -> Gateway:
+    def from_store(
+        cls, chain: Chain, auth: bytes | Credentials, store_dir: Path, model: str, **options: Any
+    ) -> Gateway:
         """A gateway whose limits are the prepared model's: its vocabulary and its context length."""
         from segments.store import load_config, load_tokenizer, read_manifest
 
@@ -95,7 +98,7 @@ class Gateway:
         config = load_config(store_dir, manifest)
         context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         return cls(
-            chain, secret, load_tokenizer(store_dir, model), model, vocab_size=manifest.info.vocab_size,
+            chain, auth, load_tokenizer(store_dir, model), model, vocab_size=manifest.info.vocab_size,
             context_tokens=int(context) if context else None, **options,
         )  # fmt: skip
 

@@ -1,7 +1,8 @@
 """The gateway as a long-lived process over an existing chain (what deployments start on the source node).
 
 ``python -m segments.gatewayd --store DIR --model M --chain-json '{"model":..., "hops": [...]}' --host H
---port P`` (secret from ``--secret-file`` or ``MECSPLIT_SECRET``) serves the OpenAI-compatible API of
+--port P`` (credentials from ``--tls-dir DIR``, or a secret from ``--secret-file`` or ``MECSPLIT_SECRET``)
+serves the OpenAI-compatible API of
 :mod:`segments.gateway` and prints one JSON line ``{"ready": true, "port": P, "pid": ...}`` once it accepts
 connections (port 0 binds a free port and names it there). Later chains arrive by ``POST /admin/chain``.
 """
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from segments.auth import load_secret
+from segments.auth import Credentials
 from segments.client import Chain
 
 
@@ -29,6 +30,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chain-json", required=True, help="the initial chain, as Chain.to_dict() JSON")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument(
+        "--tls-dir", type=Path, default=None, help="the gateway's TLS credentials folder (segments.pki)"
+    )
     p.add_argument("--secret-file", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -57,7 +61,7 @@ async def _serve(args: argparse.Namespace) -> int:
     seg = get_settings().segments
     gateway = Gateway.from_store(
         chain,
-        load_secret(args.secret_file),
+        Credentials.load(args.tls_dir, args.secret_file),
         args.store,
         args.model,
         recover_timeout_s=seg.recover_timeout_s,

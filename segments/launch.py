@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segments.auth import create_secret
+from segments.auth import Credentials, create_secret
 from segments.client import Chain, Hop
+from segments.pki import ORCHESTRATOR, issue, segment_identity, write_credentials
 from segments.spec import SegmentSpec, split_evenly
 
 
@@ -64,9 +65,11 @@ class LocalChain:
     ready_timeout_s: float = 300.0
     host: str = "127.0.0.1"  # the address the servers bind and the chain names
     wrap: tuple[str, ...] = ()  # a command prefix, e.g. ("ip", "netns", "exec", NAME): must exec, not fork
+    tls: bool = False  # mutual TLS, server i as identity segment.p<i> (segments.pki); else the shared secret
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     _tmp: Path | None = None
+    _own_secret: bool = False
 
     @classmethod
     def even(
@@ -108,7 +111,7 @@ class LocalChain:
         async def _all() -> None:
             for spec, port in zip(specs, self.ports, strict=False):
                 await control_once(
-                    self.host, port, self.secret(), "load_range", timeout_s,
+                    self.host, port, self.auth(), "load_range", timeout_s,
                     model=spec.model, first=spec.first, end=spec.end,
                 )  # fmt: skip
 
@@ -122,14 +125,30 @@ class LocalChain:
         assert self.secret_file is not None
         return load_secret(self.secret_file)
 
-    def _command(self, spec: SegmentSpec) -> list[str]:
+    def auth(self, identity: str = ORCHESTRATOR) -> bytes | Credentials:
+        """What a client of this chain authenticates with: the secret, or (``tls``) the credentials of
+        ``identity`` (issued on first use)."""
+        if not self.tls:
+            return self.secret()
+        assert self._tmp is not None
+        folder = self._tmp / "pki" / identity
+        if not folder.exists():
+            write_credentials(issue(self.secret(), identity), folder)
+        return Credentials(tls_dir=folder)
+
+    def _command(self, index: int, spec: SegmentSpec) -> list[str]:
         assert self.secret_file is not None
+        if self.tls:
+            credentials = self.auth(segment_identity(f"p{index}"))
+            assert isinstance(credentials, Credentials) and credentials.tls_dir is not None
+            auth_args = ["--tls-dir", str(credentials.tls_dir)]
+        else:
+            auth_args = ["--secret-file", str(self.secret_file)]
         cmd = [
             *self.wrap, sys.executable, "-m", "segments.server",
             "--store", str(self.store_dir), "--model", spec.model,
             "--first", str(spec.first), "--end", str(spec.end),
-            "--host", self.host, "--port", "0",
-            "--secret-file", str(self.secret_file), "--threads", str(self.threads),
+            "--host", self.host, "--port", "0", *auth_args, "--threads", str(self.threads),
         ]  # fmt: skip
         for flag, value in (
             ("--max-sessions", self.max_sessions),
@@ -141,16 +160,17 @@ class LocalChain:
         return cmd
 
     def start(self) -> LocalChain:
+        self._tmp = Path(tempfile.mkdtemp(prefix="mecsplit-chain-"))
         if self.secret_file is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="mecsplit-chain-"))
+            self._own_secret = True
             self.secret_file = create_secret(self._tmp / "secret")
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads)}
         try:
             # Start all, then wait for all: model loading overlaps across processes.
-            for spec in self.specs:
+            for index, spec in enumerate(self.specs):
                 self.processes.append(
                     subprocess.Popen(
-                        self._command(spec),
+                        self._command(index, spec),
                         stdout=subprocess.PIPE,
                         stdin=subprocess.DEVNULL,
                         env=env,
@@ -204,7 +224,9 @@ class LocalChain:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        if self._own_secret:
             self.secret_file = None
+            self._own_secret = False
 
     def __enter__(self) -> LocalChain:
         return self.start()

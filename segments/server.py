@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segments.auth import AuthError, client_handshake, load_secret, server_handshake
+from segments import pki
+from segments.auth import AuthError, Credentials, client_handshake, open_connection, server_handshake
 from segments.protocol import (
     FLOAT_WIRE_DTYPES,
     ConnectionClosedError,
@@ -99,6 +100,12 @@ class BadRequestError(ProtocolError):
     alone, the connection stays."""
 
     code = "bad_request"
+
+
+class ForbiddenError(BadRequestError):
+    """The peer's identity may not do this (a segment server asking to load a range, say)."""
+
+    code = "forbidden"
 
 
 class DrainingError(Exception):
@@ -252,6 +259,7 @@ class Connection:
 
     writer: asyncio.StreamWriter
     peer: str
+    identity: str = ""  # who authenticated (a certificate's common name); its role decides what it may do
     channels: set[str] = field(default_factory=set)
     closed: bool = False
     # Requests of this connection still computing: a peer that half-closes still gets their replies.
@@ -288,11 +296,13 @@ class PeerLink:
             host, port = parse_hop(self.hop)
             timeout_s = self.server.limits.peer_timeout_s
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+                reader, writer = await asyncio.wait_for(
+                    open_connection(host, port, self.server.credentials), timeout_s
+                )
             except (OSError, TimeoutError) as exc:
                 raise UnreachableError(f"next hop {self.hop} is unreachable: {exc}") from None
             try:
-                await client_handshake(reader, writer, self.server.secret, timeout_s)
+                await client_handshake(reader, writer, self.server.credentials, timeout_s)
             except (AuthError, ProtocolError, ConnectionClosedError, OSError) as exc:
                 writer.close()
                 raise UnreachableError(f"next hop {self.hop} refused the connection: {exc}") from None
@@ -345,14 +355,14 @@ class SegmentServer:
         model: str,
         first: int,
         end: int,
-        secret: bytes,
+        auth: bytes | Credentials,
         limits: ServerLimits,
     ) -> None:
         self.store_dir = store_dir
         self.model = model
         self.first = first
         self.end = end
-        self.secret = secret
+        self.credentials = Credentials.of(auth)
         self.limits = limits
         self.stats = Stats()
         self.runner: Any = None
@@ -395,7 +405,10 @@ class SegmentServer:
 
             await loop.run_in_executor(self.executor, store.verify, self.store_dir, self.model)
         self.runner = await loop.run_in_executor(self.executor, self._load_runner, self.first, self.end)
-        self._server = await asyncio.start_server(self._handle, host, port, limit=1 << 20)
+        self._server = await asyncio.start_server(
+            self._handle, host, port, limit=1 << 20, ssl=self.credentials.server_ssl,
+            ssl_handshake_timeout=self.limits.handshake_timeout_s if self.credentials.server_ssl else None,
+        )  # fmt: skip
         self._sweeper = asyncio.create_task(self._sweep_idle())
         return self._server.sockets[0].getsockname()[1]
 
@@ -522,8 +535,8 @@ class SegmentServer:
             self._handlers.add(task)
         try:
             try:
-                await server_handshake(
-                    reader, writer, self.secret, self.identity(), self.limits.handshake_timeout_s
+                conn.identity = await server_handshake(
+                    reader, writer, self.credentials, self.identity(), self.limits.handshake_timeout_s
                 )
             except (AuthError, ProtocolError) as exc:
                 self._send_error(conn, getattr(exc, "code", "auth"), str(exc))
@@ -617,6 +630,7 @@ class SegmentServer:
         self.executor.submit(_normal_priority)
 
     def _on_forward(self, conn: Connection, frame: Frame, arrived_s: float) -> None:
+        _allow(conn, "forward", FORWARD_ROLES)
         self.promote()
         req = ForwardRequest.from_frame(frame, arrived_s)
         self._validate_forward(req)
@@ -692,6 +706,7 @@ class SegmentServer:
         handler = _CONTROL_OPS.get(op)
         if handler is None:
             raise BadRequestError(f"unknown control op {op!r}; known: {', '.join(sorted(_CONTROL_OPS))}")
+        _allow(conn, op, _OP_ROLES[op])
         conn.spawn(self._run_control(conn, handler, frame, rid))
 
     async def _run_control(self, conn: Connection, handler: Any, frame: Frame, rid: str) -> None:
@@ -862,6 +877,34 @@ _CONTROL_OPS: dict[str, Any] = {
     "drop": _op_drop,
 }
 
+# Who may do what (by the role its certificate names; the shared secret's holder is the orchestrator).
+# The gateway is the orchestrator's agent for its own sessions: it steps them, moves their KV to a new
+# chain and drops them. A segment server only steps the next hop and pushes KV into a peer.
+_EVERY_ROLE = frozenset({pki.ORCHESTRATOR, pki.GATEWAY, "segment"})
+_SESSION_OWNERS = frozenset({pki.ORCHESTRATOR, pki.GATEWAY})
+_ORCHESTRATOR_ONLY = frozenset({pki.ORCHESTRATOR})
+FORWARD_ROLES = _EVERY_ROLE
+_OP_ROLES: dict[str, frozenset[str]] = {
+    "health": _EVERY_ROLE,
+    "stats": _EVERY_ROLE,
+    "import_kv": _EVERY_ROLE,
+    "subscribe": _SESSION_OWNERS,
+    "export_kv": _SESSION_OWNERS,
+    "push_kv": _SESSION_OWNERS,
+    "truncate": _SESSION_OWNERS,
+    "drop": _SESSION_OWNERS,
+    "sessions": _ORCHESTRATOR_ONLY,
+    "load_range": _ORCHESTRATOR_ONLY,
+    "drain": _ORCHESTRATOR_ONLY,
+    "resume": _ORCHESTRATOR_ONLY,
+}
+assert _OP_ROLES.keys() == _CONTROL_OPS.keys(), "every control op needs its roles"
+
+
+def _allow(conn: Connection, what: str, roles: frozenset[str]) -> None:
+    if pki.role_of(conn.identity) not in roles:
+        raise ForbiddenError(f"{conn.identity!r} may not {what}; allowed to {', '.join(sorted(roles))}")
+
 
 # --------------------------------------------------------------------------------------------- main
 
@@ -877,6 +920,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--end", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        help="mutual TLS with this credentials folder (key.pem, cert.pem, ca.pem; segments.pki); "
+        "without it, the shared secret from --secret-file or MECSPLIT_SECRET over plain TCP",
+    )
     p.add_argument("--secret-file", type=Path, default=None)
     p.add_argument("--threads", type=int, default=seg.threads)
     p.add_argument("--max-sessions", type=int, default=seg.max_sessions)
@@ -903,7 +953,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def _amain(args: argparse.Namespace) -> int:
-    secret = load_secret(args.secret_file)
+    credentials = Credentials.load(args.tls_dir, args.secret_file)
     limits = ServerLimits(
         max_frame_bytes=args.max_frame_bytes,
         max_sessions=args.max_sessions,
@@ -911,7 +961,7 @@ async def _amain(args: argparse.Namespace) -> int:
         threads=args.threads,
         session_idle_s=args.session_idle_s,
     )
-    server = SegmentServer(args.store, args.model, args.first, args.end, secret, limits)
+    server = SegmentServer(args.store, args.model, args.first, args.end, credentials, limits)
     if args.background and can_restore_priority():
         os.nice(BACKGROUND_NICE)  # threads started from now on (the compute thread) inherit it
         server.background = True

@@ -24,6 +24,7 @@ from testbed.errors import (
     TestbedNotRunningError,
     UnknownNodeError,
 )
+from testbed.node import FILES_MOUNT  # noqa: F401  (re-exported: where a container finds its files)
 
 
 def _run_dir(run_dir: Path | None) -> Path:
@@ -138,9 +139,11 @@ class TestbedClient:
         env: dict[str, str] | None = None,
         port: int | None = None,
         mem_bytes: int | None = None,
+        files: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Start a container on ``node`` running ``command`` (argv; it shares the node's netns, CPU and
-        memory). Returns ``container``, ``container_id``, ``address`` (data plane, reachable from other
+        memory); ``files`` (name -> text) are readable in it at ``FILES_MOUNT``, read-only. Returns
+        ``container``, ``container_id``, ``address`` (data plane, reachable from other
         nodes), ``mgmt_address`` (reachable from the host) and ``port`` (echoed)."""
         return self._call(
             "POST",
@@ -152,6 +155,7 @@ class TestbedClient:
                 "env": env or {},
                 "port": port,
                 "mem_bytes": mem_bytes,
+                "files": files or {},
             },
         )
 

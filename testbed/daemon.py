@@ -66,6 +66,7 @@ class Deploy(BaseModel):
     env: dict[str, str] = {}
     port: int | None = None
     mem_bytes: int | None = Field(default=None, gt=0)
+    files: dict[str, str] = {}  # name -> text, mounted read-only in the container (credentials)
 
 
 class StopSegment(BaseModel):
@@ -140,7 +141,10 @@ def build_app(testbed: Any, token: str, shutdown: threading.Event) -> Any:
 
     @app.post("/segments")
     def deploy(req: Deploy) -> dict[str, Any]:
-        return call(testbed.deploy_segment, req.node, req.name, req.command, req.env, req.port, req.mem_bytes)
+        return call(
+            testbed.deploy_segment,
+            req.node, req.name, req.command, req.env, req.port, req.mem_bytes, req.files,
+        )  # fmt: skip
 
     @app.post("/segments/stop")
     def stop_segment(req: StopSegment) -> dict[str, Any]:

@@ -36,6 +36,8 @@ LABEL_NODE = "mecsplit.node"
 LABEL_ROLE = "mecsplit.role"
 LABEL_CONTENT = "mecsplit.image.content"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Where a segment container finds the files deployed with it (its TLS credentials), read-only.
+FILES_MOUNT = "/run/mecsplit/files"
 # Controllers the node's parent cgroup limits; the others Docker creates on demand.
 CPU_CONTROLLER = "cpu"
 ACCT_CONTROLLER = "cpuacct"
@@ -302,9 +304,13 @@ def start_segment(
     mounts: HostMounts,
     env: dict[str, str] | None = None,
     mem_bytes: int | None = None,
+    files_dir: Path | None = None,
 ) -> str:
-    """Start a segment container on a node: the node's netns and cgroup budget; returns its id."""
+    """Start a segment container on a node: the node's netns and cgroup budget; returns its id.
+    ``files_dir`` (its own credentials) is mounted read-only at FILES_MOUNT."""
     args = _common_run_args(prefix, node.node, "segment", node.cgroup, mounts)
+    if files_dir is not None:
+        args += ["-v", f"{files_dir}:{FILES_MOUNT}:ro"]
     for key, value in sorted((env or {}).items()):
         args += ["-e", f"{key}={value}"]
     if mem_bytes is not None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -146,6 +148,7 @@ class Testbed:
             for name in segments:
                 nodes.docker("unpause", name, check=False)
             nodes.remove_containers(segments)
+            shutil.rmtree(self._files_root(), ignore_errors=True)
             if self.network is not None:
                 try:
                     self.network.stop()
@@ -254,15 +257,25 @@ class Testbed:
         env: dict[str, str] | None,
         port: int | None,
         mem_bytes: int | None,
+        files: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        """``files`` (name -> text, e.g. TLS credentials) reach the container only, read-only at
+        ``nodes.FILES_MOUNT``: never through the environment, which ``docker inspect`` shows."""
         with self.lock:
             container = self._node(node)
             if not name.replace("-", "").isalnum():
                 raise TestbedError(f"segment name {name!r} must be alphanumeric (dashes allowed)")
             assert self.mounts is not None
-            cid = nodes.start_segment(
-                self.prefix, container, name, command, self.image, self.mounts, env=env, mem_bytes=mem_bytes
-            )
+            cname = nodes.container_name(self.prefix, node, name)
+            files_dir = self._write_files(cname, files) if files else None
+            try:
+                cid = nodes.start_segment(
+                    self.prefix, container, name, command, self.image, self.mounts, env=env,
+                    mem_bytes=mem_bytes, files_dir=files_dir,
+                )  # fmt: skip
+            except Exception:
+                self._remove_files(cname)
+                raise
             self.segments.setdefault(node, {})[name] = cid
             np = self.plan.node(node)
             return {
@@ -282,8 +295,30 @@ class Testbed:
             nodes.docker("stop", "-t", str(int(timeout_s)), cname, check=False, timeout_s=timeout_s + 30)
             logs = nodes.docker("logs", "--tail", "50", cname, check=False)
             nodes.docker("rm", "-f", cname, check=False)
+            self._remove_files(cname)
             self.segments.get(node, {}).pop(name, None)
             return {"node": node, "name": name, "stopped": True, "log_tail": logs[-4000:]}
+
+    def _files_root(self) -> Path:
+        return self.state_dir / "files"
+
+    def _write_files(self, container: str, files: dict[str, str]) -> Path:
+        """A fresh folder (0700) of read-only files (0400) for one container."""
+        for file_name in files:
+            if not file_name.replace(".", "").replace("-", "").replace("_", "").isalnum():
+                raise TestbedError(f"file name {file_name!r}: letters, digits, '.', '-' and '_' only")
+        self._files_root().mkdir(mode=0o700, exist_ok=True)
+        folder = self._files_root() / container
+        self._remove_files(container)  # a leftover of a container of the same name
+        folder.mkdir(mode=0o700)
+        for file_name, content in files.items():
+            fd = os.open(folder / file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(content)
+        return folder
+
+    def _remove_files(self, container: str) -> None:
+        shutil.rmtree(self._files_root() / container, ignore_errors=True)
 
     def segment_logs(self, node: str, name: str) -> str:
         return nodes.docker(

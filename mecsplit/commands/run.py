@@ -310,12 +310,14 @@ def bench_overhead_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     store: Path | None = typer.Option(None, help="store folder (default: $MECSPLIT_HOME/store)"),
 ) -> None:
-    """Per-token decode latency of the K-process chain on loopback vs the whole model in one process."""
+    """Per-token decode latency of the K-process chain on loopback vs the whole model in one process, and
+    of the same chain over mutual TLS (what deployments run) vs plain TCP: the per-hop cost of TLS."""
     import torch
 
     from segments.client import ChainClient
     from segments.errors import SegmentError
     from segments.launch import LocalChain
+    from segments.pki import GATEWAY
     from segments.runner import SegmentRunner
     from segments.spec import SegmentSpec
 
@@ -337,18 +339,27 @@ def bench_overhead_cmd(
     whole = [SegmentRunner(store_dir, SegmentSpec(model, 0, n), **limits)]
     split = [SegmentRunner(store_dir, spec, **limits) for spec in specs]
     split_runs: list[float] = []
-    with LocalChain(store_dir, specs, threads=n_threads) as lc, ChainClient(lc.chain, lc.secret()) as client:
+    tls_runs: list[float] = []
+    with (
+        LocalChain(store_dir, specs, threads=n_threads) as lc,
+        ChainClient(lc.chain, lc.secret()) as client,
+        LocalChain(store_dir, specs, threads=n_threads, tls=True) as tls_lc,
+        ChainClient(tls_lc.chain, tls_lc.auth(GATEWAY)) as tls_client,
+    ):
         _decode_latencies_chain(client, prompt, 4, "warmup")  # connections, allocator, caches
+        _decode_latencies_chain(tls_client, prompt, 4, "warmup")
         _decode_latencies_local(whole, prompt, 4, "warmup")
         _decode_latencies_local(split, prompt, 4, "warmup")
-        # Interleave so that load from other processes on the machine hits all three alike.
+        # Interleave so that load from other processes on the machine hits all four alike.
         for run in range(runs):
             chain_runs.append(statistics.median(_decode_latencies_chain(client, prompt, tokens, f"c{run}")))
+            tls_runs.append(statistics.median(_decode_latencies_chain(tls_client, prompt, tokens, f"t{run}")))
             whole_runs.append(statistics.median(_decode_latencies_local(whole, prompt, tokens, f"w{run}")))
             split_runs.append(statistics.median(_decode_latencies_local(split, prompt, tokens, f"s{run}")))
         stats = client.stats()
     chain_ms = statistics.median(chain_runs) * 1000
     whole_ms = statistics.median(whole_runs) * 1000
+    tls_ms = statistics.median(tls_runs) * 1000
     transfers = segments + 1  # client -> first, K-1 segment -> segment, last -> client
     result = {
         "model": model,
@@ -363,7 +374,14 @@ def bench_overhead_cmd(
         "per_hop_overhead_ms": round((chain_ms - whole_ms) / transfers, 4),
         "split_in_process_ms_per_token": round(statistics.median(split_runs) * 1000, 3),
         "wire_overhead_per_hop_ms": round((chain_ms - statistics.median(split_runs) * 1000) / transfers, 4),
+        "tls_chain_ms_per_token": round(tls_ms, 3),
+        "tls_per_hop_ms": round((tls_ms - chain_ms) / transfers, 4),
+        # Each run's own pairing (the plain and the TLS run next to each other), so drift cancels.
+        "tls_per_hop_ms_by_run": [
+            round((t - c) * 1000 / transfers, 4) for t, c in zip(tls_runs, chain_runs, strict=True)
+        ],
         "chain_run_medians_ms": [round(x * 1000, 3) for x in chain_runs],
+        "tls_chain_run_medians_ms": [round(x * 1000, 3) for x in tls_runs],
         "whole_run_medians_ms": [round(x * 1000, 3) for x in whole_runs],
         "segment_busy_s": [round(s["busy_s"], 3) for s in stats],
         "segment_rss_bytes": [s["rss_bytes"] for s in stats],
