@@ -5,7 +5,14 @@ new plan is worth its migration cost. See docs/policies.md.
 """
 
 from policies.analytic import predict
-from policies.errors import InfeasibleError, PolicyError, ProblemError, SearchLimitError, UnknownPolicyError
+from policies.errors import (
+    InfeasibleError,
+    PolicyError,
+    ProblemError,
+    SearchLimitError,
+    SolverError,
+    UnknownPolicyError,
+)
 from policies.plan import Metrics, Plan, Stage
 from policies.problem import Constraints, Layer, Link, ModelSpec, Node, NodeCost, Objective, Problem, Workload
 from policies.registry import EXACT_POLICIES, POLICIES, solve
@@ -30,6 +37,7 @@ __all__ = [
     "Problem",
     "ProblemError",
     "SearchLimitError",
+    "SolverError",
     "Stage",
     "UnknownPolicyError",
     "Workload",

@@ -18,6 +18,7 @@ from policies.contention import bottleneck_s as contention_bottleneck_s
 from policies.plan import Metrics, Stage
 from policies.problem import Problem
 from policies.routes import Routes, all_routes, message_serialisation_s, serialisation_s, transfer_s
+from policies.tolerance import within
 
 
 @dataclass(frozen=True)
@@ -354,12 +355,12 @@ def violations(problem: Problem, stages: Sequence[Stage], routes: Routes | None 
                     )
                 )
     metrics = predict(problem, stages, routes)
-    if c.min_throughput_tok_s is not None and metrics.throughput_tok_s < c.min_throughput_tok_s:
-        out.append(
-            Violation("min_throughput", f"{metrics.throughput_tok_s:.4g} tok/s < {c.min_throughput_tok_s}")
-        )
-    if c.max_ttft_s is not None and metrics.ttft_s > c.max_ttft_s:
+    # The same relative slack as the solvers' rows (policies.tolerance): a plan a solver may pick passes.
+    floor = c.min_throughput_tok_s
+    if floor is not None and not within(metrics.bottleneck_s * floor, 1.0):
+        out.append(Violation("min_throughput", f"{metrics.throughput_tok_s:.4g} tok/s < {floor}"))
+    if c.max_ttft_s is not None and not within(metrics.ttft_s, c.max_ttft_s):
         out.append(Violation("max_ttft", f"TTFT {metrics.ttft_s:.4g} s > {c.max_ttft_s}"))
-    if c.max_tpot_s is not None and metrics.tpot_s > c.max_tpot_s:
+    if c.max_tpot_s is not None and not within(metrics.tpot_s, c.max_tpot_s):
         out.append(Violation("max_tpot", f"TPOT {metrics.tpot_s:.4g} s > {c.max_tpot_s}"))
     return out

@@ -37,3 +37,8 @@ class InfeasibleError(PolicyError):
 
 class SearchLimitError(PolicyError):
     """An exact search exceeded its state budget; use the 'heuristic' policy for this size."""
+
+
+class SolverError(PolicyError):
+    """A solver's answer contradicts the exact model (its plan fails the analytic check, or its optimum is
+    not its plan's value): a numerical failure, not a property of the problem."""

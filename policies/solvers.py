@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from policies.analytic import node_times, predict, violations, weighted_objective
-from policies.errors import InfeasibleError, SearchLimitError
+from policies.errors import InfeasibleError, PolicyError, SearchLimitError, SolverError
 from policies.plan import Plan, Stage
 from policies.problem import Constraints, Problem
 from policies.routes import Routes, all_routes
@@ -285,8 +285,10 @@ def relaxed_lower_bound(problem: Problem) -> float:
     return lower_bound(costs, enter)
 
 
-def diagnose(problem: Problem) -> InfeasibleError:
-    """Name the constraint that binds: the first whose removal alone makes a plan exist."""
+def diagnose(problem: Problem) -> PolicyError:
+    """Name the constraint that binds: the first whose removal alone makes a plan exist. An SLO is named
+    only when it is set; where the exact search shows a plan exists, the caller's failure is a
+    ``SolverError``."""
     c = problem.constraints
     # Policy constraints are named before memory: when both bind, the trust rule is the one a user chose.
     relax: list[tuple[str, dict[str, object]]] = []
@@ -316,8 +318,28 @@ def diagnose(problem: Problem) -> InfeasibleError:
         best = _best_single_metric(problem, metric)
         if best > limit * (1.0 + REL_TOL):
             return InfeasibleError(name, f"the best achievable {metric} is {best:.4g} s > {limit} s")
-    return InfeasibleError(
-        "combination", "the SLO bounds cannot hold together; relax max_ttft_s or max_tpot_s"
+    return _unexplained(problem)
+
+
+def _unexplained(problem: Problem) -> PolicyError:
+    """What to say when a plan exists under every structural constraint and each set SLO alone."""
+    c = problem.constraints
+    slos = [name for name, limit in (("max_ttft_s", c.max_ttft_s), ("max_tpot_s", c.max_tpot_s)) if limit]
+    if problem.calibration is not None:
+        # The candidates are priced by the full model, whose queueing the searches do not see.
+        relax = ", ".join([*slos, "min_throughput_tok_s", "concurrent_sessions"])
+        return InfeasibleError(
+            "combination", f"no candidate plan holds under the calibrated model (queueing); relax {relax}"
+        )
+    if len(slos) == 2:
+        return InfeasibleError(
+            "combination", "the SLO bounds cannot hold together; relax max_ttft_s or max_tpot_s"
+        )
+    # With at most one SLO, the exact search above found a plan that meets it: no solver should miss it.
+    held = f" under {slos[0]}" if slos else ""
+    return SolverError(
+        f"a plan exists{held} (the exact search finds one) but the solver returned none; "
+        "report the problem JSON, or use the latency_dp or throughput_dp policy"
     )
 
 

@@ -16,11 +16,10 @@ import numpy as np
 from policies.analytic import node_times
 from policies.problem import Problem
 from policies.routes import Routes, all_routes
+from policies.tolerance import REL_TOL
 
 INF = np.inf
-# Constraint checks allow this relative slack so that the arrays and the reference model (which add the
-# same numbers in a different order) agree on what is feasible.
-REL_TOL = 1e-9
+__all__ = ["INF", "REL_TOL", "Costs", "Tables", "bottleneck_values", "build", "latency_costs"]
 
 
 @dataclass(frozen=True)
