@@ -41,6 +41,7 @@ import httpx
 
 from flows import pipeline
 from flows.calibrate import LinkHistory, Snapshot, calibration_path, learn, load_calibration, save_calibration
+from flows.measure import admin_headers
 from flows.runtime import LinkProbe, local_link_overrides
 from flows.state import DeploymentState, load_state
 from mecsplit.files import write_json
@@ -212,7 +213,7 @@ class Controller:
         self._seq = 0
         self._last_snapshot: Snapshot | None = None
         self._gateway: str | None = None
-        self._http = httpx.Client(timeout=5.0)
+        self._http = httpx.Client(timeout=5.0, headers=admin_headers())
         self._watch = _Watch()
         self._base: tuple[tuple[Any, ...], Problem | None] | None = None
         self._pending: list[str] = []

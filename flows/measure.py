@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import secrets
 import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from mecsplit.files import write_atomic
 from mecsplit.settings import get_settings
 
 
@@ -45,6 +48,29 @@ def gateway_headers() -> dict[str, str]:
     (``MECSPLIT_SEGMENTS__API_KEY``, the same setting the gateway enforces)."""
     key = get_settings().segments.api_key
     return {} if key is None else {"Authorization": f"Bearer {key}"}
+
+
+ADMIN_TOKEN_FILE = "admin-token"
+
+
+def admin_token_path() -> Path:
+    return get_settings().run_dir / ADMIN_TOKEN_FILE
+
+
+def admin_token() -> str:
+    """The token a gateway's ``/admin`` routes want: one per ``MECSPLIT_HOME`` (mode 0600), made on first
+    use. The backends hand it to every gateway they start; this project's own clients send it."""
+    path = admin_token_path()
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        write_atomic(path, secrets.token_hex(32) + "\n", mode=0o600)
+        return path.read_text().strip()
+
+
+def admin_headers() -> dict[str, str]:
+    """What this project's own clients send with an ``/admin`` request."""
+    return {"Authorization": f"Bearer {admin_token()}"}
 
 
 def stream_completion(

@@ -23,6 +23,7 @@ import httpx
 from flows import pipeline
 from flows.calibrate import Snapshot, learn
 from flows.controller import clear_run_learning
+from flows.measure import admin_headers
 from flows.runtime import LinkProbe, backend_for
 from flows.state import load_state, save_state
 from flows.workload import ChatSession, start_bench, teardown, testbed_up
@@ -73,12 +74,16 @@ def _window(url: str, max_tokens: int, sessions: int, seconds: float) -> dict[st
         chat.start()
     try:
         time.sleep(SETTLE_S)
-        seq = httpx.get(f"{url}/admin/telemetry", params={"since": 0}, timeout=30).json()["seq"]
+        seq = httpx.get(
+            f"{url}/admin/telemetry", params={"since": 0}, timeout=30, headers=admin_headers()
+        ).json()["seq"]
         t0 = time.time()
         snapshots = []
         while time.time() - t0 < seconds:
             time.sleep(2.0)
-            data = httpx.get(f"{url}/admin/telemetry", params={"since": seq}, timeout=30).json()
+            data = httpx.get(
+                f"{url}/admin/telemetry", params={"since": seq}, timeout=30, headers=admin_headers()
+            ).json()
             seq = data["seq"]
             snapshots.append(Snapshot.from_json(data))
     finally:

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from flows.measure import admin_headers
 from flows.runtime import (
     Backend,
     LinkProbe,
@@ -858,7 +859,7 @@ def first_live_token_at(gateway_url: str, timeout_s: float = 2.0) -> float | Non
     telemetry, ``segments.telemetry``); None when none came within ``timeout_s`` (no session running)."""
     deadline = time.monotonic() + timeout_s
     seq = 0
-    with httpx.Client(timeout=5.0) as http:
+    with httpx.Client(timeout=5.0, headers=admin_headers()) as http:
         while time.monotonic() < deadline:
             data = http.get(f"{gateway_url}/admin/telemetry", params={"since": seq}).json()
             fresh = [r["at_s"] for r in data["records"] if r["generation"] == data["generation"]]
@@ -890,7 +891,7 @@ def chain_dict(model: str, endpoints: list[Endpoint]) -> dict[str, Any]:
 def chain_health(gateway_url: str) -> tuple[bool, str]:
     """Whether every hop of the gateway's chain answers; (False, why) when one does not."""
     try:
-        response = httpx.get(f"{gateway_url}/admin/health", timeout=15)
+        response = httpx.get(f"{gateway_url}/admin/health", timeout=15, headers=admin_headers())
     except httpx.HTTPError as exc:
         return False, f"gateway unreachable: {exc}"
     if response.status_code == 200:
@@ -922,7 +923,7 @@ def prepare_gateway_chain(
     """Have the gateway open ``chain`` and prefill its live sessions there ahead of the switch a deploy
     will make (``/admin/prepare``: it returns at once). Returns whether it is preparing."""
     body = {"chain": chain, "mode": mode, "recompute_hops": recompute_hops}
-    response = client.post(f"{gateway_url}/admin/prepare", json=body, timeout=2.0)
+    response = client.post(f"{gateway_url}/admin/prepare", json=body, timeout=2.0, headers=admin_headers())
     response.raise_for_status()
     return bool(response.json().get("preparing"))
 
@@ -932,7 +933,7 @@ def set_gateway_chain(
 ) -> dict[str, Any]:
     """Switch the gateway's live sessions to ``chain``; returns its switch report (what moved, how long)."""
     body = {"chain": chain, "mode": mode, "recompute_hops": recompute_hops}
-    response = httpx.post(f"{gateway_url}/admin/chain", json=body, timeout=300)
+    response = httpx.post(f"{gateway_url}/admin/chain", json=body, timeout=300, headers=admin_headers())
     if response.is_error:  # keep the gateway's reason (raise_for_status drops the body)
         raise httpx.HTTPStatusError(
             f"the gateway refused the new chain ({response.status_code}): {response.text[:500]}",

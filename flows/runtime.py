@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from flows.measure import ADMIN_TOKEN_FILE, admin_token, admin_token_path
 from flows.state import BackendName, Endpoint
 from mecsplit.files import write_json
 from mecsplit.process import stop_pid
@@ -181,11 +182,18 @@ def _server_command(
 
 
 def _gateway_command(
-    settings: Settings, model: str, host: str, port: int, chain: dict[str, Any], tls_dir: Path | str
+    settings: Settings,
+    model: str,
+    host: str,
+    port: int,
+    chain: dict[str, Any],
+    tls_dir: Path | str,
+    admin_token_file: Path | str,
 ) -> list[str]:
     return [
         sys.executable, "-m", "segments.gatewayd", "--store", str(settings.store_dir), "--model", model,
         "--host", host, "--port", str(port), "--chain-json", json.dumps(chain), "--tls-dir", str(tls_dir),
+        "--admin-token-file", str(admin_token_file),
     ]  # fmt: skip
 
 
@@ -306,7 +314,10 @@ class LocalBackend:
 
     def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]:
         tls_dir = credentials_dir(self.settings, secret, GATEWAY)
-        command = _gateway_command(self.settings, model, "127.0.0.1", port, chain, tls_dir)
+        admin_token()  # made on first use; the gateway reads the file
+        command = _gateway_command(
+            self.settings, model, "127.0.0.1", port, chain, tls_dir, admin_token_path()
+        )
         pid, bound = self._spawn(command, "gateway", {})
         return f"http://127.0.0.1:{bound}", f"pid:{pid}"
 
@@ -450,8 +461,12 @@ class TestbedBackend:
     def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]:
         source = self.scenario.source
         answer = self.client.deploy_segment(
-            source, "gateway", _gateway_command(self.settings, model, "0.0.0.0", port, chain, FILES_MOUNT),
-            env=_api_key_env(self.settings), port=port, files=credential_files(secret, GATEWAY),
+            source, "gateway",
+            _gateway_command(
+                self.settings, model, "0.0.0.0", port, chain, FILES_MOUNT, f"{FILES_MOUNT}/{ADMIN_TOKEN_FILE}"
+            ),
+            env=_api_key_env(self.settings), port=port,
+            files={**credential_files(secret, GATEWAY), ADMIN_TOKEN_FILE: admin_token()},
         )  # fmt: skip
         self._wait_for_json(source, "gateway", 180, ready=True)
         return f"http://{answer['mgmt_address']}:{port}", f"segment:{source}:gateway"

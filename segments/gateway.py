@@ -292,8 +292,10 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def create_app(gateway: Gateway, api_key: str | None = None) -> FastAPI:
-    """The HTTP app; with ``api_key`` every ``/v1`` route wants ``Authorization: Bearer <api_key>``."""
+def create_app(gateway: Gateway, api_key: str | None = None, admin_token: str | None = None) -> FastAPI:
+    """The HTTP app; with ``api_key`` every ``/v1`` route wants ``Authorization: Bearer <api_key>``, with
+    ``admin_token`` every ``/admin`` route wants ``Authorization: Bearer <admin_token>`` (the users of
+    the API may not switch its chain)."""
     from contextlib import asynccontextmanager
 
     from fastapi.exceptions import RequestValidationError
@@ -312,16 +314,21 @@ def create_app(gateway: Gateway, api_key: str | None = None) -> FastAPI:
     async def _validation(_: Request, exc: RequestValidationError) -> Any:
         return _error(400, str(exc))
 
-    if api_key is not None:
-        expected = f"Bearer {api_key}".encode()
+    wanted = {
+        prefix: (f"Bearer {key}".encode(), what)
+        for prefix, key, what in (("/v1", api_key, "API key"), ("/admin", admin_token, "admin token"))
+        if key is not None
+    }
+    if wanted:
 
         @app.middleware("http")
         async def _authorised(request: Request, call_next: Any) -> Any:
-            if request.url.path.startswith("/v1"):
-                given = request.headers.get("authorization", "").encode()
-                if not secrets.compare_digest(given, expected):
-                    return _error(401, "a valid API key is needed: Authorization: Bearer <key>",
-                                  code="invalid_api_key")  # fmt: skip
+            for prefix, (expected, what) in wanted.items():
+                if request.url.path == prefix or request.url.path.startswith(prefix + "/"):
+                    given = request.headers.get("authorization", "").encode()
+                    if not secrets.compare_digest(given, expected):
+                        return _error(401, f"a valid {what} is needed: Authorization: Bearer <key>",
+                                      code=f"invalid_{what.lower().replace(' ', '_')}")  # fmt: skip
             return await call_next(request)
 
     @app.exception_handler(GatewayRequestError)

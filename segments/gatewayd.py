@@ -34,6 +34,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tls-dir", type=Path, default=None, help="the gateway's TLS credentials folder (segments.pki)"
     )
     p.add_argument("--secret-file", type=Path, default=None)
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        help="the /admin routes want 'Authorization: Bearer <the file's token>' (without it: open)",
+    )
     return p.parse_args(argv)
 
 
@@ -67,7 +73,8 @@ async def _serve(args: argparse.Namespace) -> int:
         recover_timeout_s=seg.recover_timeout_s,
         abandon_after_s=seg.abandon_after_s,
     )
-    app = create_app(gateway, api_key=seg.api_key)
+    admin_token = args.admin_token_file.read_text().strip() if args.admin_token_file else None
+    app = create_app(gateway, api_key=seg.api_key, admin_token=admin_token)
     add_health_route(app, gateway)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

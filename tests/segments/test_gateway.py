@@ -334,11 +334,13 @@ def test_a_client_that_leaves_frees_its_session_on_every_hop(
 
 def test_an_api_key_guards_the_v1_routes(wire_store: Path, chains: tuple[LocalChain, LocalChain]) -> None:
     """With an API key (``MECSPLIT_SEGMENTS__API_KEY``) every /v1 route wants it as a bearer token and
-    answers 401 in OpenAI's shape without it; the admin routes are not /v1's (their own guard is to come)."""
+    answers 401 in OpenAI's shape without it; the admin routes want their own token, which the API key
+    does not open (a user of the API may not switch its chain)."""
     from starlette.testclient import TestClient
 
     a, _ = chains
-    app = create_app(Gateway.from_store(a.chain, a.secret(), wire_store, MODEL), api_key="s3cret")
+    gateway = Gateway.from_store(a.chain, a.secret(), wire_store, MODEL)
+    app = create_app(gateway, api_key="s3cret", admin_token="adm1n")
     client = TestClient(app)  # no lifespan: these answers need no chain
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
         refused = client.get("/v1/models", headers=headers)
@@ -347,3 +349,10 @@ def test_an_api_key_guards_the_v1_routes(wire_store: Path, chains: tuple[LocalCh
     assert refused.status_code == 401
     allowed = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
     assert allowed.status_code == 200 and allowed.json()["data"][0]["id"] == MODEL
+    for headers in ({}, {"Authorization": "Bearer s3cret"}):
+        refused = client.get("/admin/chain", headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_admin_token"
+    refused = client.post("/admin/chain", json={"chain": a.chain.to_dict()}, headers={})
+    assert refused.status_code == 401
+    assert client.get("/admin/chain", headers={"Authorization": "Bearer adm1n"}).status_code == 200
+    assert client.get("/v1/models", headers={"Authorization": "Bearer adm1n"}).status_code == 401
