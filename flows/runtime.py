@@ -189,11 +189,12 @@ def _gateway_command(
     chain: dict[str, Any],
     tls_dir: Path | str,
     admin_token_file: Path | str,
+    admin_host: str,
 ) -> list[str]:
     return [
         sys.executable, "-m", "segments.gatewayd", "--store", str(settings.store_dir), "--model", model,
         "--host", host, "--port", str(port), "--chain-json", json.dumps(chain), "--tls-dir", str(tls_dir),
-        "--admin-token-file", str(admin_token_file),
+        "--admin-token-file", str(admin_token_file), "--admin-host", admin_host,
     ]  # fmt: skip
 
 
@@ -460,16 +461,20 @@ class TestbedBackend:
 
     def start_gateway(self, model: str, secret: str, port: int, chain: dict[str, Any]) -> tuple[str, str]:
         source = self.scenario.source
+        token_file, mgmt = f"{FILES_MOUNT}/{ADMIN_TOKEN_FILE}", self._mgmt_address(source)
         answer = self.client.deploy_segment(
             source, "gateway",
-            _gateway_command(
-                self.settings, model, "0.0.0.0", port, chain, FILES_MOUNT, f"{FILES_MOUNT}/{ADMIN_TOKEN_FILE}"
-            ),
+            _gateway_command(self.settings, model, "0.0.0.0", port, chain, FILES_MOUNT, token_file, mgmt),
             env=_api_key_env(self.settings), port=port,
             files={**credential_files(secret, GATEWAY), ADMIN_TOKEN_FILE: admin_token()},
         )  # fmt: skip
         self._wait_for_json(source, "gateway", 180, ready=True)
         return f"http://{answer['mgmt_address']}:{port}", f"segment:{source}:gateway"
+
+    def _mgmt_address(self, node: str) -> str:
+        """The node's address on the management network (where the flows reach it from the host)."""
+        rows = {row["name"]: row for row in self.client.status()["nodes"]}
+        return str(rows[node]["mgmt_address"])
 
     def stop_gateway(self, handle: str) -> None:
         _, node, name = handle.split(":")

@@ -215,6 +215,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
 def _error(
     status: int,
     message: str,
@@ -292,10 +296,16 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def create_app(gateway: Gateway, api_key: str | None = None, admin_token: str | None = None) -> FastAPI:
+def create_app(
+    gateway: Gateway,
+    api_key: str | None = None,
+    admin_token: str | None = None,
+    admin_host: str | None = None,
+) -> FastAPI:
     """The HTTP app; with ``api_key`` every ``/v1`` route wants ``Authorization: Bearer <api_key>``, with
     ``admin_token`` every ``/admin`` route wants ``Authorization: Bearer <admin_token>`` (the users of
-    the API may not switch its chain)."""
+    the API may not switch its chain), and with ``admin_host`` the admin routes exist only for
+    connections that arrived at that local address (the management network's)."""
     from contextlib import asynccontextmanager
 
     from fastapi.exceptions import RequestValidationError
@@ -319,12 +329,17 @@ def create_app(gateway: Gateway, api_key: str | None = None, admin_token: str | 
         for prefix, key, what in (("/v1", api_key, "API key"), ("/admin", admin_token, "admin token"))
         if key is not None
     }
-    if wanted:
+    if wanted or admin_host is not None:
 
         @app.middleware("http")
-        async def _authorised(request: Request, call_next: Any) -> Any:
+        async def _guard(request: Request, call_next: Any) -> Any:
+            path = request.url.path
+            if admin_host is not None and _under(path, "/admin"):
+                arrived_at = (request.scope.get("server") or ("", 0))[0]
+                if arrived_at != admin_host:  # as if there were no such route here
+                    return _error(404, f"no route {path}", etype="not_found_error", code="not_found")
             for prefix, (expected, what) in wanted.items():
-                if request.url.path == prefix or request.url.path.startswith(prefix + "/"):
+                if _under(path, prefix):
                     given = request.headers.get("authorization", "").encode()
                     if not secrets.compare_digest(given, expected):
                         return _error(401, f"a valid {what} is needed: Authorization: Bearer <key>",

@@ -40,6 +40,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="the /admin routes want 'Authorization: Bearer <the file's token>' (without it: open)",
     )
+    p.add_argument(
+        "--admin-host",
+        default=None,
+        help="the /admin routes answer only connections that arrive at this local address (the "
+        "management network's); elsewhere they do not exist (404). Without it: every address",
+    )
     return p.parse_args(argv)
 
 
@@ -74,7 +80,7 @@ async def _serve(args: argparse.Namespace) -> int:
         abandon_after_s=seg.abandon_after_s,
     )
     admin_token = args.admin_token_file.read_text().strip() if args.admin_token_file else None
-    app = create_app(gateway, api_key=seg.api_key, admin_token=admin_token)
+    app = create_app(gateway, api_key=seg.api_key, admin_token=admin_token, admin_host=args.admin_host)
     add_health_route(app, gateway)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -356,3 +356,21 @@ def test_an_api_key_guards_the_v1_routes(wire_store: Path, chains: tuple[LocalCh
     assert refused.status_code == 401
     assert client.get("/admin/chain", headers={"Authorization": "Bearer adm1n"}).status_code == 200
     assert client.get("/v1/models", headers={"Authorization": "Bearer adm1n"}).status_code == 401
+
+
+def test_admin_routes_exist_only_on_the_management_address(
+    wire_store: Path, chains: tuple[LocalChain, LocalChain]
+) -> None:
+    """With ``admin_host`` the admin routes answer only connections that arrived at that local address;
+    on any other they do not exist (404), while /v1 serves on every address."""
+    from starlette.testclient import TestClient
+
+    a, _ = chains
+    gateway = Gateway.from_store(a.chain, a.secret(), wire_store, MODEL)
+    elsewhere = TestClient(create_app(gateway, admin_host="10.99.0.1"))  # arrives at "testserver"
+    hidden = elsewhere.get("/admin/chain")
+    assert hidden.status_code == 404 and hidden.json()["error"]["type"] == "not_found_error"
+    assert elsewhere.post("/admin/chain", json={}).status_code == 404
+    assert elsewhere.get("/v1/models").status_code == 200
+    here = TestClient(create_app(gateway, admin_host="testserver"))
+    assert here.get("/admin/chain").status_code == 200
