@@ -317,7 +317,7 @@ class LocalBackend:
         tls_dir = credentials_dir(self.settings, secret, GATEWAY)
         admin_token()  # made on first use; the gateway reads the file
         command = _gateway_command(
-            self.settings, model, "127.0.0.1", port, chain, tls_dir, admin_token_path()
+            self.settings, model, "127.0.0.1", port, chain, tls_dir, admin_token_path(), "127.0.0.1"
         )
         pid, bound = self._spawn(command, "gateway", {})
         return f"http://127.0.0.1:{bound}", f"pid:{pid}"
