@@ -27,10 +27,10 @@ import json
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from segments.auth import AuthError, Credentials, SecretConfigError, client_handshake, open_connection
 from segments.errors import ERRORS_BY_CODE, LayerRangeError, SegmentError, error_for_code
@@ -45,6 +45,8 @@ from segments.protocol import (
 )
 from segments.sampling import SamplingParams
 from segments.telemetry import StepTrace, Telemetry
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import torch
@@ -579,8 +581,14 @@ class AsyncChainClient:
         *,
         recompute_hops: int = 0,
         abandon_after_s: float | None = None,
+        timeout_s: float | None = None,
     ) -> SwitchReport:
         """Move ``sessions`` to ``new_chain`` between two tokens; later steps go to the new chain.
+
+        ``timeout_s`` bounds the switch's own work (the prefill, and the move while the gate is closed):
+        past it the switch fails with ChainError and the sessions go on on the old chain, whose KV a move
+        only copies. A move whose KV crosses a link that collapsed meanwhile would otherwise stall every
+        session for minutes.
 
         The first ``recompute_hops`` hops of the new chain rebuild their KV from each session's token history
         (one prefill through just those hops); every other hop gets the KV of its layers moved from the old
@@ -609,6 +617,7 @@ class AsyncChainClient:
             with contextlib.suppress(Exception):
                 await task
         t_open = time.perf_counter()
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         early = self._prefills(new_chain, recompute)
         ahead = await self._take_ahead(new_chain, recompute, early)
         new_links = ahead.links if ahead is not None else await self._open(new_chain)
@@ -616,7 +625,9 @@ class AsyncChainClient:
         t_prefill = time.perf_counter()
         try:
             if early:  # what the sessions added since the preparation, or all of it
-                await self._prefill(current(), new_links[:recompute], prefilled)
+                await _bounded(
+                    self._prefill(current(), new_links[:recompute], prefilled), deadline, "prefill"
+                )
         except BaseException:
             for link in new_links:
                 await link.close()
@@ -632,8 +643,12 @@ class AsyncChainClient:
             moved_bytes = recomputed = 0
             try:
                 for session in moving:
-                    nbytes, ntokens = await self._move(
-                        session, mode, recompute, old_links, new_links, prefilled.get(session.id, 0)
+                    nbytes, ntokens = await _bounded(
+                        self._move(
+                            session, mode, recompute, old_links, new_links, prefilled.get(session.id, 0)
+                        ),
+                        deadline,
+                        "move",
                     )
                     moved_bytes += nbytes
                     recomputed += ntokens
@@ -897,6 +912,16 @@ class AsyncChainClient:
         history = torch.tensor([session.tokens[start:end]], dtype=torch.int64)
         await self._forward(links, session.id, history, start, None, None, "none", discard_output=True)
         return end - start
+
+
+async def _bounded(work: Awaitable[T], deadline: float | None, what: str) -> T:
+    """``work`` within the monotonic ``deadline`` (None: unbounded); ChainError past it."""
+    if deadline is None:
+        return await work
+    try:
+        return await asyncio.wait_for(work, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise ChainError(f"the switch's {what} ran past its time budget; the old chain stays") from None
 
 
 class ChainClient:

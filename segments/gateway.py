@@ -108,7 +108,11 @@ class Gateway:
     async def close(self) -> None:
         await self.client.close()
 
-    async def switch(self, chain: Chain, mode: SwitchMode = "kv", recompute_hops: int = 0) -> dict[str, Any]:
+    async def switch(
+        self, chain: Chain, mode: SwitchMode = "kv", recompute_hops: int = 0, timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """Move every live session to ``chain``; ``timeout_s`` bounds the switch (past it the old chain
+        stays, ``AsyncChainClient.switch``)."""
         t0 = time.perf_counter()
         if self.client.broken is not None:
             mode = "replay"  # a dead hop's KV is gone: the history is all that is left to rebuild from
@@ -117,8 +121,9 @@ class Gateway:
         abandon = self.abandon_after_s if mode == "replay" else None
         # The live view: a session that starts while the new chain is prefilled moves too.
         report = await self.client.switch(
-            self.live.values(), chain, mode, recompute_hops=recompute_hops, abandon_after_s=abandon
-        )
+            self.live.values(), chain, mode, recompute_hops=recompute_hops, abandon_after_s=abandon,
+            timeout_s=timeout_s,
+        )  # fmt: skip
         return {**report.to_dict(), "t_s": round(time.perf_counter() - t0, 4)}
 
     async def prepare(
@@ -213,6 +218,14 @@ class Gateway:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_or_none(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e6:
+        raise ValueError(f"{name} must be a number of seconds in (0, 1e6), got {value!r}")
+    return float(value)
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -402,7 +415,10 @@ def create_app(
         body = await _json_object(request)
         try:
             chain = Chain.from_dict(body["chain"])
-            return await gateway.switch(chain, body.get("mode", "kv"), int(body.get("recompute_hops", 0)))
+            timeout_s = _positive_or_none(body.get("timeout_s"), "timeout_s")
+            return await gateway.switch(
+                chain, body.get("mode", "kv"), int(body.get("recompute_hops", 0)), timeout_s
+            )
         except (KeyError, TypeError, ValueError, SegmentError) as exc:
             return _error(400, f"bad chain: {exc}", param="chain")
         except (ChainError, RemoteError) as exc:
