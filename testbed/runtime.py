@@ -115,7 +115,9 @@ class Testbed:
             )
             self.loads[n.name] = nodes.BackgroundLoad(self.containers[n.name].cgroup, n.cpus)
         self.progress(f"network: {len(self.plan.links)} links, routes, management bridge")
-        self.network = EmulatedNetwork(self.plan, {k: c.pid for k, c in self.containers.items()})
+        self.network = EmulatedNetwork(
+            self.plan, {k: c.pid for k, c in self.containers.items()}, self.tb.shell_timeout_s
+        )
         self.network.build()
         for lk in self.scenario.links:
             self.progress(f"link {lk.a}-{lk.b}: {lk.bw_mbit} Mbit/s, {lk.delay_ms} ms, {lk.loss_pct} %")
