@@ -99,6 +99,7 @@ class Testbed:
         check_mgmt_net_free(self.plan)  # before anything starts: nothing is left half-done
         store = Path(self.settings.store_dir)
         store.mkdir(parents=True, exist_ok=True)
+        nodes.check_readable_by_containers(store.resolve())
         if self.tb.image:
             # A self-contained image (testbed/Dockerfile): only the model store comes from the host.
             self.progress(f"image: {self.tb.image}")
