@@ -64,7 +64,7 @@ def _read_available(node: Any, timeout_s: float) -> str:
     if node.readbuf:
         data, node.readbuf = node.readbuf, ""
         return str(data)
-    events = node.pollOut.poll(max(0, int(timeout_s * 1000)))
+    events = _poller(node).poll(max(0, int(timeout_s * 1000)))
     if not any(mask & select.POLLIN for _, mask in events):
         if events:
             time.sleep(min(timeout_s, POLL_S))  # a bare hang-up: do not spin; the caller checks the shell
@@ -75,6 +75,17 @@ def _read_available(node: Any, timeout_s: float) -> str:
         return ""
     except OSError:
         return ""  # EIO: the pty's other side is gone; the caller finds the shell dead
+
+
+def _poller(node: Any) -> select.poll:
+    """A poll on the shell's pty for input only: Mininet's ``pollOut`` also asks for POLLOUT, which a
+    pty almost always is, so it never waits (Mininet then blocks in ``read`` instead)."""
+    poller = node.__dict__.get("_input_poll")
+    if poller is None:
+        poller = select.poll()
+        poller.register(node.stdout.fileno(), select.POLLIN | select.POLLPRI)
+        node._input_poll = poller
+    return poller
 
 
 def _pending_output(node: Any) -> str:
@@ -198,6 +209,7 @@ class DeadlineShell:
         node.outToNode[node.stdout.fileno()] = node
         node.inToNode[node.stdin.fileno()] = node
         node.execed, node.lastCmd, node.lastPid, node.readbuf = False, None, None, ""
+        node._input_poll = None  # a new pty: _poller registers it
         node.waiting = True  # until the first prompt
         try:
             if _read_until_prompt(node, "(shell start)", time.monotonic() + self.cmd_timeout_s) is None:
