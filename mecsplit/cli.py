@@ -22,6 +22,15 @@ bench = typer.Typer(
 )
 app.add_typer(bench, name="bench")
 
+
+@bench.callback()
+def _bench_cleans_up_on_signals() -> None:
+    # Benchmarks build testbeds, namespaces and servers of their own: a killed one removes them.
+    from mecsplit.process import exit_cleanly_on_signals
+
+    exit_cleanly_on_signals()
+
+
 # Modules under mecsplit.commands, each with register(app, bench).
 _COMMAND_MODULES: tuple[str, ...] = ("testbed", "models", "flows", "run", "plan", "reaction")
 

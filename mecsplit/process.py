@@ -41,3 +41,18 @@ def stop_pid(pid: int, timeout_s: float = 15.0, *, group: bool = False) -> bool:
     with contextlib.suppress(ProcessLookupError):
         kill(pid, signal.SIGKILL)
     return True
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    # A second signal must not cut short the cleanup the first one started (a supervisor often sends
+    # SIGTERM twice; Ctrl-C gets pressed twice): ignore both from now on; SIGKILL still ends us.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def exit_cleanly_on_signals() -> None:
+    """SIGTERM and SIGINT become SystemExit, so that ``finally`` blocks and ``with`` exits run and remove
+    what a command started (containers, namespaces, processes); by default SIGTERM ends Python at once."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)

@@ -66,6 +66,11 @@ class TestbedSettings(BaseModel):
     image: str = Field(
         default="", description="node image built from testbed/Dockerfile; empty: offline base + host mounts"
     )
+    shell_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="deadline of each command sent into a Mininet node shell (a dead shell fails at once)",
+    )
     # --- daemon (testbed.daemon) ---
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=0, ge=0, le=65535, description="0: pick a free port")

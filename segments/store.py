@@ -420,6 +420,8 @@ def _write_part(target: Path, part: Part, tensors: dict[str, torch.Tensor]) -> i
     path = target / part_file(part)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    # safetensors writes 0600; the testbed's containers read the store as an unprivileged user.
+    path.chmod(0o644)
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

@@ -235,6 +235,24 @@ def start_daemon(
         cwd=str(Path(__file__).resolve().parent.parent), env={**os.environ, **(env or {})},
     )  # fmt: skip
     log.close()
+    try:
+        return _wait_started(proc, run_dir, log_path, timeout_s, progress)
+    except BaseException:
+        # Interrupted or failed before it was up: the daemon finishes starting, then tears down (its
+        # SIGTERM handler); nobody would otherwise know it runs.
+        if proc.poll() is None:
+            proc.terminate()
+        raise
+
+
+def _wait_started(
+    proc: subprocess.Popen[bytes],
+    run_dir: Path,
+    log_path: Path,
+    timeout_s: float,
+    progress: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Relay the daemon's progress lines until its state file exists; raise if it exits or times out."""
     seen = 0
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -250,5 +268,4 @@ def start_daemon(
             tail = "\n".join(lines[-25:])
             raise TestbedError(f"testbed daemon exited with {proc.returncode} during start:\n{tail}")
         time.sleep(0.1)
-    proc.terminate()
     raise TestbedError(f"testbed did not come up in {timeout_s} s; see {log_path}")

@@ -71,7 +71,9 @@ class Scope:
         return re.compile(rf"^{re.escape(self.prefix)}{tail}$")
 
     def container(self, name: str) -> bool:
-        return name.startswith(f"{self.prefix}-")
+        # Broad: the prefix "mecsplit" also takes the bench's and the tests' testbeds (mecsplitk-src, ...),
+        # as it already did for their interfaces and cgroups.
+        return name.startswith(f"{self.prefix}-" if self.exact else self.prefix)
 
     def interface(self, name: str) -> bool:
         # bridges <p>b<k>, their ports <p>b<k>p0/p1, the management bridge <p>m and its ports <p>m<i>
@@ -116,7 +118,7 @@ def find_containers(scope: Scope) -> list[str]:
     by_name = (
         ""
         if scope.exact
-        else _out(["docker", "ps", "-a", "--filter", f"name=^{p}-", "--format", "{{.Names}}"])
+        else _out(["docker", "ps", "-a", "--filter", f"name=^{p}", "--format", "{{.Names}}"])
     )
     return sorted({n for n in by_label.split() + by_name.split() if scope.container(n)})
 

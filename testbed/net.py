@@ -24,6 +24,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from testbed.errors import TestbedError
+from testbed.shell import DeadlineShell
 
 MAX_IFNAME = 15
 
@@ -273,7 +274,8 @@ def _mininet_classes() -> tuple[type, type]:
     """
     from mininet.node import Host, Switch
 
-    class ContainerHost(Host):
+    # DeadlineShell first: every command into these nodes' shells has a deadline (testbed.shell).
+    class ContainerHost(DeadlineShell, Host):
         """A Mininet host whose shell joins a Docker container's namespaces (``mnexec -a PID``)."""
 
         def __init__(self, name: str, container_pid: int, **params: object) -> None:
@@ -283,7 +285,7 @@ def _mininet_classes() -> tuple[type, type]:
         def startShell(self, mnopts: str | None = None) -> None:
             super().startShell(mnopts=f"-cda{self.container_pid}")
 
-    class BridgeSwitch(Switch):
+    class BridgeSwitch(DeadlineShell, Switch):
         """A Linux bridge with all its ports enslaved, no controller."""
 
         def start(self, _controllers: list[object]) -> None:
@@ -303,9 +305,10 @@ def _mininet_classes() -> tuple[type, type]:
 class EmulatedNetwork:
     """Realises a TopologyPlan with Mininet: LinuxBridge switches, container hosts, static routes."""
 
-    def __init__(self, plan: TopologyPlan, container_pids: dict[str, int]) -> None:
+    def __init__(self, plan: TopologyPlan, container_pids: dict[str, int], shell_timeout_s: float) -> None:
         self.plan = plan
         self.container_pids = container_pids
+        self.shell_timeout_s = shell_timeout_s  # per command sent into a Mininet shell (testbed.shell)
         self.net = None  # mininet.net.Mininet once built
 
     def _host_name(self, node: str) -> str:
@@ -337,10 +340,16 @@ class EmulatedNetwork:
                 cls=container_host,
                 container_pid=self.container_pids[node.name],
                 ip=None,
+                cmd_timeout_s=self.shell_timeout_s,
             )
         for link in self.plan.links:
-            net.addSwitch(link.bridge, cls=bridge_switch, dpid=f"{link.index + 1:x}")
-        mgmt = net.addSwitch(self.plan.mgmt_bridge, cls=bridge_switch, dpid=f"{len(self.plan.links) + 1:x}")
+            net.addSwitch(
+                link.bridge, cls=bridge_switch, dpid=f"{link.index + 1:x}", cmd_timeout_s=self.shell_timeout_s
+            )
+        mgmt = net.addSwitch(
+            self.plan.mgmt_bridge, cls=bridge_switch, dpid=f"{len(self.plan.links) + 1:x}",
+            cmd_timeout_s=self.shell_timeout_s,
+        )  # fmt: skip
         for link in self.plan.links:
             switch = net.get(link.bridge)
             net.addLink(
@@ -387,8 +396,15 @@ class EmulatedNetwork:
     def stop(self) -> None:
         try:
             if self.net is not None:
-                self.net.stop()
-                self.net = None
+                net, self.net = self.net, None
+                try:
+                    net.stop()
+                except TestbedError:
+                    # A dead or stuck shell stopped Mininet half-way: end every shell now (with a
+                    # deadline); the caller's prefix-wide teardown removes the interfaces left.
+                    for node in net.hosts + net.switches:
+                        node.terminate()
+                    raise
         finally:
             for bridge in [lk.bridge for lk in self.plan.links] + [self.plan.mgmt_bridge]:
                 remove_bridge_forwarding(bridge, self.plan.prefix)

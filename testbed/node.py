@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -51,11 +52,22 @@ LOAD_CPU_SHARES = 262_144
 # not the weight, caps the node.
 NODE_SHARES_PER_CPU = 4096
 
+# Every container of a node runs as this unprivileged user (uid:gid), not root: the read-only mounts
+# (store, checkout, Python) are world-readable, and a file handed to a segment (a secret) must be owned
+# by this uid or readable by this gid. The base image names it in /etc/passwd; testbed/Dockerfile too.
+SEGMENT_UID = 10001
+SEGMENT_GID = 10001
+# Processes and threads per container (torch starts a thread per core, uvicorn a few more): generous,
+# but a fork bomb in one segment cannot take the host. The node container only runs `sleep`.
+SEGMENT_PIDS_LIMIT = 1024
+NODE_PIDS_LIMIT = 16
+
 _BASE_SYMLINKS = {"bin": "usr/bin", "lib": "usr/lib", "lib64": "usr/lib64", "sbin": "usr/sbin"}
 _BASE_DIRS = ("dev", "etc", "proc", "sys", "tmp", "root", "run", "var", "var/tmp", "home", "mnt", "opt")
 _BASE_FILES = {
-    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-    "etc/group": "root:x:0:\nnogroup:x:65534:\n",
+    "etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+    f"mecsplit:x:{SEGMENT_UID}:{SEGMENT_GID}:mecsplit segments:/tmp:/bin/false\n",
+    "etc/group": f"root:x:0:\nnogroup:x:65534:\nmecsplit:x:{SEGMENT_GID}:\n",
     "etc/hosts": "127.0.0.1 localhost\n",
 }
 
@@ -169,6 +181,23 @@ class HostMounts:
         return args
 
 
+def check_readable_by_containers(root: Path, shown: int = 3) -> None:
+    """Refuse a mounted tree (the model store) that the containers' unprivileged user cannot read: the
+    segments would fail one by one with "Permission denied" long after ``up``. Stores prepared before
+    the store wrote its files 0644 hold 0600 safetensors (the library's default)."""
+    unreadable = []
+    for path in [root, *sorted(root.rglob("*"))]:
+        mode = path.lstat().st_mode
+        need = stat.S_IROTH | stat.S_IXOTH if stat.S_ISDIR(mode) else stat.S_IROTH
+        if not stat.S_ISLNK(mode) and mode & need != need:
+            unreadable.append(str(path))
+    if unreadable:
+        raise TestbedError(
+            f"{len(unreadable)} paths under {root} are not readable by the containers' user (uid "
+            f"{SEGMENT_UID}), e.g. {unreadable[:shown]}: run `chmod -R a+rX {root}` (model weights only)"
+        )
+
+
 # ----------------------------------------------------------------------------------------------- cgroups
 @dataclass(frozen=True)
 class NodeCgroup:
@@ -263,12 +292,28 @@ def container_name(prefix: str, node: str, segment: str | None = None) -> str:
     return f"{prefix}-{node}" if segment is None else f"{prefix}-{node}-{segment}"
 
 
-def _common_run_args(prefix: str, node: str, role: str, cgroup: NodeCgroup, mounts: HostMounts) -> list[str]:
+def _hardening_args(pids_limit: int) -> list[str]:
+    """Least privilege for every container: an unprivileged user, no capabilities at all, no way to gain
+    privileges back (setuid), a bounded number of processes, and a read-only root filesystem whose only
+    writable place is /tmp (a tmpfs, HOME too). No container needs a capability: the testbed configures a
+    node's network from the host (Mininet shells and nsenter enter its namespaces with the host's own
+    privileges), Docker writes the sysctls, and servers listen on ports above 1024."""
+    return [
+        "--user", f"{SEGMENT_UID}:{SEGMENT_GID}", "--cap-drop", "ALL",
+        "--security-opt", "no-new-privileges", "--pids-limit", str(pids_limit),
+        "--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,mode=1777",
+    ]  # fmt: skip
+
+
+def _common_run_args(
+    prefix: str, node: str, role: str, cgroup: NodeCgroup, mounts: HostMounts, pids_limit: int
+) -> list[str]:
     return [
         "--cgroup-parent", cgroup.docker_parent,
         "--label", f"{LABEL_TESTBED}={prefix}", "--label", f"{LABEL_NODE}={node}",
         "--label", f"{LABEL_ROLE}={role}",
-        "--tmpfs", "/tmp", "-e", "HOME=/tmp", "-e", "PYTHONDONTWRITEBYTECODE=1",
+        *_hardening_args(pids_limit),
+        "-e", "HOME=/tmp", "-e", "PYTHONDONTWRITEBYTECODE=1",
         "-e", "PATH=/usr/local/bin:/usr/bin:/usr/sbin",
         *mounts.docker_args(),
     ]  # fmt: skip
@@ -286,7 +331,7 @@ def start_node(
         # Nodes route for each other (static routes along shortest paths); asymmetric paths are fine.
         "--sysctl", "net.ipv4.ip_forward=1", "--sysctl", "net.ipv4.conf.all.rp_filter=0",
         "--sysctl", "net.ipv4.conf.default.rp_filter=0",
-        *_common_run_args(prefix, node, "node", cgroup, mounts),
+        *_common_run_args(prefix, node, "node", cgroup, mounts, NODE_PIDS_LIMIT),
         image, "/usr/bin/sleep", "infinity",
     ).strip()  # fmt: skip
     pid = int(docker("inspect", "-f", "{{.State.Pid}}", cid).strip())
@@ -307,8 +352,8 @@ def start_segment(
     files_dir: Path | None = None,
 ) -> str:
     """Start a segment container on a node: the node's netns and cgroup budget; returns its id.
-    ``files_dir`` (its own credentials) is mounted read-only at FILES_MOUNT."""
-    args = _common_run_args(prefix, node.node, "segment", node.cgroup, mounts)
+    ``files_dir`` (its own credentials, owned by SEGMENT_UID) is mounted read-only at FILES_MOUNT."""
+    args = _common_run_args(prefix, node.node, "segment", node.cgroup, mounts, SEGMENT_PIDS_LIMIT)
     if files_dir is not None:
         args += ["-v", f"{files_dir}:{FILES_MOUNT}:ro"]
     for key, value in sorted((env or {}).items()):
@@ -316,12 +361,14 @@ def start_segment(
     if mem_bytes is not None:
         args += ["--memory", str(mem_bytes)]
     name = container_name(prefix, node.node, segment)
-    # A standby boots at the lowest CPU priority and takes normal priority back when given work
-    # (segments.server --background), which needs CAP_SYS_NICE (Docker drops it; raising RLIMIT_NICE
-    # instead needs CAP_SYS_RESOURCE, which some hosts' dockerd lacks).
+    # No CAP_SYS_NICE: a standby (segments.server --background) boots at the lowest CPU priority only if
+    # it can take normal priority back, which needs CAP_SYS_NICE or RLIMIT_NICE >= 20. Docker (20.10)
+    # gives a non-root user no effective capabilities even with --cap-add, and `--ulimit nice` needs a
+    # dockerd with CAP_SYS_RESOURCE, which some hosts lack; the server sees neither and boots its
+    # standbys at normal priority (docs/testbed.md).
     return docker(
         "run", "-d", "--name", name, "--network", f"container:{node.name}", "--stop-timeout", "10",
-        "--cap-add", "SYS_NICE", *args, image, *command,
+        *args, image, *command,
     ).strip()  # fmt: skip
 
 

@@ -101,6 +101,7 @@ class Testbed:
         check_mgmt_net_free(self.plan)  # before anything starts: nothing is left half-done
         store = Path(self.settings.store_dir)
         store.mkdir(parents=True, exist_ok=True)
+        nodes.check_readable_by_containers(store.resolve())
         if self.tb.image:
             # A self-contained image (testbed/Dockerfile): only the model store comes from the host.
             self.progress(f"image: {self.tb.image}")
@@ -117,7 +118,9 @@ class Testbed:
             )
             self.loads[n.name] = nodes.BackgroundLoad(self.containers[n.name].cgroup, n.cpus)
         self.progress(f"network: {len(self.plan.links)} links, routes, management bridge")
-        self.network = EmulatedNetwork(self.plan, {k: c.pid for k, c in self.containers.items()})
+        self.network = EmulatedNetwork(
+            self.plan, {k: c.pid for k, c in self.containers.items()}, self.tb.shell_timeout_s
+        )
         self.network.build()
         for lk in self.scenario.links:
             self.progress(f"link {lk.a}-{lk.b}: {lk.bw_mbit} Mbit/s, {lk.delay_ms} ms, {lk.loss_pct} %")
@@ -303,7 +306,9 @@ class Testbed:
         return self.state_dir / "files"
 
     def _write_files(self, container: str, files: dict[str, str]) -> Path:
-        """A fresh folder (0700) of read-only files (0400) for one container."""
+        """A fresh folder (0700) of read-only files (0400) for one container, owned by the user its
+        processes run as (``nodes.SEGMENT_UID``): nobody else on the host or in another container reads
+        them."""
         for file_name in files:
             if not file_name.replace(".", "").replace("-", "").replace("_", "").isalnum():
                 raise TestbedError(f"file name {file_name!r}: letters, digits, '.', '-' and '_' only")
@@ -315,6 +320,8 @@ class Testbed:
             fd = os.open(folder / file_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
             with os.fdopen(fd, "w") as fh:
                 fh.write(content)
+            os.chown(folder / file_name, nodes.SEGMENT_UID, nodes.SEGMENT_GID)
+        os.chown(folder, nodes.SEGMENT_UID, nodes.SEGMENT_GID)
         return folder
 
     def _remove_files(self, container: str) -> None:

@@ -19,6 +19,14 @@ testbed_app = typer.Typer(
 )
 
 
+@testbed_app.callback()
+def _cleans_up_on_signals() -> None:
+    # `up` stops the daemon it started, `down` finishes its teardown, when the command is killed.
+    from mecsplit.process import exit_cleanly_on_signals
+
+    exit_cleanly_on_signals()
+
+
 @testbed_app.command("schema")
 def schema_cmd() -> None:
     """Print the JSON schema of scenario files."""

@@ -55,6 +55,9 @@ def test_prepare_is_idempotent_and_seeded(model_store: StoreFor, tmp_path: Path)
     # Same seed, same bytes: random presets are reproducible on every machine.
     assert a["layers/002.safetensors"] == b["layers/002.safetensors"]
     assert a["embed.safetensors"] == b["embed.safetensors"]
+    # The testbed's containers read the store as an unprivileged user (safetensors itself writes 0600).
+    modes = {p.stat().st_mode & 0o777 for p in (tmp_path / "a").rglob("*.safetensors")}
+    assert modes == {0o644}, modes
 
 
 def test_corruption_is_detected_and_names_the_fix(model_store: StoreFor, tmp_path: Path) -> None:

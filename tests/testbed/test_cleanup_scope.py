@@ -15,6 +15,8 @@ def test_broad_scope_takes_every_prefixed_name() -> None:
     assert broad.interface("mecsplitb0p1") and broad.interface("mecsplittb0") and broad.interface("mecsplitx")
     assert broad.cgroup("mecsplitt-n1") and broad.netns("mecsplit-foo")
     assert not broad.interface("eth0") and not broad.interface("docker0") and not broad.container("other-x")
+    # down --force with the default prefix also removes the bench's and the tests' containers
+    assert broad.container("mecsplitk-src") and broad.container("mecsplit-edge-s1")
 
 
 def test_exact_scope_spares_other_testbeds_with_a_longer_prefix() -> None:
@@ -26,6 +28,7 @@ def test_exact_scope_spares_other_testbeds_with_a_longer_prefix() -> None:
     assert exact.cgroup("mecsplit-edge") and not exact.cgroup("mecsplitt-edge")
     assert exact.shell("mininet:mecsplit-edge") and exact.shell("mininet:mecsplitb0")
     assert not exact.shell("mininet:mecsplitt-edge") and not exact.shell("mininet:h1")
+    assert exact.container("mecsplit-edge") and not exact.container("mecsplitk-src")
 
 
 def test_iptables_rules_match_by_comment_or_interface() -> None:

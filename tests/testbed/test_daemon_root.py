@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -354,3 +355,53 @@ def test_real_segment_server_in_a_node_container(client: TestbedClient, env: Pat
         stopped = client.stop_segment("n3", "seg0")
     assert "seg0" not in next(n for n in client.status()["nodes"] if n["name"] == "n3")["segments"]
     assert stopped["stopped"]
+
+
+# What a process inside a segment container sees of its own privileges (printed as one JSON line).
+PRIVILEGES = """
+import json, os, time
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+def writable(path):
+    try:
+        open(path, "w").close()
+        return True
+    except OSError:
+        return False
+print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "cap_eff": status["CapEff"].strip(),
+                  "no_new_privs": status["NoNewPrivs"].strip(), "root_writable": writable("/x"),
+                  "tmp_writable": writable("/tmp/x")}), flush=True)
+time.sleep(60)
+"""
+
+
+def test_segment_and_node_containers_are_hardened(client: TestbedClient) -> None:
+    from testbed.node import NODE_PIDS_LIMIT, SEGMENT_GID, SEGMENT_PIDS_LIMIT, SEGMENT_UID
+
+    python = client.status()["container_python"]
+    client.deploy_segment("n2", "hard", [python, "-c", PRIVILEGES])
+    try:
+        deadline = time.monotonic() + 60
+        while not (lines := [ln for ln in client.segment_logs("n2", "hard").split("\n") if ln[:1] == "{"]):
+            assert time.monotonic() < deadline, client.segment_logs("n2", "hard")
+            time.sleep(0.2)
+        seen = json.loads(lines[0])
+        segment, node = (_inspect(f"{PREFIX}-n2-hard"), _inspect(f"{PREFIX}-n2"))
+    finally:
+        client.stop_segment("n2", "hard", timeout_s=1)
+    assert seen == {"uid": SEGMENT_UID, "gid": SEGMENT_GID, "cap_eff": "0000000000000000",
+                    "no_new_privs": "1", "root_writable": False, "tmp_writable": True}  # fmt: skip
+    for info, pids_limit in ((segment, SEGMENT_PIDS_LIMIT), (node, NODE_PIDS_LIMIT)):
+        host = info["HostConfig"]
+        assert info["Config"]["User"] == f"{SEGMENT_UID}:{SEGMENT_GID}"
+        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"], (host["CapDrop"], host["CapAdd"])
+        assert any(opt.startswith("no-new-privileges") for opt in host["SecurityOpt"]), host["SecurityOpt"]
+        assert host["PidsLimit"] == pids_limit
+        assert host["ReadonlyRootfs"] is True
+        assert "/tmp" in host["Tmpfs"]
+
+
+def _inspect(name: str) -> dict[str, Any]:
+    import subprocess
+
+    out = subprocess.run(["docker", "inspect", name], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)[0]
