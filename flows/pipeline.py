@@ -667,6 +667,7 @@ def deploy(
     progress: Progress = print,
     settings: Settings | None = None,
     probe: Callable[[str], float] | None = None,
+    switch_timeout_s: float | None = None,
 ) -> DeployResult:
     """Make-before-break: bring up the new plan's segments, switch the gateway's sessions, stop the old ones.
 
@@ -682,6 +683,9 @@ def deploy(
 
     ``probe(gateway_url)`` (optional) runs right after the switch and returns the wall clock of the first
     token streamed through the new chain: when the new plan is serving.
+
+    ``switch_timeout_s`` bounds the gateway's switch: past it the sessions stay on the old chain and the
+    deploy fails, stopping what it started (a move whose KV must cross a link that collapsed meanwhile).
     """
     settings = settings or get_settings()
     started_at = time.monotonic()
@@ -741,7 +745,11 @@ def deploy(
         gateway_url, gateway_handle = current.gateway_url, current.gateway_handle
         try:
             switch_report = set_gateway_chain(
-                gateway_url, chain, mode=switch_mode, recompute_hops=recompute_hops
+                gateway_url,
+                chain,
+                mode=switch_mode,
+                recompute_hops=recompute_hops,
+                timeout_s=switch_timeout_s,
             )
         except httpx.HTTPError:
             _abandon_new_chain(backend, current, started, claimed, settings, progress)
@@ -929,10 +937,18 @@ def prepare_gateway_chain(
 
 
 def set_gateway_chain(
-    gateway_url: str, chain: dict[str, Any], *, mode: str, recompute_hops: int = 0
+    gateway_url: str,
+    chain: dict[str, Any],
+    *,
+    mode: str,
+    recompute_hops: int = 0,
+    timeout_s: float | None = None,
 ) -> dict[str, Any]:
-    """Switch the gateway's live sessions to ``chain``; returns its switch report (what moved, how long)."""
-    body = {"chain": chain, "mode": mode, "recompute_hops": recompute_hops}
+    """Switch the gateway's live sessions to ``chain``; returns its switch report (what moved, how long).
+    ``timeout_s``: the switch's budget, past which the gateway keeps the old chain (None: unbounded)."""
+    body: dict[str, Any] = {"chain": chain, "mode": mode, "recompute_hops": recompute_hops}
+    if timeout_s is not None:
+        body["timeout_s"] = timeout_s
     response = httpx.post(f"{gateway_url}/admin/chain", json=body, timeout=300, headers=admin_headers())
     if response.is_error:  # keep the gateway's reason (raise_for_status drops the body)
         raise httpx.HTTPStatusError(

@@ -140,9 +140,11 @@ def deploy_task(
     recompute_hops: int = 0,
     old_chain_broken: bool = False,
     expected_revision: int | None = None,
+    switch_timeout_s: float | None = None,
 ) -> dict[str, Any]:
     """Deploy ``plan`` under the deployment lock. ``expected_revision``: the revision the decision was
-    taken on; if another run has deployed since, the decision is stale and nothing is done."""
+    taken on; if another run has deployed since, the decision is stale and nothing is done.
+    ``switch_timeout_s``: the sessions' move's budget (``pipeline.deploy``)."""
     backend: Backend = backend_for(backend_name, load_scenario(Path(scenario_path)))
     with pipeline.deploy_lock(get_settings()):
         current = load_state()
@@ -162,6 +164,7 @@ def deploy_task(
             old_chain_broken=old_chain_broken,
             progress=get_run_logger().info,
             probe=_first_token_probe,
+            switch_timeout_s=switch_timeout_s,
         )
         save_state(result.state)
     return {
@@ -434,6 +437,18 @@ def reconfigure(
     }
 
 
+def switch_budget_s(decision: dict[str, Any]) -> float | None:
+    """How long the sessions' move may take: the session-seconds the decision expects the move to gain.
+    A switch that runs longer (its KV crossing a link that collapsed after the decision) costs more than
+    the move was adopted for, by the decision's own terms: it is abandoned, the old chain stays, and the
+    controller decides again on what the network is now. None (unbounded) for a move without a finite
+    gain: one forced by an infeasible plan or a failure, which must happen whatever it costs."""
+    gain = decision.get("gain_s")
+    if isinstance(gain, int | float) and math.isfinite(gain) and gain > 0:
+        return float(gain)
+    return None
+
+
 def _deploy_decided(
     scenario: str,
     current: DeploymentState,
@@ -456,7 +471,10 @@ def _deploy_decided(
                 "wall_s": time.monotonic() - started}  # fmt: skip
     mode, recompute = _chosen_switch(decision, switch_mode)
     _log(f"reconfigure ({reason}): deploying {layout}, decided by the controller: {decision.get('reason')}")
-    deployed = deploy_task(current.backend, scenario, current.model, plan, mode, recompute, False, revision)
+    deployed = deploy_task(
+        current.backend, scenario, current.model, plan, mode, recompute, False, revision,
+        switch_budget_s(decision),
+    )  # fmt: skip
     switch = deployed["switch_report"]
     _publish(sc, reason, None, decision, before, plan, None, switch)
     reaction = _reaction(

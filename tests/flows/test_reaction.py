@@ -264,3 +264,15 @@ def test_a_plan_that_breaks_trust_is_refused_before_anything_starts(flows_home: 
     )
     with pytest.raises(RuntimeFailure, match=r"trust constraints: cloud \(trust 0 < 2\) would run layer 0"):
         pipeline.deploy(backend, str(TINY_SCENARIO), "llama-tiny", bad, None, progress=print)
+
+
+@pytest.mark.parametrize(
+    ("decision", "budget"),
+    [({"gain_s": 16.5}, 16.5), ({"gain_s": float("inf")}, None), ({"gain_s": -1.0}, None), ({}, None)],
+)
+def test_a_moves_switch_may_take_what_the_move_was_adopted_to_gain(
+    decision: dict[str, float], budget: float | None
+) -> None:
+    from flows.reconfigure import switch_budget_s
+
+    assert switch_budget_s(decision) == budget

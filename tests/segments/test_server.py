@@ -19,7 +19,7 @@ from wire_helpers import (
 )
 
 from segments.auth import AuthError, create_secret
-from segments.client import Chain, ChainClient, RemoteError, Session
+from segments.client import Chain, ChainClient, ChainError, RemoteError, Session
 from segments.errors import KVMemoryLimitError, LayerRangeError, PositionMismatchError, SessionLimitError
 from segments.launch import LocalChain, boundaries_to_specs
 from segments.protocol import FrameType, encode_frame_bytes
@@ -293,3 +293,25 @@ def test_dead_hop_fails_fast_and_the_first_hop_stays_healthy(wire_store: Path) -
             list(c.generate(session, 1))
         assert time.monotonic() - t0 < 10
         assert c.control(0, "health")[0]["healthy"] is True
+
+
+def test_a_switch_past_its_budget_keeps_the_old_chain_and_its_tokens_exact(
+    chain2: LocalChain, wire_store: Path
+) -> None:
+    """A switch that cannot finish within ``timeout_s`` (here: none at all) fails with ChainError; the
+    session goes on on the old chain, whose KV a move only copies, exactly as if it had never tried."""
+    prompt = [5, 6, 7, 8]
+    want, _ = greedy_generate(ReferenceModel(wire_store, MODEL).forward, "r", torch.tensor([prompt]), 6)
+    with (
+        LocalChain(wire_store, chain2.specs, secret_file=chain2.secret_file) as other,
+        ChainClient(chain2.chain, chain2.secret()) as client,
+    ):
+        session = Session(tokens=list(prompt))
+        got = list(client.generate(session, 3))
+        for mode in ("kv", "push", "replay"):
+            with pytest.raises(ChainError, match="time budget"):
+                client.switch(session, other.chain, mode, timeout_s=0.0)
+            assert client.chain == chain2.chain
+        got += list(client.generate(session, 3))
+        assert got == want[0].tolist()
+        client.drop(session)
