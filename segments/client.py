@@ -343,6 +343,9 @@ class AsyncChainClient:
             # recomputing hop and answers from there.
             for link in links:
                 await self._control_link(link, "subscribe", channel=self.channel)
+            if self.credentials.tls_dir is not None:  # with a shared secret every peer is trusted alike
+                for before, link in itertools.pairwise(links):
+                    await self._control_link(link, "allow_upstream", identities=[before.identity["peer"]])
         except BaseException:
             for link in links:
                 await link.close()

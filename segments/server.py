@@ -372,6 +372,9 @@ class SegmentServer:
         self.channels: dict[str, Connection] = {}
         self.links: dict[str, PeerLink] = {}
         self.upstream: OrderedDict[str, Connection] = OrderedDict()
+        # Segment identities that may step this server: the hops before it in the chains it serves in,
+        # as the gateways that built those chains said (allow_upstream). Oldest first; bounded.
+        self.allowed_upstream: OrderedDict[str, None] = OrderedDict()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-compute")
         self.background = False  # started at low priority (a standby) and not yet given work
         self._server: asyncio.AbstractServer | None = None
@@ -631,6 +634,10 @@ class SegmentServer:
 
     def _on_forward(self, conn: Connection, frame: Frame, arrived_s: float) -> None:
         _allow(conn, "forward", FORWARD_ROLES)
+        if pki.role_of(conn.identity) == "segment" and conn.identity not in self.allowed_upstream:
+            raise ForbiddenError(
+                f"{conn.identity!r} is not the hop before this one in any chain a gateway built through it"
+            )
         self.promote()
         req = ForwardRequest.from_frame(frame, arrived_s)
         self._validate_forward(req)
@@ -763,6 +770,26 @@ async def _op_subscribe(server: SegmentServer, conn: Connection, frame: Frame) -
     return {"channel": channel}, {}
 
 
+MAX_ALLOWED_UPSTREAM = 256
+
+
+async def _op_allow_upstream(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
+    """The segment identities that precede this server in a chain the caller (a gateway) built: only they
+    may send it FORWARD frames, besides the gateway and the orchestrator themselves."""
+    identities = frame.header.get("identities")
+    if not isinstance(identities, list) or not 0 < len(identities) <= 16:
+        raise BadRequestError("identities must be a list of 1 to 16 segment identities")
+    for identity in identities:
+        if not isinstance(identity, str) or len(identity) > 128 or pki.role_of(identity) != "segment":
+            raise BadRequestError(f"{identity!r} is not a segment identity")
+    for identity in identities:
+        server.allowed_upstream[identity] = None
+        server.allowed_upstream.move_to_end(identity)
+    while len(server.allowed_upstream) > MAX_ALLOWED_UPSTREAM:
+        server.allowed_upstream.popitem(last=False)
+    return {"allowed": list(server.allowed_upstream)}, {}
+
+
 async def _op_sessions(server: SegmentServer, conn: Connection, frame: Frame) -> Result:
     sessions = await server._submit(lambda: server.runner.sessions())
     return {"sessions": sessions}, {}
@@ -875,6 +902,7 @@ _CONTROL_OPS: dict[str, Any] = {
     "push_kv": _op_push_kv,
     "truncate": _op_truncate,
     "drop": _op_drop,
+    "allow_upstream": _op_allow_upstream,
 }
 
 # Who may do what (by the role its certificate names; the shared secret's holder is the orchestrator).
@@ -893,6 +921,7 @@ _OP_ROLES: dict[str, frozenset[str]] = {
     "push_kv": _SESSION_OWNERS,
     "truncate": _SESSION_OWNERS,
     "drop": _SESSION_OWNERS,
+    "allow_upstream": _SESSION_OWNERS,
     "sessions": _ORCHESTRATOR_ONLY,
     "load_range": _ORCHESTRATOR_ONLY,
     "drain": _ORCHESTRATOR_ONLY,

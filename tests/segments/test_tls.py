@@ -23,6 +23,7 @@ from segments.reference import ReferenceModel, greedy_generate
 
 MODEL = "gpt2-tiny"
 SECRET = b"0123456789abcdef0123456789abcdef"
+HIDDEN = 64  # gpt2-tiny's width
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +187,32 @@ def test_a_client_refuses_a_server_whose_certificate_is_not_a_segment(tmp_path: 
         await server.wait_closed()
 
     asyncio.run(run())
+
+
+def _forward_once(port: int, auth: Credentials | bytes, first: int) -> dict:
+    """One FORWARD of two positions of hidden states (as a previous hop sends) on its own connection;
+    the header of the frame that answers it."""
+
+    async def run() -> dict:
+        reader, writer = await open_connection("127.0.0.1", port, auth)
+        await client_handshake(reader, writer, auth, 10.0)
+        header = {"session": "fw", "request_id": "f1", "position": 0, "layer": first, "route": [],
+                  "channel": "nobody"}  # fmt: skip
+        write_frame(writer, FrameType.FORWARD, header, {"x": torch.zeros(1, 2, HIDDEN)})
+        await writer.drain()
+        frame = await read_frame(reader, 1 << 26, 10.0)
+        writer.close()
+        return frame.header
+
+    return asyncio.run(run())
+
+
+def test_forward_only_from_the_hop_before_in_a_chain_a_gateway_built(tls3: LocalChain) -> None:
+    """p0 precedes p1 in the chain the gateway opened: p0 may step p1. The spare p2 was never before p1:
+    its FORWARD is forbidden, although it is a member of the deployment with the forward role."""
+    first = tls3.specs[1].first
+    with ChainClient(tls3.chain, tls3.auth(pki.GATEWAY)):
+        refused = _forward_once(tls3.ports[1], tls3.auth("segment.p2"), first)
+        assert refused["code"] == "forbidden" and "segment.p2" in refused["message"]
+        served = _forward_once(tls3.ports[1], tls3.auth("segment.p0"), first)
+        assert served["code"] != "forbidden"  # past the check: it computed, then found no subscriber
