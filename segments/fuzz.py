@@ -38,7 +38,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from segments.auth import Credentials, client_handshake, open_connection
+from segments.auth import AuthError, Credentials, client_handshake, open_connection
 from segments.client import AsyncChainClient, Chain, Session, control_once
 from segments.launch import LocalChain
 from segments.pki import GATEWAY, issue, segment_identity, write_credentials
@@ -65,6 +65,7 @@ GENERATION_TOKENS = 8
 BATCH_FRAMES = 128  # pipelined frames per batch on one connection
 WORKERS = 8  # concurrent fuzz connections
 HANDSHAKE_WORKERS = 24
+MAX_CONNECT_FAILURES = 10  # in a row, per worker: then it stops and the verdict fails on the count
 STALLED_FRAMES = 8  # frames cut mid-body and held: the server's frame timeout must end them (10 s each)
 SLOWLORIS = 16  # silent TCP peers, cut by the handshake timeout (5 s each), run at once
 CLOSE_CODES = frozenset({"protocol", "truncated", "frame_too_large", "auth"})
@@ -480,6 +481,23 @@ async def _connect(bench: Bench, identity: str) -> tuple[asyncio.StreamReader, a
     return reader, writer
 
 
+async def _connect_or_count(
+    bench: Bench, identity: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A fuzz connection, or None after counting why not: past the deadline it is a hang (a server
+    that stops accepting or authenticating), else an unexpected refusal."""
+    t0 = time.monotonic()
+    try:
+        return await _connect(bench, identity)
+    except (TimeoutError, AuthError, ProtocolError, ConnectionClosedError, OSError) as exc:
+        if time.monotonic() - t0 >= ANSWER_DEADLINE_S:
+            bench.frames.hangs += 1
+            bench.frames.surprise("hang:connect", f"{type(exc).__name__}: {exc}")
+        else:
+            bench.frames.surprise("connect_failed", f"{type(exc).__name__}: {exc}")
+        return None
+
+
 def _close(writer: asyncio.StreamWriter) -> None:
     with contextlib.suppress(Exception):
         writer.close()
@@ -568,13 +586,21 @@ async def _frame_worker(bench: Bench, index: int) -> None:
     identity = FUZZ_IDENTITIES[index % len(FUZZ_IDENTITIES)]
     pending: tuple[str, bytes] | None = None  # a closing frame drawn at the end of a batch
     budget = 0
+    failures = 0
     while True:
         # A connection the server closed leaves its unspent budget to the next one.
         budget = budget or bench.claim(BATCH_FRAMES)
         if budget == 0 and pending is None:
             return
         peer = Peer(identity, f"fzc{index}x{rng.randrange(10**12)}")
-        reader, writer = await _connect(bench, identity)
+        connected = await _connect_or_count(bench, identity)
+        if connected is None:
+            failures += 1
+            if failures >= MAX_CONNECT_FAILURES or not bench.alive():
+                return  # its budget stays unspent: the verdict fails on the count
+            continue
+        failures = 0
+        reader, writer = connected
         tally.connections += 1
         try:
             open_ = True
@@ -618,9 +644,12 @@ async def _stalled_frame(bench: Bench, rng: random.Random) -> None:
     """Half a frame, then silence: the server's frame timeout (10 s) must answer 'truncated' and close."""
     tally = bench.frames
     peer = Peer(GATEWAY, "stalled")
-    reader, writer = await _connect(bench, GATEWAY)
-    tally.connections += 1
     tally.kinds["stalled"] += 1
+    connected = await _connect_or_count(bench, GATEWAY)
+    if connected is None:
+        return
+    reader, writer = connected
+    tally.connections += 1
     try:
         data = _valid_forward(rng, peer, bench.target)
         writer.write(data[: len(data) - 3])
@@ -668,8 +697,11 @@ def _handshake_kit(bench: Bench, folder: Path) -> HandshakeKit:
     member = bench.lc.auth(GATEWAY)
     assert isinstance(member, Credentials) and member.client_ssl is not None and member.tls_dir
     other = write_credentials(issue(os.urandom(32).hex().encode(), GATEWAY), folder / "stranger")
-    stranger = Credentials(tls_dir=other).client_ssl
-    assert stranger is not None
+    # The stranger trusts our CA, so its side of the handshake goes through and the refusal (of its
+    # certificate, signed by the other deployment's CA) is the server's.
+    stranger = ssl.create_default_context(cafile=str(member.tls_dir / "ca.pem"))
+    stranger.check_hostname = False
+    stranger.load_cert_chain(str(other / "cert.pem"), str(other / "key.pem"))
     anonymous = ssl.create_default_context(cafile=str(member.tls_dir / "ca.pem"))
     anonymous.check_hostname = False
     tls12 = ssl.create_default_context(cafile=str(member.tls_dir / "ca.pem"))
