@@ -994,6 +994,11 @@ async def _run_phases(bench: Bench, handshakes: int, workers: int) -> dict[str, 
     pid = bench.pid
     async with AsyncChainClient(chain, gateway) as client:
         bench.expected_tokens = await _generate(bench, client, "undisturbed")
+    # The segment peer as a gateway's chain would have it: the hop before this server. Otherwise every
+    # FORWARD it sends is refused before it is parsed, and the fuzz would never reach the parser.
+    await control_once(
+        "127.0.0.1", bench.target.port, gateway, "allow_upstream", 30.0, identities=[FUZZ_IDENTITIES[1]]
+    )
     # Baseline after one full client came and went: the sockets of a served client are back to none.
     fds_start = await _settled_fds(pid, 0, 1.0)
     rss_start = _proc_rss_bytes(pid)
