@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -92,6 +93,7 @@ MAX_ID_CHARS = 128
 BACKGROUND_NICE = 19
 # Requests whose error must find its way back upstream; bounded so a flood cannot grow it without end.
 MAX_TRACKED_REQUESTS = 65_536
+GC_EVERY_S = 5.0  # a full collection this often (SegmentServer._collect_garbage)
 LOGITS_MODES = ("none", "last", "all")
 
 
@@ -379,6 +381,7 @@ class SegmentServer:
         self.background = False  # started at low priority (a standby) and not yet given work
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._collector: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -413,7 +416,20 @@ class SegmentServer:
             ssl_handshake_timeout=self.limits.handshake_timeout_s if self.credentials.server_ssl else None,
         )  # fmt: skip
         self._sweeper = asyncio.create_task(self._sweep_idle())
+        self._collector = asyncio.create_task(self._collect_garbage())
         return self._server.sockets[0].getsockname()[1]
+
+    async def _collect_garbage(self) -> None:
+        """A full collection every few seconds, over what is not frozen. A failed TLS handshake leaves
+        reference cycles holding its buffers (CPython gh-109534, 3.11), which otherwise wait for a full
+        collection that the process's long-lived objects make rare: hostile handshakes grew a server by
+        200 MiB per 15,000 (bench fuzz), 85 MiB with this. What is alive once the range is loaded (torch,
+        transformers, the modules) lives as long as the process: frozen, out of the collector's sight, a
+        collection costs ~0.3 ms when there is nothing to free."""
+        gc.freeze()
+        while True:
+            await asyncio.sleep(GC_EVERY_S)
+            gc.collect()
 
     async def _sweep_idle(self) -> None:
         """Evict idle sessions every quarter of the idle limit, on the compute thread (between steps)."""
@@ -435,8 +451,9 @@ class SegmentServer:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._collector):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.close()
         for link in list(self.links.values()):
