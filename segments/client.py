@@ -397,14 +397,28 @@ class AsyncChainClient:
             raise remote_error(frame.header)
         return frame
 
+    async def _send(
+        self, link: Link, rid: str, ftype: FrameType, header: dict[str, Any],
+        tensors: dict[str, torch.Tensor] | None,
+    ) -> int:  # fmt: skip
+        """Send request ``rid``'s frame; on failure forget the request, whose answer can never come (left
+        in ``_pending``, each step tried on a dead link stayed there until the next failure of the chain,
+        which then set an exception nobody awaited)."""
+        try:
+            sent = link.send(ftype, header, tensors)
+            await link.drain()
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        return sent
+
     # ----------------------------------------------------------------------------------- control
 
     async def _control_link(
         self, link: Link, op: str, tensors: dict[str, torch.Tensor] | None = None, **args: Any
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         rid, future = self._new_request()
-        link.send(FrameType.CONTROL, {"op": op, "request_id": rid, **args}, tensors)
-        await link.drain()
+        await self._send(link, rid, FrameType.CONTROL, {"op": op, "request_id": rid, **args}, tensors)
         frame = await self._await(rid, future)
         return frame.header.get("result", {}), frame.tensors
 
@@ -475,9 +489,7 @@ class AsyncChainClient:
         tensors = {"x": inputs}
         if attention_mask is not None:
             tensors["mask"] = attention_mask
-        first = links[0]
-        sent_bytes = first.send(FrameType.FORWARD, header, tensors)
-        await first.drain()
+        sent_bytes = await self._send(links[0], rid, FrameType.FORWARD, header, tensors)
         frame = await self._await(rid, future)
         received_s = time.time()
         trace = StepTrace.from_wire(

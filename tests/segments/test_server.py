@@ -293,3 +293,27 @@ def test_dead_hop_fails_fast_and_the_first_hop_stays_healthy(wire_store: Path) -
             list(c.generate(session, 1))
         assert time.monotonic() - t0 < 10
         assert c.control(0, "health")[0]["healthy"] is True
+
+
+def test_a_step_sent_to_a_dead_hop_leaves_no_request_pending(wire_store: Path) -> None:
+    """A step sent on the link of a hop that died fails at once; its request must not stay pending (each
+    one did, until the next failure of the chain set an exception nobody awaited)."""
+    import os
+    import signal
+
+    from segments.client import ChainError
+
+    n = num_layers(wire_store, MODEL)
+    with (
+        LocalChain.even(wire_store, MODEL, n, 2) as lc,
+        ChainClient(lc.chain, lc.secret(), timeout_s=30) as c,
+    ):
+        list(c.generate(Session(tokens=[1, 2, 3]), 2))
+        os.kill(lc.pids[0], signal.SIGKILL)
+        lc.processes[0].wait(timeout=30)
+        for _ in range(3):
+            with pytest.raises(ChainError):
+                c.step("after", torch.tensor([[1, 2]]), 0)
+            with pytest.raises(ChainError):
+                c.control(0, "health")
+        assert c.inner._pending == {}
