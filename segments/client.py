@@ -630,6 +630,7 @@ class AsyncChainClient:
             if early:  # what the sessions added since the preparation, or all of it
                 await self._prefill(current(), new_links[:recompute], prefilled)
         except BaseException:
+            await self._forget_moved(current(), self.links, new_links)
             for link in new_links:
                 await link.close()
             raise
@@ -650,6 +651,7 @@ class AsyncChainClient:
                     moved_bytes += nbytes
                     recomputed += ntokens
             except BaseException:
+                await self._forget_moved(moving, old_links, new_links)
                 for link in new_links:
                     await link.close()
                 raise
@@ -686,6 +688,19 @@ class AsyncChainClient:
             stall_s=stall_s,
             tokens_prefilled=sum(prefilled.values()),
             prefill_s=t0 - t_prefill,
+        )
+
+    async def _forget_moved(
+        self, sessions: list[Session], old_links: list[Link], new_links: list[Link]
+    ) -> None:
+        """After a switch failed midway (prefilling or moving): drop what it already rebuilt of ``sessions``
+        on the new hops that the old chain does not use. Left there, a retry of the same switch recomputed
+        from position 0 onto that KV and failed with a position mismatch, again and again, until the
+        session ended."""
+        kept = {link.hop for link in old_links}
+        fresh = [link for link in new_links if link.hop not in kept]
+        await asyncio.gather(
+            *(self._drop_on(fresh, session, 2.0) for session in sessions), return_exceptions=True
         )
 
     def _recomputed_hops(self, new_chain: Chain, mode: SwitchMode, recompute_hops: int) -> int:

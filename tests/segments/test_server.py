@@ -317,3 +317,29 @@ def test_a_step_sent_to_a_dead_hop_leaves_no_request_pending(wire_store: Path) -
             with pytest.raises(ChainError):
                 c.control(0, "health")
         assert c.inner._pending == {}
+
+
+@pytest.mark.parametrize("shared_hop", [False, True])  # prefilled before the gate / moved in the stall
+def test_a_switch_that_failed_midway_can_be_retried(wire_store: Path, shared_hop: bool) -> None:
+    """A replay switch fails after it rebuilt one session on the new chain (the next session's history
+    is refused). The retry of the same switch must succeed and the session go on exactly: before, the
+    first attempt's KV stayed on the new hops and every retry failed with a position mismatch."""
+    from segments.store import read_manifest
+
+    n = num_layers(wire_store, MODEL)
+    vocab = read_manifest(wire_store, MODEL).info.vocab_size
+    with (
+        LocalChain.even(wire_store, MODEL, n, 2) as a,
+        LocalChain.even(wire_store, MODEL, n, 2, secret_file=a.secret_file) as b,
+        ChainClient(a.chain, a.secret(), timeout_s=30) as c,
+    ):
+        want = list(c.generate(Session(tokens=[1, 2, 3]), 6))
+        session = Session(tokens=[1, 2, 3])
+        got = list(c.generate(session, 3))
+        refused = Session(tokens=[5, vocab + 5, 6], kv_length=2)  # its replay is a bad_request
+        target = Chain(MODEL, (b.chain.hops[0], a.chain.hops[1])) if shared_hop else b.chain
+        with pytest.raises(RemoteError):
+            c.switch([session, refused], target, "replay")
+        c.switch([session], target, "replay")
+        got += list(c.generate(session, 3))
+        assert got == want
