@@ -292,6 +292,30 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+class _BearerAuth:
+    """Wants ``Authorization: Bearer <key>`` on the routes under each prefix of ``wanted`` (prefix ->
+    (expected header value, what the key is called)). A plain ASGI middleware, not ``@app.middleware``:
+    Starlette's ``BaseHTTPMiddleware`` hid the client's disconnect from the endpoint, so a plain request
+    whose client left generated on, or hung, with its session live on every hop."""
+
+    def __init__(self, app: Any, wanted: dict[str, tuple[bytes, str]]) -> None:
+        self.app = app
+        self.wanted = wanted
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path = scope["path"]
+            for prefix, (expected, what) in self.wanted.items():
+                if path == prefix or path.startswith(prefix + "/"):
+                    given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+                    if not secrets.compare_digest(given, expected):
+                        refusal = _error(401, f"a valid {what} is needed: Authorization: Bearer <key>",
+                                         code=f"invalid_{what.lower().replace(' ', '_')}")  # fmt: skip
+                        await refusal(scope, receive, send)
+                        return
+        await self.app(scope, receive, send)
+
+
 def create_app(gateway: Gateway, api_key: str | None = None, admin_token: str | None = None) -> FastAPI:
     """The HTTP app; with ``api_key`` every ``/v1`` route wants ``Authorization: Bearer <api_key>``, with
     ``admin_token`` every ``/admin`` route wants ``Authorization: Bearer <admin_token>`` (the users of
@@ -320,16 +344,7 @@ def create_app(gateway: Gateway, api_key: str | None = None, admin_token: str | 
         if key is not None
     }
     if wanted:
-
-        @app.middleware("http")
-        async def _authorised(request: Request, call_next: Any) -> Any:
-            for prefix, (expected, what) in wanted.items():
-                if request.url.path == prefix or request.url.path.startswith(prefix + "/"):
-                    given = request.headers.get("authorization", "").encode()
-                    if not secrets.compare_digest(given, expected):
-                        return _error(401, f"a valid {what} is needed: Authorization: Bearer <key>",
-                                      code=f"invalid_{what.lower().replace(' ', '_')}")  # fmt: skip
-            return await call_next(request)
+        app.add_middleware(_BearerAuth, wanted=wanted)
 
     @app.exception_handler(GatewayRequestError)
     async def _refused(_: Request, exc: GatewayRequestError) -> Any:
