@@ -78,6 +78,10 @@ OVERSIZED_BODY_BYTES = 8 * 1024 * 1024
 # Growth allowed to a process that lives through the run, against its RSS once the load had run for a
 # while (the allocator's first growth under 64 clients is not a leak).
 RSS_GROWTH_LIMIT = 0.10
+# Warm spares kept per killable range, and threads starting new ones: a kill takes a spare and starts
+# another, and a kill that finds none waits (``spare_wait_s``), which delays the kills behind it.
+SPARES_PER_RANGE = 2
+STARTERS = 2
 # A well-behaved request's client waits this long: recovery from a kill takes seconds, not minutes.
 REQUEST_TIMEOUT_S = 180.0
 
@@ -210,8 +214,7 @@ def expected_answers(store_dir: Path, model: str) -> dict[str, list[Expected]]:
 
 
 class Fleet:
-    """Every process this bench starts, by PID. One thread starts them all: a child gets SIGTERM when the
-    thread that started it ends (``_die_with_parent``), so that thread must live as long as the run."""
+    """Every process this bench starts, by PID, from starter threads that live as long as the run."""
 
     def __init__(self, store_dir: Path, secret_file: Path, model: str, threads: int, idle_s: float) -> None:
         self.store_dir = store_dir
@@ -221,7 +224,10 @@ class Fleet:
         self.idle_s = idle_s
         self.groups: list[LocalChain] = []
         self.gateway: subprocess.Popen[bytes] | None = None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="soak-fleet")
+        # Starter threads live as long as the run (a child gets SIGTERM when the thread that started it
+        # ends). Two of them: on two busy cores one server start takes ~20 s, more than the 12 s between
+        # kills, and the starts are mostly waiting for CPU, so two in parallel nearly double the rate.
+        self.pool = ThreadPoolExecutor(max_workers=STARTERS, thread_name_prefix="soak-fleet")
 
     def _start(self, specs: tuple[SegmentSpec, ...]) -> LocalChain:
         group = LocalChain(
@@ -497,15 +503,17 @@ async def _switch(
 class Killer:
     """SIGKILLs a server of the chain at fixed times and puts a warm spare with its range in its place."""
 
-    def __init__(self, fleet: Fleet, chain: Chain, spares: dict[int, Hop]) -> None:
-        """``spares``: a warm server per killable hop index, with that hop's range."""
+    def __init__(self, fleet: Fleet, chain: Chain, spares: dict[int, list[Hop]]) -> None:
+        """``spares``: warm servers per killable hop index, with that hop's range."""
         self.fleet = fleet
         self.chain = chain
         self.killable = tuple(sorted(spares))
-        self.spares: dict[int, Future[Hop]] = {}
-        for index, hop in spares.items():
-            self.spares[index] = Future()
-            self.spares[index].set_result(hop)
+        self.spares: dict[int, list[Future[Hop]]] = {index: [] for index in spares}
+        for index, hops in spares.items():
+            for hop in hops:
+                ready: Future[Hop] = Future()
+                ready.set_result(hop)
+                self.spares[index].append(ready)
 
     def _spec(self, hop: int) -> SegmentSpec:
         h = self.chain.hops[hop]
@@ -520,12 +528,12 @@ class Killer:
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             hop = self.killable[i % len(self.killable)]
             t_wait = time.monotonic()
-            spare = await asyncio.wrap_future(self.spares[hop])
+            spare = await asyncio.wrap_future(self.spares[hop].pop(0))
             spare_wait_s = time.monotonic() - t_wait
             victim = self.fleet.pid_of(self.chain.hops[hop])
             os.kill(victim, signal.SIGKILL)  # a server this bench started, by PID
             t_kill = time.monotonic()
-            self.spares[hop] = self.fleet.spare(self._spec(hop))
+            self.spares[hop].append(self.fleet.spare(self._spec(hop)))
             hops = list(self.chain.hops)
             hops[hop] = spare
             new_chain = Chain(self.chain.model, tuple(hops))
@@ -656,7 +664,7 @@ async def _soak(
             _sample_rss(long_lived, t_start, deadline, tally, progress, max(2.0, min(30.0, duration_s / 20)))
         )
         try:
-            await killing  # a failed replacement ends the run: its error is the finding
+            await killing  # behind schedule it may kill after the clients stopped: counted apart
             await asyncio.gather(*clients)
             await sampling
         finally:
@@ -700,10 +708,11 @@ def run_soak_bench(
         idle_s = config.minutes * 60 + 10 * config.grace_s + 600
         fleet = Fleet(store_dir, secret_file, config.model, config.threads, idle_s)
         try:
-            progress(f"starting {config.segments} segment servers (TLS), {len(killable)} spares, the gateway")
+            n_spares = SPARES_PER_RANGE * len(killable)
+            progress(f"starting {config.segments} segment servers (TLS), {n_spares} spares, the gateway")
             # The chain and its first spares in one launch, so that they load in parallel; the reference
             # answers are computed meanwhile.
-            group = fleet.start(specs + tuple(specs[i] for i in killable))
+            group = fleet.start(specs + tuple(specs[i] for i in killable for _ in range(SPARES_PER_RANGE)))
             progress(f"reference answers for {config.model} ...")
             answers = expected_answers(store_dir, config.model)
             first = group.result()
@@ -715,7 +724,9 @@ def run_soak_bench(
             api_key = secrets.token_urlsafe(24)
             port = fleet.start_gateway(chain, gateway_credentials, token_file, api_key)
             assert fleet.gateway is not None
-            killer = Killer(fleet, chain, dict(zip(killable, first.hops[config.segments :], strict=True)))
+            spare_hops = iter(first.hops[config.segments :])
+            spares = {i: [next(spare_hops) for _ in range(SPARES_PER_RANGE)] for i in killable}
+            killer = Killer(fleet, chain, spares)
             gate = Gate(f"http://127.0.0.1:{port}", api_key, admin_token)
             long_lived = {"gateway": fleet.gateway.pid, f"hop{middle}": first.pids[middle]}
             initial_rss = {
@@ -771,7 +782,9 @@ def _summary(
         "no_5xx_for_valid_requests": good_5xx == 0 and not other_errors,
         "misbehaving_requests_all_4xx": all(o.status is not None and 400 <= o.status < 500 for o in refused),
         "undisturbed_run_exact": all(o.exact for o in run["undisturbed"]),
-        "kills_done": len(tally.replacements) == config.kills,
+        # Kills the killer made after the clients stopped (waiting for spares) hit no traffic.
+        "kills_done": len(tally.replacements) == config.kills
+        and all(r.at_s < config.minutes * 60 for r in tally.replacements),
         "sessions_zero_at_end": run["live_sessions"] == 0
         and all(h["sessions"] == 0 and h["stats_sessions"] == 0 for h in run["hops"]),
         "rss_flat": all(
@@ -822,6 +835,8 @@ def _summary(
         "kills": {
             "requested": config.kills,
             "done": len(tally.replacements),
+            "done_under_load": sum(1 for r in tally.replacements if r.at_s < config.minutes * 60),
+            "last_kill_at_s": max((r.at_s for r in tally.replacements), default=None),
             "replace_s_median": _median(replace_s),
             "replace_s_max": max(replace_s, default=None),
             "switch_stall_s_median": _median([float(r.switch.get("stall_s", 0)) for r in tally.replacements]),
