@@ -245,7 +245,14 @@ class Fleet:
         return self.pool.submit(lambda: self._start((spec,)).hops[0])
 
     def pid_of(self, hop: Hop) -> int:
-        return next(g.pids[g.ports.index(hop.port)] for g in self.groups if hop.port in g.ports)
+        """The running server on ``hop``'s port. A new server may get the port of one killed earlier (port
+        0 picks any free one): matching by port alone once SIGKILLed a dead server's zombie instead."""
+        return next(
+            proc.pid
+            for group in reversed(self.groups)
+            for proc, port in zip(group.processes, group.ports, strict=False)
+            if port == hop.port and proc.poll() is None
+        )
 
     def start_gateway(
         self, chain: Chain, credentials: Credentials, admin_token_file: Path, api_key: str
@@ -387,13 +394,15 @@ async def well_behaved(http: httpx.AsyncClient, gate: Gate, kind: str, expected:
                 if status == 200:
                     text, finish, usage, error = await _read_stream(response, chat)
                 else:
-                    await response.aread()
+                    error = f"HTTP {status}: {(await response.aread())[:300].decode(errors='replace')}"
         else:
             response = await http.post(
                 gate.base_url + _path(expected), json=body, headers=gate.v1(), timeout=REQUEST_TIMEOUT_S
             )
             status = response.status_code
-            if status == 200:
+            if status != 200:
+                error = f"HTTP {status}: {response.text[:300]}"
+            else:
                 answer = response.json()
                 choice = answer["choices"][0]
                 text = choice["message"]["content"] if chat else choice["text"]
