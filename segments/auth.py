@@ -128,11 +128,6 @@ class Credentials:
     def client_ssl(self) -> ssl.SSLContext | None:
         return pki.client_context(self.tls_dir) if self.tls_dir is not None else None
 
-    @cached_property
-    def identity(self) -> str:
-        """Who this process is; the secret's holder is the orchestrator."""
-        return pki.own_identity(self.tls_dir) if self.tls_dir is not None else pki.ORCHESTRATOR
-
 
 def _mac(secret: bytes, label: bytes, first: bytes, second: bytes) -> str:
     return hmac.new(secret, label + b"|" + first + b"|" + second, hashlib.sha256).hexdigest()

@@ -402,14 +402,28 @@ class AsyncChainClient:
             raise remote_error(frame.header)
         return frame
 
+    async def _send(
+        self, link: Link, rid: str, ftype: FrameType, header: dict[str, Any],
+        tensors: dict[str, torch.Tensor] | None,
+    ) -> int:  # fmt: skip
+        """Send request ``rid``'s frame; on failure forget the request, whose answer can never come (left
+        in ``_pending``, each step tried on a dead link stayed there until the next failure of the chain,
+        which then set an exception nobody awaited)."""
+        try:
+            sent = link.send(ftype, header, tensors)
+            await link.drain()
+        except BaseException:
+            self._pending.pop(rid, None)
+            raise
+        return sent
+
     # ----------------------------------------------------------------------------------- control
 
     async def _control_link(
         self, link: Link, op: str, tensors: dict[str, torch.Tensor] | None = None, **args: Any
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         rid, future = self._new_request()
-        link.send(FrameType.CONTROL, {"op": op, "request_id": rid, **args}, tensors)
-        await link.drain()
+        await self._send(link, rid, FrameType.CONTROL, {"op": op, "request_id": rid, **args}, tensors)
         frame = await self._await(rid, future)
         return frame.header.get("result", {}), frame.tensors
 
@@ -480,9 +494,7 @@ class AsyncChainClient:
         tensors = {"x": inputs}
         if attention_mask is not None:
             tensors["mask"] = attention_mask
-        first = links[0]
-        sent_bytes = first.send(FrameType.FORWARD, header, tensors)
-        await first.drain()
+        sent_bytes = await self._send(links[0], rid, FrameType.FORWARD, header, tensors)
         frame = await self._await(rid, future)
         received_s = time.time()
         trace = StepTrace.from_wire(
@@ -632,6 +644,7 @@ class AsyncChainClient:
                     self._prefill(current(), new_links[:recompute], prefilled), deadline, "prefill"
                 )
         except BaseException:
+            await self._forget_moved(current(), self.links, new_links)
             for link in new_links:
                 await link.close()
             raise
@@ -656,6 +669,7 @@ class AsyncChainClient:
                     moved_bytes += nbytes
                     recomputed += ntokens
             except BaseException:
+                await self._forget_moved(moving, old_links, new_links)
                 for link in new_links:
                     await link.close()
                 raise
@@ -692,6 +706,19 @@ class AsyncChainClient:
             stall_s=stall_s,
             tokens_prefilled=sum(prefilled.values()),
             prefill_s=t0 - t_prefill,
+        )
+
+    async def _forget_moved(
+        self, sessions: list[Session], old_links: list[Link], new_links: list[Link]
+    ) -> None:
+        """After a switch failed midway (prefilling or moving): drop what it already rebuilt of ``sessions``
+        on the new hops that the old chain does not use. Left there, a retry of the same switch recomputed
+        from position 0 onto that KV and failed with a position mismatch, again and again, until the
+        session ended."""
+        kept = {link.hop for link in old_links}
+        fresh = [link for link in new_links if link.hop not in kept]
+        await asyncio.gather(
+            *(self._drop_on(fresh, session, 2.0) for session in sessions), return_exceptions=True
         )
 
     def _recomputed_hops(self, new_chain: Chain, mode: SwitchMode, recompute_hops: int) -> int:

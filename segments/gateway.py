@@ -309,6 +309,40 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+class _Guard:
+    """The gateway's access rules, as a plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` hid the
+    client's disconnect from the endpoint, so a plain request whose client left generated on, or hung,
+    with its session live on every hop). ``wanted``: prefix -> (expected ``Authorization`` value, what
+    the key is called); ``admin_host``: the local address the admin routes exist on (None: every one)."""
+
+    def __init__(self, app: Any, wanted: dict[str, tuple[bytes, str]], admin_host: str | None) -> None:
+        self.app = app
+        self.wanted = wanted
+        self.admin_host = admin_host
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Any) -> Any:
+        path = scope["path"]
+        if self.admin_host is not None and _under(path, "/admin"):
+            arrived_at = (scope.get("server") or ("", 0))[0]
+            if arrived_at != self.admin_host:  # as if there were no such route here
+                return _error(404, f"no route {path}", etype="not_found_error", code="not_found")
+        for prefix, (expected, what) in self.wanted.items():
+            if _under(path, prefix):
+                given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+                if not secrets.compare_digest(given, expected):
+                    return _error(401, f"a valid {what} is needed: Authorization: Bearer <key>",
+                                  code=f"invalid_{what.lower().replace(' ', '_')}")  # fmt: skip
+        return None
+
+
 def create_app(
     gateway: Gateway,
     api_key: str | None = None,
@@ -343,21 +377,7 @@ def create_app(
         if key is not None
     }
     if wanted or admin_host is not None:
-
-        @app.middleware("http")
-        async def _guard(request: Request, call_next: Any) -> Any:
-            path = request.url.path
-            if admin_host is not None and _under(path, "/admin"):
-                arrived_at = (request.scope.get("server") or ("", 0))[0]
-                if arrived_at != admin_host:  # as if there were no such route here
-                    return _error(404, f"no route {path}", etype="not_found_error", code="not_found")
-            for prefix, (expected, what) in wanted.items():
-                if _under(path, prefix):
-                    given = request.headers.get("authorization", "").encode()
-                    if not secrets.compare_digest(given, expected):
-                        return _error(401, f"a valid {what} is needed: Authorization: Bearer <key>",
-                                      code=f"invalid_{what.lower().replace(' ', '_')}")  # fmt: skip
-            return await call_next(request)
+        app.add_middleware(_Guard, wanted=wanted, admin_host=admin_host)
 
     @app.exception_handler(GatewayRequestError)
     async def _refused(_: Request, exc: GatewayRequestError) -> Any:

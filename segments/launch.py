@@ -62,6 +62,7 @@ class LocalChain:
     max_sessions: int | None = None
     max_kv_bytes: int | None = None
     max_frame_bytes: int | None = None
+    session_idle_s: float | None = None
     ready_timeout_s: float = 300.0
     host: str = "127.0.0.1"  # the address the servers bind and the chain names
     wrap: tuple[str, ...] = ()  # a command prefix, e.g. ("ip", "netns", "exec", NAME): must exec, not fork
@@ -154,6 +155,7 @@ class LocalChain:
             ("--max-sessions", self.max_sessions),
             ("--max-kv-bytes", self.max_kv_bytes),
             ("--max-frame-bytes", self.max_frame_bytes),
+            ("--session-idle-s", self.session_idle_s),
         ):
             if value is not None:
                 cmd += [flag, str(value)]

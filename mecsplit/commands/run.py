@@ -517,6 +517,42 @@ def bench_fuzz_cmd(
         raise typer.Exit(1)
 
 
+def bench_soak_cmd(
+    minutes: float = typer.Option(10.0, min=0.05, help="how long the clients send requests"),
+    clients: int = typer.Option(64, min=1, help="concurrent HTTP clients"),
+    kills: int = typer.Option(50, min=0, help="segment servers SIGKILLed and replaced, spread over the run"),
+    model: str = typer.Option("llama-tiny", help="model preset (a tiny one keeps the soak cheap)"),
+    seed: int = typer.Option(0, help="which clients misbehave and what each sends"),
+    misbehaving_share: float = typer.Option(0.25, min=0.0, max=1.0, help="share of misbehaving clients"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON (progress goes to stderr)"),
+    store: Path | None = typer.Option(None, help="store folder (default: $MECSPLIT_HOME/store)"),
+) -> None:
+    """Many HTTP clients through the gateway (TLS chain of 3 servers, loopback), some of them hostile, while
+    servers are SIGKILLed and replaced: every well-behaved request must end with the whole model's exact
+    tokens, hostile ones with a 4xx, sessions at zero and RSS flat at the end. Exit 1 if a goal fails."""
+    from segments.soak import SoakConfig, run_soak_bench
+
+    _exit_cleanly_on_sigterm()
+    # A shell starts a background job with SIGINT ignored, and Python then keeps it so: a harness that
+    # stops the soak with SIGINT must still get the servers and the gateway stopped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    store_dir = _store_dir(store)
+    try:
+        _ensure_model(store_dir, model)
+        config = SoakConfig(
+            model=model, minutes=minutes, clients=clients, kills=kills, seed=seed,
+            misbehaving_share=misbehaving_share,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    result = run_soak_bench(store_dir, config, progress=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+    if not result["verdict"]["pass"]:
+        failed = [goal for goal, ok in result["verdict"].items() if not ok and goal != "pass"]
+        typer.echo(f"soak failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("generate")(generate_cmd)
     app.command("verify")(verify_cmd)
@@ -525,3 +561,4 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     bench.command("resplit")(bench_resplit_cmd)
     bench.command("failover")(bench_failover_cmd)
     bench.command("fuzz")(bench_fuzz_cmd)
+    bench.command("soak")(bench_soak_cmd)

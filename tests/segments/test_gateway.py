@@ -374,3 +374,37 @@ def test_admin_routes_exist_only_on_the_management_address(
     assert elsewhere.get("/v1/models").status_code == 200
     here = TestClient(create_app(gateway, admin_host="testserver"))
     assert here.get("/admin/chain").status_code == 200
+
+
+def test_behind_an_api_key_a_client_that_leaves_frees_its_session(
+    wire_store: Path, chains: tuple[LocalChain, LocalChain]
+) -> None:
+    """With an API key (the key's middleware in front of every route) a plain request whose client gave
+    up must still end: under Starlette's BaseHTTPMiddleware the endpoint never saw the disconnect and
+    each such request stayed live, its session held on every hop (found by ``bench soak``)."""
+    import uvicorn
+
+    a, _ = chains
+    gateway = Gateway.from_store(a.chain, a.secret(), wire_store, MODEL)
+    app = create_app(gateway, api_key="s3cret", admin_token="adm1n")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "gateway did not start"
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        body = {"prompt": "Edge nodes", "max_tokens": 1500, "temperature": 0}
+        for _ in range(3):
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{url}/v1/completions", json=body, timeout=0.3,
+                           headers={"Authorization": "Bearer s3cret"})  # fmt: skip
+        deadline = time.monotonic() + 30
+        while gateway.live:
+            assert time.monotonic() < deadline, f"{len(gateway.live)} requests of clients that left live"
+            time.sleep(0.05)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

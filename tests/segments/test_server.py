@@ -315,3 +315,53 @@ def test_a_switch_past_its_budget_keeps_the_old_chain_and_its_tokens_exact(
         got += list(client.generate(session, 3))
         assert got == want[0].tolist()
         client.drop(session)
+
+
+def test_a_step_sent_to_a_dead_hop_leaves_no_request_pending(wire_store: Path) -> None:
+    """A step sent on the link of a hop that died fails at once; its request must not stay pending (each
+    one did, until the next failure of the chain set an exception nobody awaited)."""
+    import os
+    import signal
+
+    from segments.client import ChainError
+
+    n = num_layers(wire_store, MODEL)
+    with (
+        LocalChain.even(wire_store, MODEL, n, 2) as lc,
+        ChainClient(lc.chain, lc.secret(), timeout_s=30) as c,
+    ):
+        list(c.generate(Session(tokens=[1, 2, 3]), 2))
+        os.kill(lc.pids[0], signal.SIGKILL)
+        lc.processes[0].wait(timeout=30)
+        for _ in range(3):
+            with pytest.raises(ChainError):
+                c.step("after", torch.tensor([[1, 2]]), 0)
+            with pytest.raises(ChainError):
+                c.control(0, "health")
+        assert c.inner._pending == {}
+
+
+@pytest.mark.parametrize("shared_hop", [False, True])  # prefilled before the gate / moved in the stall
+def test_a_switch_that_failed_midway_can_be_retried(wire_store: Path, shared_hop: bool) -> None:
+    """A replay switch fails after it rebuilt one session on the new chain (the next session's history
+    is refused). The retry of the same switch must succeed and the session go on exactly: before, the
+    first attempt's KV stayed on the new hops and every retry failed with a position mismatch."""
+    from segments.store import read_manifest
+
+    n = num_layers(wire_store, MODEL)
+    vocab = read_manifest(wire_store, MODEL).info.vocab_size
+    with (
+        LocalChain.even(wire_store, MODEL, n, 2) as a,
+        LocalChain.even(wire_store, MODEL, n, 2, secret_file=a.secret_file) as b,
+        ChainClient(a.chain, a.secret(), timeout_s=30) as c,
+    ):
+        want = list(c.generate(Session(tokens=[1, 2, 3]), 6))
+        session = Session(tokens=[1, 2, 3])
+        got = list(c.generate(session, 3))
+        refused = Session(tokens=[5, vocab + 5, 6], kv_length=2)  # its replay is a bad_request
+        target = Chain(MODEL, (b.chain.hops[0], a.chain.hops[1])) if shared_hop else b.chain
+        with pytest.raises(RemoteError):
+            c.switch([session, refused], target, "replay")
+        c.switch([session], target, "replay")
+        got += list(c.generate(session, 3))
+        assert got == want
