@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY_SCENARIO
 
 from flows import pipeline
-from flows.measure import stream_completion
+from flows.measure import admin_headers, stream_completion
 from flows.runtime import LocalBackend
 from flows.state import Endpoint, clear_state, load_state
 from mecsplit.process import pid_alive
@@ -120,7 +120,8 @@ def test_failover_rebuild_restarts_only_the_dead_stage(flows_home: Path) -> None
 def _wait_until_broken(gateway_url: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if httpx.get(f"{gateway_url}/admin/chain", timeout=5).json().get("broken"):
+        answer = httpx.get(f"{gateway_url}/admin/chain", timeout=5, headers=admin_headers())
+        if answer.raise_for_status().json().get("broken"):
             return
         time.sleep(0.1)
     raise AssertionError("the gateway never saw its chain break")
