@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from segments.auth import AuthError, Credentials, SecretConfigError, client_handshake, open_connection
-from segments.errors import ERRORS_BY_CODE, LayerRangeError, SegmentError, error_for_code
+from segments.errors import (
+    ERRORS_BY_CODE,
+    LayerRangeError,
+    PositionMismatchError,
+    SegmentError,
+    error_for_code,
+)
 from segments.pki import PkiError
 from segments.protocol import (
     ConnectionClosedError,
@@ -545,10 +551,22 @@ class AsyncChainClient:
         The session's ``kv_length`` only advances once a step succeeds, so the switch that brings the new
         chain rebuilds exactly the history before this step, and the retry feeds the same tokens."""
         failed_at: float | None = None
+        realign_left = len(self.links)
         while True:
             generation = self.generation
             try:
                 result = await self.step(session.id, inputs, session.kv_length, sampling=sampling)
+            except PositionMismatchError:
+                # A hop ahead of kv_length holds a step this client gave up on (abandoned in a switch and
+                # landed after the switch rebuilt the session there, or timed out here and finished there):
+                # it never sends a position beyond kv_length. The client's count is the truth: cut every
+                # hop back to it and step again, once per hop the stale step can reach. A hop behind
+                # cannot be cut forward: the retry fails the same way, and that is raised.
+                if realign_left <= 0:
+                    raise
+                realign_left -= 1
+                await self._truncate_everywhere(session)
+                continue
             except (ChainError, RemoteError) as exc:
                 if self.recover_timeout_s <= 0 or not recoverable(exc):
                     raise
@@ -561,6 +579,12 @@ class AsyncChainClient:
                 elapsed = time.perf_counter() - failed_at
                 self.recoveries.append(Recovery(session.id, session.kv_length, first_error, elapsed))
             return result
+
+    async def _truncate_everywhere(self, session: Session) -> None:
+        for link in self.links:
+            # A hop without the session (or holding less) refuses: nothing to cut there.
+            with contextlib.suppress(SegmentError, RemoteError):
+                await self._control_link(link, "truncate", session=session.id, length=session.kv_length)
 
     async def _await_new_chain(self, generation: int, cause: Exception, deadline: float) -> None:
         assert self._switched is not None

@@ -365,3 +365,27 @@ def test_a_switch_that_failed_midway_can_be_retried(wire_store: Path, shared_hop
         c.switch([session], target, "replay")
         got += list(c.generate(session, 3))
         assert got == want
+
+
+def test_a_hop_ahead_of_the_client_is_cut_back_and_the_tokens_stay_exact(
+    chain2: LocalChain, wire_store: Path
+) -> None:
+    """A step the client gave up on can still land on a hop (abandoned in a switch, found by bench soak):
+    that hop, and the next, then hold one token more than the session's kv_length. The next step's
+    position mismatch is met by cutting every hop back to kv_length and stepping again, exactly."""
+    prompt = [5, 6, 7, 8]
+    want, _ = greedy_generate(ReferenceModel(wire_store, MODEL).forward, "r", torch.tensor([prompt]), 6)
+    with ChainClient(chain2.chain, chain2.secret()) as client:
+        session = Session(tokens=list(prompt))
+        got = list(client.generate(session, 3))
+        stale = raw_connect(chain2.ports[0], chain2.secret())
+        hop1 = chain2.chain.hops[1]
+        header = {"session": session.id, "request_id": "stale", "position": session.kv_length, "layer": 0,
+                  "route": [f"{hop1.host}:{hop1.port}"], "channel": "nobody"}  # fmt: skip
+        stale.sendall(encode_frame_bytes(FrameType.FORWARD, header, {"x": torch.tensor([session.pending])}))
+        answer = recv_frame(stale)  # the last hop has no subscriber on "nobody": both hops computed it
+        assert answer is not None and answer.header.get("code") == "unreachable", answer
+        stale.close()
+        got += list(client.generate(session, 3))
+        assert got == want[0].tolist()
+        client.drop(session)
