@@ -582,8 +582,9 @@ class AsyncChainClient:
 
     async def _truncate_everywhere(self, session: Session) -> None:
         for link in self.links:
-            # A hop without the session (or holding less) refuses: nothing to cut there.
-            with contextlib.suppress(SegmentError, RemoteError):
+            # A hop without the session (or holding less) refuses, a dead one cannot answer: nothing to
+            # cut there (the retry then fails as it must, a dead hop recoverably).
+            with contextlib.suppress(SegmentError, RemoteError, ChainError, TimeoutError):
                 await self._control_link(link, "truncate", session=session.id, length=session.kv_length)
 
     async def _await_new_chain(self, generation: int, cause: Exception, deadline: float) -> None:
