@@ -261,7 +261,8 @@ class Connection:
 
     writer: asyncio.StreamWriter
     peer: str
-    identity: str = ""  # who authenticated (a certificate's common name); its role decides what it may do
+    identity: str = ""  # who authenticated (a certificate's common name)
+    role: str = "unknown"  # what that identity may do (segments.pki.role_of), fixed at the handshake
     channels: set[str] = field(default_factory=set)
     closed: bool = False
     # Requests of this connection still computing: a peer that half-closes still gets their replies.
@@ -558,6 +559,7 @@ class SegmentServer:
                 conn.identity = await server_handshake(
                     reader, writer, self.credentials, self.identity(), self.limits.handshake_timeout_s
                 )
+                conn.role = pki.role_of(conn.identity)
             except (AuthError, ProtocolError) as exc:
                 self._send_error(conn, getattr(exc, "code", "auth"), str(exc))
                 return
@@ -651,7 +653,7 @@ class SegmentServer:
 
     def _on_forward(self, conn: Connection, frame: Frame, arrived_s: float) -> None:
         _allow(conn, "forward", FORWARD_ROLES)
-        if pki.role_of(conn.identity) == "segment" and conn.identity not in self.allowed_upstream:
+        if conn.role == "segment" and conn.identity not in self.allowed_upstream:
             raise ForbiddenError(
                 f"{conn.identity!r} is not the hop before this one in any chain a gateway built through it"
             )
@@ -948,7 +950,7 @@ assert _OP_ROLES.keys() == _CONTROL_OPS.keys(), "every control op needs its role
 
 
 def _allow(conn: Connection, what: str, roles: frozenset[str]) -> None:
-    if pki.role_of(conn.identity) not in roles:
+    if conn.role not in roles:
         raise ForbiddenError(f"{conn.identity!r} may not {what}; allowed to {', '.join(sorted(roles))}")
 
 

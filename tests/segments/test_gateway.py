@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -35,26 +37,31 @@ def chains(wire_store: Path) -> Iterator[tuple[LocalChain, LocalChain]]:
     assert children_alive(pids) == []
 
 
-@pytest.fixture(scope="module")
-def base_url(wire_store: Path, chains: tuple[LocalChain, LocalChain]) -> Iterator[str]:
+@contextlib.contextmanager
+def _serving(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn on a free loopback port in a thread; yields its base URL."""
     import uvicorn
 
-    a, _ = chains
-    gateway = Gateway.from_store(a.chain, a.secret(), wire_store, MODEL)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(gateway), host="127.0.0.1", port=0, log_level="warning")
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "gateway did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "gateway did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def base_url(wire_store: Path, chains: tuple[LocalChain, LocalChain]) -> Iterator[str]:
+    a, _ = chains
+    with _serving(create_app(Gateway.from_store(a.chain, a.secret(), wire_store, MODEL))) as url:
+        yield url
 
 
 def _client(base_url: str) -> openai.OpenAI:
@@ -382,20 +389,9 @@ def test_behind_an_api_key_a_client_that_leaves_frees_its_session(
     """With an API key (the key's middleware in front of every route) a plain request whose client gave
     up must still end: under Starlette's BaseHTTPMiddleware the endpoint never saw the disconnect and
     each such request stayed live, its session held on every hop (found by ``bench soak``)."""
-    import uvicorn
-
     a, _ = chains
     gateway = Gateway.from_store(a.chain, a.secret(), wire_store, MODEL)
-    app = create_app(gateway, api_key="s3cret", admin_token="adm1n")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "gateway did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with _serving(create_app(gateway, api_key="s3cret", admin_token="adm1n")) as url:
         body = {"prompt": "Edge nodes", "max_tokens": 1500, "temperature": 0}
         for _ in range(3):
             with pytest.raises(httpx.TimeoutException):
@@ -405,6 +401,3 @@ def test_behind_an_api_key_a_client_that_leaves_frees_its_session(
         while gateway.live:
             assert time.monotonic() < deadline, f"{len(gateway.live)} requests of clients that left live"
             time.sleep(0.05)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
