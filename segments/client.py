@@ -247,7 +247,7 @@ class Link:
         finally:
             # A link closed on purpose (old chain after a switch) must not fail the new chain's requests.
             if not self.closing:
-                self.client._fail_all(error)
+                self.client._fail_link(self, error)
                 # Later sends fail at once instead of waiting for an answer that cannot come.
                 if self.writer is not None:
                     self.writer.close()
@@ -277,6 +277,12 @@ class Link:
 # A preparation older than this is not used: the switch it was for did not come (the flow run failed or
 # another decision came first), and the sessions' histories on its hops are stale.
 AHEAD_TTL_S = 10.0
+
+
+@dataclass(frozen=True)
+class _Pending:
+    future: asyncio.Future[Frame]
+    links: tuple[Link, ...]
 
 
 @dataclass
@@ -309,7 +315,9 @@ class AsyncChainClient:
         self.wire_dtype = wire_dtype
         self.channel = secrets.token_hex(8)
         self.links: list[Link] = []
-        self._pending: dict[str, asyncio.Future[Frame]] = {}
+        # Requests awaiting an answer, each with the links its answer depends on: a link that dies fails
+        # only those (a switch in progress on other links goes on; the dead hop's chain is marked broken).
+        self._pending: dict[str, _Pending] = {}
         self._ids = itertools.count()
         self._prefix = secrets.token_hex(4)
         # Steps in flight, and a gate a switch closes so that it runs between two tokens of every session.
@@ -380,22 +388,29 @@ class AsyncChainClient:
 
     def _dispatch(self, frame: Frame) -> None:
         rid = frame.header.get("request_id")
-        future = self._pending.pop(rid, None) if isinstance(rid, str) else None
-        if future is not None and not future.done():
-            future.set_result(frame)
+        pending = self._pending.pop(rid, None) if isinstance(rid, str) else None
+        if pending is not None and not pending.future.done():
+            pending.future.set_result(frame)
 
-    def _fail_all(self, error: Exception) -> None:
-        if not isinstance(error, StepAbandonedError):
+    def _fail_link(self, link: Link, error: Exception) -> None:
+        """``link`` died: fail the requests that needed it; a hop of the current chain breaks the chain."""
+        if link in self.links:
             self.broken = str(error)
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
-        self._pending.clear()
+        self._fail_requests({link}, error)
 
-    def _new_request(self) -> tuple[str, asyncio.Future[Frame]]:
+    def _fail_requests(self, links: set[Link], error: Exception) -> None:
+        for rid, pending in list(self._pending.items()):
+            if links.intersection(pending.links):
+                del self._pending[rid]
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+
+    def _new_request(self, links: Sequence[Link]) -> tuple[str, asyncio.Future[Frame]]:
+        """A request whose answer needs every link of ``links`` (one for a control op, the route for a
+        forward)."""
         rid = f"{self._prefix}-{next(self._ids)}"
         future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = future
+        self._pending[rid] = _Pending(future, tuple(links))
         return rid, future
 
     async def _await(self, rid: str, future: asyncio.Future[Frame]) -> Frame:
@@ -428,7 +443,7 @@ class AsyncChainClient:
     async def _control_link(
         self, link: Link, op: str, tensors: dict[str, torch.Tensor] | None = None, **args: Any
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        rid, future = self._new_request()
+        rid, future = self._new_request([link])
         await self._send(link, rid, FrameType.CONTROL, {"op": op, "request_id": rid, **args}, tensors)
         frame = await self._await(rid, future)
         return frame.header.get("result", {}), frame.tensors
@@ -482,7 +497,7 @@ class AsyncChainClient:
         """One forward through ``links``; the last of them answers (with nothing if ``discard_output``)."""
         t0 = time.perf_counter()
         sent_s = time.time()
-        rid, future = self._new_request()
+        rid, future = self._new_request(links)
         route = [link.hop.address for link in links[1:]]
         header = {
             "session": session_id,
@@ -603,6 +618,10 @@ class AsyncChainClient:
     async def drop(self, session: Session) -> None:
         """Free the session's KV on every hop (errors ignored: a hop may never have seen it)."""
         self.telemetry.forget(session.id)
+        # A switch in progress may be moving this session: drop it where the switch leaves it. Dropped
+        # on the old chain during the stall, it was rebuilt on the new one and held there for good.
+        while self._open_gate is not None and not self._open_gate.is_set():
+            await self._open_gate.wait()
         await self._drop_on(self.links, session)
 
     async def _drop_on(self, links: list[Link], session: Session, timeout_s: float | None = None) -> None:
@@ -872,7 +891,8 @@ class AsyncChainClient:
                 await asyncio.wait_for(self._idle.wait(), abandon_after_s)
         abandoned = self._inflight
         if abandoned:
-            self._fail_all(StepAbandonedError("the chain is being replaced; the step runs on the new one"))
+            replaced = StepAbandonedError("the chain is being replaced; the step runs on the new one")
+            self._fail_requests(set(self.links), replaced)
             await self._idle.wait()
         return abandoned
 

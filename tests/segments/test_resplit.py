@@ -2,7 +2,7 @@
 
 A greedy generation whose split moves by 5 layers and whose last segment then migrates to another process
 must give exactly the tokens of an undisturbed run, whichever way the KV cache gets there: moved (server to
-server or through the client), recomputed on the new hops from the kept token history, or a mix. Then 20
+server or through the client), recomputed on the new hops from the kept token history, or a mix. Then 8
 sessions each lose a segment server (SIGKILL) mid-generation and finish on a replacement with exact tokens.
 """
 
@@ -179,14 +179,15 @@ def test_a_kv_move_off_a_broken_chain_is_refused(fleet: Fleet) -> None:
     asyncio.run(scenario())
 
 
-def test_twenty_failures_mid_generation_lose_no_token(model_store: StoreFor) -> None:
-    """20 sessions, each losing one segment server (SIGKILL; first and last hop in turn) at a different
-    token, finish on a standby loaded with the lost range, rebuilt by replay: exact tokens, none lost."""
+def test_failures_mid_generation_lose_no_token(model_store: StoreFor) -> None:
+    """8 sessions, each losing one segment server (SIGKILL; first and last hop in turn) at a different
+    token, finish on a standby loaded with the lost range, rebuilt by replay: exact tokens, none lost.
+    (`mecsplit bench failover` runs 20; 8 keep CI within its budget, each failure costs ~8 s.)"""
     from segments.failover import run_failover_bench
 
-    result = run_failover_bench(model_store(MODEL), failures=20, tokens=24, progress=print)
-    assert result["failures"] == 20
-    assert result["sessions_exact"] == 20 and result["tokens_lost"] == 0
+    result = run_failover_bench(model_store(MODEL), failures=8, tokens=24, progress=print)
+    assert result["failures"] == 8
+    assert result["sessions_exact"] == 8 and result["tokens_lost"] == 0
     assert result["steps_retried"] >= 1  # the held steps really ran again on the replacement
     assert all(s["switch_s"] > 0 and s["load_range_s"] > 0 for s in result["samples"])
     print(f"recovery_s: {result['recovery_s']}")

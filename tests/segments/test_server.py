@@ -341,6 +341,95 @@ def test_a_step_sent_to_a_dead_hop_leaves_no_request_pending(wire_store: Path) -
         assert c.inner._pending == {}
 
 
+def test_a_dying_hop_fails_only_the_requests_that_need_it(wire_store: Path) -> None:
+    """A hop of the current chain dies while a request to another chain's hop (a switch's, say) is still
+    unanswered: the chain is marked broken, that request still gets its answer. Every pending request
+    failed with the dead hop's error, so the replacement switch that came right after a kill got a 503."""
+    import asyncio
+    import os
+    import signal
+
+    from segments.client import AsyncChainClient
+
+    n = num_layers(wire_store, MODEL)
+
+    async def run(old: LocalChain, new: LocalChain) -> None:
+        client = await AsyncChainClient(old.chain, old.secret(), timeout_s=30).connect()
+        links = await client._open(new.chain)
+        try:
+            os.kill(new.pids[1], signal.SIGSTOP)  # its answer cannot come before the old hop has died
+            answer = asyncio.create_task(client._control_link(links[1], "health"))
+            await asyncio.sleep(0.2)
+            os.kill(old.pids[0], signal.SIGKILL)
+            while client.broken is None:
+                await asyncio.sleep(0.05)
+            os.kill(new.pids[1], signal.SIGCONT)
+            result, _ = await asyncio.wait_for(answer, 30)
+            assert result["healthy"] is True
+            assert client._pending == {}
+        finally:
+            os.kill(new.pids[1], signal.SIGCONT)
+            for link in links:
+                await link.close()
+            await client.close()
+
+    with (
+        LocalChain.even(wire_store, MODEL, n, 2) as old,
+        LocalChain(wire_store, old.specs, secret_file=old.secret_file) as new,
+    ):
+        asyncio.run(run(old, new))
+
+
+def test_a_session_dropped_during_a_switch_is_not_left_on_the_new_chain(wire_store: Path) -> None:
+    """A client leaves while a replay switch moves the sessions: its session, already on the switch's move
+    list, is dropped where the switch leaves it. Dropped on the old chain at once, it was rebuilt on the
+    new chain and held there for good (the 10-minute soak's one leaked session)."""
+    import asyncio
+    import os
+    import signal
+
+    from segments.client import AsyncChainClient
+
+    n = num_layers(wire_store, MODEL)
+
+    async def run(old: LocalChain, new: LocalChain) -> None:
+        client = await AsyncChainClient(old.chain, old.secret(), timeout_s=30).connect()
+        stays, leaves = Session(tokens=[5, 6, 7]), Session(tokens=[8, 9])
+        live = {stays.id: stays, leaves.id: leaves}
+        stopped = [old.pids[1], new.pids[0]]
+        try:
+            for session in live.values():
+                async for _ in client.generate(session, 2):
+                    pass
+            os.kill(old.pids[1], signal.SIGSTOP)  # a step in flight there holds the switch's gate closed
+            step = asyncio.create_task(client.generate(stays, 1).__anext__())
+            await asyncio.sleep(0.2)
+            switch = asyncio.create_task(client.switch(live.values(), new.chain, "replay"))
+            while client._open_gate is not None and client._open_gate.is_set():
+                await asyncio.sleep(0.01)
+            os.kill(new.pids[0], signal.SIGSTOP)  # the move (the step's new token) waits there
+            os.kill(old.pids[1], signal.SIGCONT)
+            await asyncio.sleep(0.5)
+            del live[leaves.id]  # what the gateway does when the client leaves, then it drops
+            drop = asyncio.create_task(client.drop(leaves))
+            await asyncio.sleep(0.5)
+            os.kill(new.pids[0], signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(step, switch, drop), 60)
+            assert client.chain == new.chain
+            held = [(await client.control(i, "sessions"))[0]["sessions"] for i in range(2)]
+            assert held == [[stays.id], [stays.id]]
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+            await client.close()
+
+    with (
+        LocalChain.even(wire_store, MODEL, n, 2) as old,
+        LocalChain(wire_store, old.specs, secret_file=old.secret_file) as new,
+    ):
+        asyncio.run(run(old, new))
+
+
 @pytest.mark.parametrize("shared_hop", [False, True])  # prefilled before the gate / moved in the stall
 def test_a_switch_that_failed_midway_can_be_retried(wire_store: Path, shared_hop: bool) -> None:
     """A replay switch fails after it rebuilt one session on the new chain (the next session's history
