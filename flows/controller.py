@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -217,6 +217,7 @@ class Controller:
         self._watch = _Watch()
         self._base: tuple[tuple[Any, ...], Problem | None] | None = None
         self._pending: list[str] = []
+        self._changes: list[dict[str, Any]] = []  # every event since the last tick (predictions.close)
         self._event: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.predictions = PredictionLog(self.settings.run_dir / "predictions.json")
@@ -234,6 +235,7 @@ class Controller:
         with self._lock:
             self._pending.append(reason)
             self._event = {"event_occurred": occurred_s, "trigger": payload or {}}
+            self._changes.append(self._event)
 
     def tick(self) -> Evaluation | None:
         """One evaluation round; returns the evaluation when it solved and decided. Its CPU time (this
@@ -254,6 +256,12 @@ class Controller:
         with self._lock:
             reasons, self._pending = self._pending, []
             event, self._event = self._event, {}
+            changes, self._changes = self._changes, []
+        for change in changes:
+            trigger = change.get("trigger") or {}
+            self.predictions.close(
+                state.revision, _changed_at(change), trigger.get("link"), trigger.get("bw_mbit")
+            )
         net = self._network(state)
         problem = None if net is None else self._problem(state, net)
         if net is None or problem is None:
@@ -281,7 +289,7 @@ class Controller:
 
     def _observe(self, state: DeploymentState, problem: Problem, net: NetworkSample) -> None:
         self._learn(state, problem, net)
-        self.predictions.measure(state, self.calibration, problem)
+        self.predictions.measure(state, self.calibration, problem, net.rates_mbit)
 
     def _requeue(self, reasons: list[str], event: dict[str, Any]) -> None:
         with self._lock:
@@ -501,7 +509,9 @@ class Controller:
                                    "reason": f"still learning ({learned} of {MIN_LEARNED_STEPS} steps); "
                                    + str(decision.reason)}  # fmt: skip
         elif decision.adopt and candidate.layout() != current.layout():
-            self.predictions.expect(candidate, decision.candidate.tpot_s, "decision", state.revision + 1)
+            self.predictions.expect(
+                candidate, decision.candidate.tpot_s, "decision", state.revision + 1, _assumed_mbit(fc)
+            )
             prepared = _prepare_switch(self._http, state, candidate, evaluation.decision)
             evaluation.decision["prepared"] = prepared
             self.runs_started += 1
@@ -535,6 +545,18 @@ def _held_by_memory(decision: Decision, scenario: Scenario, state: DeploymentSta
     """``decision``, not adopted where a node's memory cannot hold the move while it happens."""
     why = pipeline.misfit(scenario, state, plan) if decision.adopt else None
     return decision if why is None else decision.model_copy(update={"adopt": False, "reason": why})
+
+
+def _assumed_mbit(fc: Forecast) -> dict[str, tuple[float, float]]:
+    """Per link, the rates a decision's prediction allowed for: today's and its forecast's p10-p90."""
+    return {link: (min(o.now_mbit, o.p10_mbit), max(o.now_mbit, o.p90_mbit)) for link, o in fc.links.items()}
+
+
+def _changed_at(event: dict[str, Any]) -> float:
+    """When the change an event reports happened: the daemon's stamp of the change, else the event's
+    time, else now."""
+    stamp = (event.get("trigger") or {}).get("changed_at_s") or event.get("event_occurred")
+    return float(stamp) if stamp else time.time()
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
@@ -691,51 +713,96 @@ class PredictionLog:
     A plan's prediction is the one made before it was deployed (the decision's), or for the first plan
     the calibrated model's once it has seen ``CALIBRATED_AFTER_STEPS`` of its decode steps; its measure
     is the mean of the gateway's token gaps (step time plus the gateway's time between steps) over the
-    decode steps it served after that."""
+    decode steps it served after that, until the network left what the prediction assumed (``close``).
+    A prediction is made for the network of its moment and the range its forecast allowed: the steps a
+    plan serves after a link collapsed measure the collapse, not the model (a demo's first plan read
+    1.19 with the few seconds before the re-plan; the client's token gaps before the collapse gave
+    1.12). Every step of the plan still counts in ``measured_tpot_ms_whole``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: dict[int, dict[str, Any]] = {}
         self._steps: dict[int, list[float]] = {}
+        self._whole: dict[int, list[float]] = {}
         self._seen: dict[int, int] = {}
+        self._closed_at: dict[int, float] = {}
+        self._assumed: dict[int, dict[str, tuple[float, float]]] = {}
         self._dirty = False
 
-    def expect(self, plan: Plan, tpot_s: float, kind: str, revision: int) -> None:
+    def close(
+        self, revision: int, at_s: float, link: str | None = None, rate_mbit: float | None = None
+    ) -> None:
+        """An event: ``link`` went to ``rate_mbit`` (or a node changed: no link) at ``at_s`` (wall
+        clock). Beyond the rates ``revision``'s prediction assumed (by more than ``CHANGE_RATIO``), or
+        for a node, its later steps count in the whole measure only. The first such change closes the
+        window; later ones change nothing."""
+        band = self._assumed.get(revision, {}).get(link or "")
+        if band is not None and rate_mbit is not None:
+            low, high = band
+            if low * (1 - CHANGE_RATIO) <= rate_mbit <= high * (1 + CHANGE_RATIO):
+                return
+        self._closed_at.setdefault(revision, at_s)
+
+    def expect(
+        self,
+        plan: Plan,
+        tpot_s: float,
+        kind: str,
+        revision: int,
+        assumed_mbit: Mapping[str, tuple[float, float]],
+    ) -> None:
+        """``assumed_mbit``: per link, the lowest and highest rate the prediction allowed for."""
         self.rows[revision] = {
             "revision": revision, "plan": [list(x) for x in plan.layout()], "kind": kind,
             "predicted_tpot_ms": round(tpot_s * 1e3, 2), "predicted_at_s": round(time.time(), 3),
         }  # fmt: skip
         self._steps[revision] = []
+        self._whole[revision] = []
+        self._assumed[revision] = dict(assumed_mbit)
         self._dirty = True
 
     def add_records(self, state: DeploymentState, records: tuple[dict[str, Any], ...]) -> None:
         """Settled decode steps of the plan serving now (the caller drops those of its transient)."""
         hops = {f"{e.host}:{e.port}" for e in state.segments}
         gaps = self._steps.setdefault(state.revision, [])
+        whole = self._whole.setdefault(state.revision, [])
+        closed_at = self._closed_at.get(state.revision, math.inf)
         for r in records:
             if r["positions"] == 1 and r["idle_s"] > 0 and {s[0] for s in r["stages"]} <= hops:
                 self._seen[state.revision] = self._seen.get(state.revision, 0) + 1
-                gaps.append(r["total_s"] + r["idle_s"])
+                whole.append(r["total_s"] + r["idle_s"])
+                if r["at_s"] < closed_at:
+                    gaps.append(whole[-1])
 
     def learned_steps(self, revision: int) -> int:
         return self._seen.get(revision, 0)
 
-    def measure(self, state: DeploymentState, cal: Calibration, problem: Problem) -> None:
+    def measure(
+        self, state: DeploymentState, cal: Calibration, problem: Problem, rates_mbit: Mapping[str, float]
+    ) -> None:
+        """``rates_mbit``: the links' rates now, which a first plan's calibrated prediction assumes."""
         from policies.analytic import predict
 
         rev = state.revision
         gaps = self._steps.get(rev, [])
         row = self.rows.get(rev)
-        if row is None and len(gaps) >= CALIBRATED_AFTER_STEPS:
+        if row is None and len(gaps) >= CALIBRATED_AFTER_STEPS and rev not in self._closed_at:
             plan = Plan.model_validate(state.plan)
-            self.expect(plan, predict(problem, plan.stages).tpot_s, "calibrated", rev)
+            assumed = {link: (rate, rate) for link, rate in rates_mbit.items()}
+            self.expect(plan, predict(problem, plan.stages).tpot_s, "calibrated", rev, assumed)
             row, gaps = self.rows[rev], self._steps[rev]
-        if row is None or not gaps:
+        whole = self._whole.get(rev, [])
+        if row is None or not whole:
             self._flush()
             return
-        row["measured_tpot_ms"] = round(sum(gaps) / len(gaps) * 1e3, 2)
-        row["measured_steps"] = len(gaps)
-        row["measured_over_predicted"] = round(row["measured_tpot_ms"] / row["predicted_tpot_ms"], 3)
+        if gaps:
+            row["measured_tpot_ms"] = round(sum(gaps) / len(gaps) * 1e3, 2)
+            row["measured_steps"] = len(gaps)
+            row["measured_over_predicted"] = round(row["measured_tpot_ms"] / row["predicted_tpot_ms"], 3)
+        row["measured_tpot_ms_whole"] = round(sum(whole) / len(whole) * 1e3, 2)
+        row["measured_steps_whole"] = len(whole)
+        if rev in self._closed_at:
+            row["network_changed_at_s"] = round(self._closed_at[rev], 3)
         self._dirty = True
         self._flush()
 

@@ -225,7 +225,8 @@ def run_demo(
         for row in summary["headline"]["prediction_check"]:
             ratio = row.get("measured_over_predicted")
             say(f"prediction: {row['plan']} predicted {row['predicted_tpot_ms']} ms/token ({row['kind']}), "
-                f"measured {row.get('measured_tpot_ms')} ms: x{ratio}")  # fmt: skip
+                f"measured {row.get('measured_tpot_ms')} ms until the network changed: x{ratio} "
+                f"(all its steps: {row.get('measured_tpot_ms_whole')} ms)")  # fmt: skip
         for name, steps in summary["headline"]["reactions"].items():
             if steps is not None:
                 say(f"reaction to the {name}, seconds per step: " + ", ".join(

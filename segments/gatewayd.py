@@ -63,6 +63,13 @@ def add_health_route(app: Any, gateway: Any, timeout_s: float = 5.0) -> None:
         return {"ok": True, "hops": hops}
 
 
+# How long an idle client connection stays open: longer than the idle expiry of common HTTP clients'
+# pools (httpx 5 s, aiohttp 15 s). At uvicorn's 5 s, equal to httpx's, a client can reuse a pooled
+# connection just as the gateway closes it, and the request fails with a read error before the gateway
+# sees it: the likely cause of the 2 read errors in one 10-minute soak (one a well-behaved request).
+KEEP_ALIVE_S = 30
+
+
 async def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -85,7 +92,8 @@ async def _serve(args: argparse.Namespace) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_keep_alive=KEEP_ALIVE_S)
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if task.done():
