@@ -291,6 +291,12 @@ class PeerLink:
     def alive(self) -> bool:
         return self.writer is not None and not self.writer.is_closing()
 
+    @property
+    def idle_and_closed(self) -> bool:
+        """Not connected (closed, or its hop never answered) and nobody connecting or waiting on it: safe
+        to forget. A coroutine that looks a link up takes its lock before it first yields."""
+        return not self.alive and not self.pending and not self._lock.locked()
+
     async def ensure(self) -> asyncio.StreamWriter:
         async with self._lock:
             if self.alive:
@@ -704,10 +710,7 @@ class SegmentServer:
             self._send_error(conn, code, f"{type(exc).__name__}: {exc}", req.request_id)
 
     async def _send_on(self, req: ForwardRequest, tensors: dict[str, torch.Tensor], stamp: HopStamp) -> None:
-        hop = req.route[0]
-        link = self.links.get(hop)
-        if link is None:
-            link = self.links[hop] = PeerLink(self, hop)
+        link = self.peer(req.route[0])
         writer = await link.ensure()
         if req.mask is not None:
             tensors = {**tensors, "mask": req.mask}
@@ -747,6 +750,18 @@ class SegmentServer:
         with contextlib.suppress(Exception):
             await conn.writer.drain()
 
+    def peer(self, hop: str) -> PeerLink:
+        """The link to ``hop``, made on first use. Making one forgets the links that died and are idle:
+        kept, every next hop a chain ever had (a killed server's replacement listens on a new port)
+        stayed in the table with its closed connection's objects, for the server's lifetime."""
+        link = self.links.get(hop)
+        if link is None:
+            for old, dead in list(self.links.items()):
+                if dead.idle_and_closed:
+                    del self.links[old]
+            link = self.links[hop] = PeerLink(self, hop)
+        return link
+
     def stats_dict(self) -> dict[str, Any]:
         s = self.stats
         return {
@@ -766,6 +781,7 @@ class SegmentServer:
             "connections": s.connections,
             "sessions": self.session_count,
             "kv_bytes": self.kv_bytes,
+            "peer_links": len(self.links),
             "rss_bytes": rss_bytes(),
             "pid": os.getpid(),
         }
@@ -880,9 +896,7 @@ async def _op_push_kv(server: SegmentServer, conn: Connection, frame: Frame) -> 
         return server.runner.kv_length(session), server.runner.export_kv(session, first, end)
 
     length, tensors = await server._submit(export)
-    link = server.links.get(target)
-    if link is None:
-        link = server.links[target] = PeerLink(server, target)
+    link = server.peer(target)
     header = {"op": "import_kv", "request_id": f"{rid}.push", "session": session, "length": length}
     reply = await link.request(header, tensors)
     if reply.type == FrameType.ERROR:
