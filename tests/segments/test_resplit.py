@@ -182,7 +182,7 @@ def test_a_kv_move_off_a_broken_chain_is_refused(fleet: Fleet) -> None:
 def test_failures_mid_generation_lose_no_token(model_store: StoreFor) -> None:
     """8 sessions, each losing one segment server (SIGKILL; first and last hop in turn) at a different
     token, finish on a standby loaded with the lost range, rebuilt by replay: exact tokens, none lost.
-    (`mecsplit bench failover` runs 20; 8 keep CI within its budget, each failure costs ~8 s.)"""
+    (`mecsplit bench failover` runs 20; 8 keep CI within its budget: each failure costs ~11 s there.)"""
     from segments.failover import run_failover_bench
 
     result = run_failover_bench(model_store(MODEL), failures=8, tokens=24, progress=print)
