@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +24,7 @@ from wire_helpers import (
 )
 
 from segments.auth import AuthError, create_secret
-from segments.client import Chain, ChainClient, ChainError, RemoteError, Session
+from segments.client import AsyncChainClient, Chain, ChainClient, ChainError, RemoteError, Session
 from segments.errors import KVMemoryLimitError, LayerRangeError, PositionMismatchError, SessionLimitError
 from segments.launch import LocalChain, boundaries_to_specs
 from segments.protocol import FrameType, encode_frame_bytes
@@ -273,12 +278,6 @@ def test_raw_error_reply_names_request(chain2: LocalChain) -> None:
 
 
 def test_dead_hop_fails_fast_and_the_first_hop_stays_healthy(wire_store: Path) -> None:
-    import os
-    import signal
-    import time
-
-    from segments.client import ChainError
-
     n = num_layers(wire_store, MODEL)
     with (
         LocalChain.even(wire_store, MODEL, n, 2) as lc,
@@ -320,11 +319,6 @@ def test_a_switch_past_its_budget_keeps_the_old_chain_and_its_tokens_exact(
 def test_a_step_sent_to_a_dead_hop_leaves_no_request_pending(wire_store: Path) -> None:
     """A step sent on the link of a hop that died fails at once; its request must not stay pending (each
     one did, until the next failure of the chain set an exception nobody awaited)."""
-    import os
-    import signal
-
-    from segments.client import ChainError
-
     n = num_layers(wire_store, MODEL)
     with (
         LocalChain.even(wire_store, MODEL, n, 2) as lc,
@@ -341,17 +335,21 @@ def test_a_step_sent_to_a_dead_hop_leaves_no_request_pending(wire_store: Path) -
         assert c.inner._pending == {}
 
 
+def _on_two_chains(
+    wire_store: Path, run: Callable[[LocalChain, LocalChain], Coroutine[Any, Any, None]]
+) -> None:
+    """Run ``run(old, new)`` on two 2-hop chains of separate servers under one deployment secret."""
+    with (
+        LocalChain.even(wire_store, MODEL, num_layers(wire_store, MODEL), 2) as old,
+        LocalChain(wire_store, old.specs, secret_file=old.secret_file) as new,
+    ):
+        asyncio.run(run(old, new))
+
+
 def test_a_dying_hop_fails_only_the_requests_that_need_it(wire_store: Path) -> None:
     """A hop of the current chain dies while a request to another chain's hop (a switch's, say) is still
     unanswered: the chain is marked broken, that request still gets its answer. Every pending request
     failed with the dead hop's error, so the replacement switch that came right after a kill got a 503."""
-    import asyncio
-    import os
-    import signal
-
-    from segments.client import AsyncChainClient
-
-    n = num_layers(wire_store, MODEL)
 
     async def run(old: LocalChain, new: LocalChain) -> None:
         client = await AsyncChainClient(old.chain, old.secret(), timeout_s=30).connect()
@@ -373,24 +371,13 @@ def test_a_dying_hop_fails_only_the_requests_that_need_it(wire_store: Path) -> N
                 await link.close()
             await client.close()
 
-    with (
-        LocalChain.even(wire_store, MODEL, n, 2) as old,
-        LocalChain(wire_store, old.specs, secret_file=old.secret_file) as new,
-    ):
-        asyncio.run(run(old, new))
+    _on_two_chains(wire_store, run)
 
 
 def test_a_session_dropped_during_a_switch_is_not_left_on_the_new_chain(wire_store: Path) -> None:
     """A client leaves while a replay switch moves the sessions: its session, already on the switch's move
     list, is dropped where the switch leaves it. Dropped on the old chain at once, it was rebuilt on the
     new chain and held there for good (the 10-minute soak's one leaked session)."""
-    import asyncio
-    import os
-    import signal
-
-    from segments.client import AsyncChainClient
-
-    n = num_layers(wire_store, MODEL)
 
     async def run(old: LocalChain, new: LocalChain) -> None:
         client = await AsyncChainClient(old.chain, old.secret(), timeout_s=30).connect()
@@ -423,20 +410,13 @@ def test_a_session_dropped_during_a_switch_is_not_left_on_the_new_chain(wire_sto
                 os.kill(pid, signal.SIGCONT)
             await client.close()
 
-    with (
-        LocalChain.even(wire_store, MODEL, n, 2) as old,
-        LocalChain(wire_store, old.specs, secret_file=old.secret_file) as new,
-    ):
-        asyncio.run(run(old, new))
+    _on_two_chains(wire_store, run)
 
 
 def test_links_to_next_hops_that_died_are_forgotten(wire_store: Path) -> None:
     """A server routed to a new next hop after each SIGKILL of the last one holds a link to the live one
     only: every dead hop's link stayed in its table before, with its closed connection's objects (the
     soak's surviving server grew ~2 MB a minute while 25 of its next hops were replaced)."""
-    import os
-    import signal
-
     n = num_layers(wire_store, MODEL)
     with LocalChain.even(wire_store, MODEL, n, 2) as lc:
         first = lc.hops[0]
