@@ -707,6 +707,19 @@ class TickStats:
         os.replace(tmp, path)
 
 
+@dataclass
+class _Mean:
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+
+    def mean(self) -> float:
+        return self.total / self.count
+
+
 class PredictionLog:
     """Predicted against measured per-token latency, per deployed plan (``predictions.json``).
 
@@ -722,16 +735,15 @@ class PredictionLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: dict[int, dict[str, Any]] = {}
-        self._steps: dict[int, list[float]] = {}
-        self._whole: dict[int, list[float]] = {}
+        # Token gaps per revision, as running means: inside the window, and over every step.
+        self._steps: dict[int, _Mean] = {}
+        self._whole: dict[int, _Mean] = {}
         self._seen: dict[int, int] = {}
         self._closed_at: dict[int, float] = {}
         self._assumed: dict[int, dict[str, tuple[float, float]]] = {}
         self._dirty = False
 
-    def close(
-        self, revision: int, at_s: float, link: str | None = None, rate_mbit: float | None = None
-    ) -> None:
+    def close(self, revision: int, at_s: float, link: str | None, rate_mbit: float | None) -> None:
         """An event: ``link`` went to ``rate_mbit`` (or a node changed: no link) at ``at_s`` (wall
         clock). Beyond the rates ``revision``'s prediction assumed (by more than ``CHANGE_RATIO``), or
         for a node, its later steps count in the whole measure only. The first such change closes the
@@ -756,23 +768,24 @@ class PredictionLog:
             "revision": revision, "plan": [list(x) for x in plan.layout()], "kind": kind,
             "predicted_tpot_ms": round(tpot_s * 1e3, 2), "predicted_at_s": round(time.time(), 3),
         }  # fmt: skip
-        self._steps[revision] = []
-        self._whole[revision] = []
+        self._steps[revision] = _Mean()
+        self._whole[revision] = _Mean()
         self._assumed[revision] = dict(assumed_mbit)
         self._dirty = True
 
     def add_records(self, state: DeploymentState, records: tuple[dict[str, Any], ...]) -> None:
         """Settled decode steps of the plan serving now (the caller drops those of its transient)."""
         hops = {f"{e.host}:{e.port}" for e in state.segments}
-        gaps = self._steps.setdefault(state.revision, [])
-        whole = self._whole.setdefault(state.revision, [])
+        gaps = self._steps.setdefault(state.revision, _Mean())
+        whole = self._whole.setdefault(state.revision, _Mean())
         closed_at = self._closed_at.get(state.revision, math.inf)
         for r in records:
             if r["positions"] == 1 and r["idle_s"] > 0 and {s[0] for s in r["stages"]} <= hops:
                 self._seen[state.revision] = self._seen.get(state.revision, 0) + 1
-                whole.append(r["total_s"] + r["idle_s"])
+                gap_s = r["total_s"] + r["idle_s"]
+                whole.add(gap_s)
                 if r["at_s"] < closed_at:
-                    gaps.append(whole[-1])
+                    gaps.add(gap_s)
 
     def learned_steps(self, revision: int) -> int:
         return self._seen.get(revision, 0)
@@ -784,23 +797,23 @@ class PredictionLog:
         from policies.analytic import predict
 
         rev = state.revision
-        gaps = self._steps.get(rev, [])
+        gaps = self._steps.get(rev, _Mean())
         row = self.rows.get(rev)
-        if row is None and len(gaps) >= CALIBRATED_AFTER_STEPS and rev not in self._closed_at:
+        if row is None and gaps.count >= CALIBRATED_AFTER_STEPS and rev not in self._closed_at:
             plan = Plan.model_validate(state.plan)
             assumed = {link: (rate, rate) for link, rate in rates_mbit.items()}
             self.expect(plan, predict(problem, plan.stages).tpot_s, "calibrated", rev, assumed)
             row, gaps = self.rows[rev], self._steps[rev]
-        whole = self._whole.get(rev, [])
-        if row is None or not whole:
+        whole = self._whole.get(rev, _Mean())
+        if row is None or not whole.count:
             self._flush()
             return
-        if gaps:
-            row["measured_tpot_ms"] = round(sum(gaps) / len(gaps) * 1e3, 2)
-            row["measured_steps"] = len(gaps)
+        if gaps.count:
+            row["measured_tpot_ms"] = round(gaps.mean() * 1e3, 2)
+            row["measured_steps"] = gaps.count
             row["measured_over_predicted"] = round(row["measured_tpot_ms"] / row["predicted_tpot_ms"], 3)
-        row["measured_tpot_ms_whole"] = round(sum(whole) / len(whole) * 1e3, 2)
-        row["measured_steps_whole"] = len(whole)
+        row["measured_tpot_ms_whole"] = round(whole.mean() * 1e3, 2)
+        row["measured_steps_whole"] = whole.count
         if rev in self._closed_at:
             row["network_changed_at_s"] = round(self._closed_at[rev], 3)
         self._dirty = True
