@@ -82,7 +82,7 @@ def test_node_wait_is_not_learned_at_the_quota() -> None:
     assert cal.node("n").quota_stretch == pytest.approx(0.03 / 0.012 * 0.5, rel=1e-3)
 
 
-def test_an_unseen_node_takes_the_median_of_the_seen() -> None:
+def test_an_unseen_node_takes_the_slowest_of_the_seen() -> None:
     cal = Calibration(
         nodes={
             "a": NodeCalibration(cpu_scale=1.1, wait_s=0.001, samples=5),
@@ -91,7 +91,8 @@ def test_an_unseen_node_takes_the_median_of_the_seen() -> None:
         }
     )
     unseen = cal.node("z")
-    assert (unseen.cpu_scale, unseen.wait_s) == (1.2, 0.003)
+    assert (unseen.cpu_scale, unseen.wait_s) == (1.3, 0.009)  # each coefficient's worst, not one node's
+    assert cal.node("a").wait_s == 0.001  # a seen node keeps its own
 
 
 def test_source_and_concurrency_estimators() -> None:
