@@ -512,6 +512,7 @@ class Controller:
             self.predictions.expect(
                 candidate, decision.candidate.tpot_s, "decision", state.revision + 1, _assumed_mbit(fc)
             )
+            self.predictions.close_for_move(state.revision, evaluation.at_s)
             prepared = _prepare_switch(self._http, state, candidate, evaluation.decision)
             evaluation.decision["prepared"] = prepared
             self.runs_started += 1
@@ -726,7 +727,8 @@ class PredictionLog:
     A plan's prediction is the one made before it was deployed (the decision's), or for the first plan
     the calibrated model's once it has seen ``CALIBRATED_AFTER_STEPS`` of its decode steps; its measure
     is the mean of the gateway's token gaps (step time plus the gateway's time between steps) over the
-    decode steps it served after that, until the network left what the prediction assumed (``close``).
+    decode steps it served after that, until the network left what the prediction assumed (``close``)
+    or the controller started a move off it (``close_for_move``).
     A prediction is made for the network of its moment and the range its forecast allowed: the steps a
     plan serves after a link collapsed measure the collapse, not the model (a demo's first plan read
     1.19 with the few seconds before the re-plan; the client's token gaps before the collapse gave
@@ -740,6 +742,7 @@ class PredictionLog:
         self._whole: dict[int, _Mean] = {}
         self._seen: dict[int, int] = {}
         self._closed_at: dict[int, float] = {}
+        self._moved_at: dict[int, float] = {}
         self._assumed: dict[int, dict[str, tuple[float, float]]] = {}
         self._dirty = False
 
@@ -754,6 +757,14 @@ class PredictionLog:
             if low * (1 - CHANGE_RATIO) <= rate_mbit <= high * (1 + CHANGE_RATIO):
                 return
         self._closed_at.setdefault(revision, at_s)
+
+    def close_for_move(self, revision: int, at_s: float) -> None:
+        """The controller started a move off ``revision`` at ``at_s``: from then on the plan serves
+        beside the new plan's starts and loads (which the move's decision priced, ``_beside_starts``),
+        then stalls for the switch; its later steps count in the whole measure only. On a demo, the plan
+        back from a collapse read 1.34 with the 17 s of a cold start beside it that its window kept."""
+        if revision not in self._closed_at:
+            self._moved_at[revision] = self._closed_at[revision] = at_s
 
     def expect(
         self,
@@ -814,7 +825,9 @@ class PredictionLog:
             row["measured_over_predicted"] = round(row["measured_tpot_ms"] / row["predicted_tpot_ms"], 3)
         row["measured_tpot_ms_whole"] = round(whole.mean() * 1e3, 2)
         row["measured_steps_whole"] = whole.count
-        if rev in self._closed_at:
+        if rev in self._moved_at:
+            row["move_started_at_s"] = round(self._moved_at[rev], 3)
+        elif rev in self._closed_at:
             row["network_changed_at_s"] = round(self._closed_at[rev], 3)
         self._dirty = True
         self._flush()

@@ -225,7 +225,7 @@ def run_demo(
         for row in summary["headline"]["prediction_check"]:
             ratio = row.get("measured_over_predicted")
             say(f"prediction: {row['plan']} predicted {row['predicted_tpot_ms']} ms/token ({row['kind']}), "
-                f"measured {row.get('measured_tpot_ms')} ms until the network changed: x{ratio} "
+                f"measured {row.get('measured_tpot_ms')} ms until {_window_end(row)}: x{ratio} "
                 f"(all its steps: {row.get('measured_tpot_ms_whole')} ms)")  # fmt: skip
         for name, steps in summary["headline"]["reactions"].items():
             if steps is not None:
@@ -239,3 +239,10 @@ def run_demo(
             session.stop()
         stop_process(serve_proc)
         teardown(chosen, scenario)
+
+
+def _window_end(row: dict[str, Any]) -> str:
+    """What ended a prediction's measuring window (PredictionLog)."""
+    if row.get("move_started_at_s") is not None:
+        return "the next move started"
+    return "the network changed" if row.get("network_changed_at_s") is not None else "the end"

@@ -732,6 +732,7 @@ def deploy(
         raise
     started, claimed, spare = brought.endpoints, brought.claimed, brought.spare
     ready_at = time.time()
+    progress(f"the new plan's segments serve {time.monotonic() - started_at:.2f} s after the deploy began")
     fresh = {(e.node, e.first, e.end): e for e in started}
     endpoints = [kept.get(stage) or fresh[stage] for stage in layout]
     chain = chain_dict(model, endpoints)
@@ -756,6 +757,8 @@ def deploy(
             raise
     switch_s = time.monotonic() - switch_started
     switched_at = time.time()
+    if current is not None:
+        progress(f"sessions switched to the new chain in {switch_s:.2f} s")
     first_token_at = probe(gateway_url) if probe is not None else None
     # A server stopped already (a broken chain's) is not kept; the others may be, as warm standbys.
     stoppable = [e for e in replaced if e not in first_stopped]

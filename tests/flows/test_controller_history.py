@@ -102,7 +102,9 @@ def test_a_move_is_priced_at_each_nodes_last_start_scaled_by_its_load() -> None:
     assert _starting(state, net) == {"device", "edge", "mec", "pole"}
 
 
-def test_a_prediction_is_measured_until_the_network_leaves_what_it_assumed(tmp_path: Path) -> None:
+def test_a_prediction_is_measured_until_the_network_leaves_what_it_assumed_or_a_move_starts(
+    tmp_path: Path,
+) -> None:
     """An event within the rates a prediction allowed for (its forecast's range, 10 % either way) leaves
     the window open; one beyond it, or a node's, closes it at the change's own stamp: the later steps
     count in the whole measure only, and later events move nothing. A first plan whose window closed
@@ -131,6 +133,21 @@ def test_a_prediction_is_measured_until_the_network_leaves_what_it_assumed(tmp_p
     assert row["measured_steps_whole"] == 16
     assert row["measured_tpot_ms_whole"] == pytest.approx((12 * 100.0 + 4 * 1000.0) / 16)
     assert row["network_changed_at_s"] == 110.0
+    log.close_for_move(1, 120.0)  # closed already: the network's change stays the reason
+    log.measure(serving, cast(Any, None), cast(Any, None), {})
+    assert "move_started_at_s" not in log.rows[1]
+
+    # A move started off the plan closes its window: the plan then serves beside the new one's starts.
+    log.expect(plan, 0.100, "decision", 2, {"device-edge": (10.0, 20.0)})
+    moving = cast(Any, SimpleNamespace(revision=2, segments=()))
+    log.add_records(moving, steps(200.0, 10, 0.099))
+    log.close_for_move(2, 210.0)
+    log.add_records(moving, steps(210.0, 10, 0.199))
+    log.measure(moving, cast(Any, None), cast(Any, None), {})
+    row = log.rows[2]
+    assert (row["measured_steps"], row["measured_steps_whole"]) == (10, 20)
+    assert row["measured_over_predicted"] == pytest.approx(1.0)
+    assert row["move_started_at_s"] == 210.0 and "network_changed_at_s" not in row
 
     first = cast(Any, SimpleNamespace(revision=0, segments=(), plan=plan.model_dump()))
     log.add_records(first, steps(0.0, 50, 0.099))
