@@ -9,6 +9,7 @@ medians per step, lost requests, teardown.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import pipeline
-from flows.demo import _change_and_follow
+from flows.demo import _change_and_follow, _check_serve
 from flows.runtime import RuntimeFailure, backend_for, clear_local_links
 from flows.state import load_state
 from flows.workload import ChatSession, serve_process, start_bench, stop_process, teardown, testbed_up
@@ -93,11 +94,12 @@ def run_reaction_bench(
         for chat in chats:
             chat.start()
         nominal = next(lk.bw_mbit for lk in scenario.links if scenario.source in (lk.a, lk.b))
+        serving = functools.partial(_check_serve, serve_proc, settings.run_dir / "serve-bench.log")
         for i in range(runs):
             _standbys_ready(240)
             time.sleep(2.0)
             change = _change_and_follow(f"drop {i + 1}/{runs}", degraded_bw_mbit, chosen, scenario, server,
-                                        reaction_timeout_s)  # fmt: skip
+                                        reaction_timeout_s, serving)  # fmt: skip
             run = change["run"]
             result = (run or {}).get("result") or {}
             reaction = (result.get("reaction") or {}).get("steps")
@@ -112,7 +114,7 @@ def run_reaction_bench(
             results.append(entry)
             _say(f"run {i + 1}: {reaction}")
             back = _change_and_follow(f"restore {i + 1}/{runs}", nominal, chosen, scenario, server,
-                                      reaction_timeout_s)  # fmt: skip
+                                      reaction_timeout_s, serving)  # fmt: skip
             after = ((back["run"] or {}).get("result") or {}).get("after")
             if after is None or after == result.get("after"):
                 # The next drop must find a plan over the link again, or it measures nothing.
