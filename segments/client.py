@@ -27,6 +27,7 @@ import json
 import secrets
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,11 @@ class SwitchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
+
+
+# Recoveries a client keeps for its admin view (the latest; the count and the longest cover all): a
+# 10-minute soak with 50 failures recovered about 2,300 steps.
+RECOVERIES_KEPT = 1000
 
 
 @dataclass(frozen=True)
@@ -329,7 +335,11 @@ class AsyncChainClient:
         self.broken: str | None = None
         self.generation = 0
         self._switched: asyncio.Event | None = None
-        self.recoveries: list[Recovery] = []
+        # The latest recoveries (a long-lived gateway must not keep every one), how many there were and
+        # the longest.
+        self.recoveries: deque[Recovery] = deque(maxlen=RECOVERIES_KEPT)
+        self.recovered_steps = 0
+        self.recovery_max_s = 0.0
         # Old chains still freeing the moved sessions' KV after a switch (see ``_retire``).
         self._retiring: set[asyncio.Task[None]] = set()
         # A chain opened and prefilled ahead of a switch to it (see ``prepare``).
@@ -592,8 +602,13 @@ class AsyncChainClient:
                 continue
             if failed_at is not None:
                 elapsed = time.perf_counter() - failed_at
-                self.recoveries.append(Recovery(session.id, session.kv_length, first_error, elapsed))
+                self.record_recovery(Recovery(session.id, session.kv_length, first_error, elapsed))
             return result
+
+    def record_recovery(self, recovery: Recovery) -> None:
+        self.recoveries.append(recovery)
+        self.recovered_steps += 1
+        self.recovery_max_s = max(self.recovery_max_s, recovery.recovery_s)
 
     async def _truncate_everywhere(self, session: Session) -> None:
         for link in self.links:

@@ -4,7 +4,8 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 the tokenizer), both with ``stream: true`` as server-sent events (``data: {...}\\n\\n`` ... ``data: [DONE]``),
 usage counts, and errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
-Admin: ``GET /admin/chain`` shows the chain, the live sessions and the failure recoveries so far;
+Admin: ``GET /admin/chain`` shows the chain, the live sessions and the failure recoveries so far (the
+latest ``segments.client.RECOVERIES_KEPT``, with the count and the longest of all);
 ``POST /admin/chain {"chain": {...}, "mode": "kv"|"push"|"replay", "recompute_hops": k}`` moves every live
 session to a new chain between two tokens (``Gateway.switch`` from Python) and answers with the
 :class:`~segments.client.SwitchReport`. A request whose chain breaks is held until a new chain arrives
@@ -418,6 +419,8 @@ def create_app(
             "live_sessions": len(gateway.live),
             "broken": gateway.client.broken,
             "recoveries": [r.to_dict() for r in gateway.client.recoveries],
+            "recovered_steps": gateway.client.recovered_steps,
+            "recovery_max_s": round(gateway.client.recovery_max_s, 4),
         }
 
     @app.get("/admin/telemetry")

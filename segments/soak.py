@@ -687,6 +687,7 @@ async def _soak(
     return {
         "undisturbed": undisturbed, "start_rss": start_rss, "end_rss": end_rss, "load_s": load_s,
         "live_sessions": live, "hops": hops, "settle_s": settle_s, "recoveries": view["recoveries"],
+        "recovered_steps": view["recovered_steps"], "recovery_max_s": view["recovery_max_s"],
         "bad_clients": len(bad),
     }  # fmt: skip
 
@@ -855,9 +856,9 @@ def _summary(
             "spare_wait_s_max": max((r.spare_wait_s for r in tally.replacements), default=None),
             "switch_errors": tally.switch_errors[:5],
             "switch_errors_total": len(tally.switch_errors),
-            "step_recoveries": len(recoveries),
-            "recovery_s_median": _median(recoveries),
-            "recovery_s_max": round(max(recoveries), 3) if recoveries else None,
+            "step_recoveries": run["recovered_steps"],
+            "recovery_s_median": _median(recoveries),  # of the latest RECOVERIES_KEPT
+            "recovery_s_max": round(run["recovery_max_s"], 3) if run["recovered_steps"] else None,
         },
         "end": {
             "gateway_live_sessions": run["live_sessions"],

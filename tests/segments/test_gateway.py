@@ -15,7 +15,7 @@ import openai
 import pytest
 from wire_helpers import children_alive, num_layers
 
-from segments.client import Chain, ChainClient
+from segments.client import RECOVERIES_KEPT, AsyncChainClient, Chain, ChainClient, Hop, Recovery
 from segments.gateway import Gateway, create_app
 from segments.launch import LocalChain
 from segments.sampling import SamplingParams
@@ -237,13 +237,27 @@ def test_a_stream_survives_a_dead_segment_server(wire_store: Path) -> None:
                         replaced = asyncio.create_task(gateway.switch(spare.chain, "replay"))
                 assert replaced is not None
                 await replaced
-                return want, got, [r.to_dict() for r in gateway.client.recoveries]
+                client = gateway.client
+                assert (client.recovered_steps, client.recovery_max_s) == (1, client.recoveries[0].recovery_s)
+                return want, got, [r.to_dict() for r in client.recoveries]
             finally:
                 await gateway.close()
 
         want, got, recoveries = asyncio.run(scenario())
     assert got == want
     assert len(recoveries) == 1 and recoveries[0]["recovery_s"] > 0  # the step after the kill, retried
+
+
+def test_a_long_lived_client_keeps_the_latest_recoveries_and_counts_all() -> None:
+    """A gateway that runs for days recovers steps without end: it keeps the latest RECOVERIES_KEPT for
+    its admin view, and the count and the longest over all of them."""
+    client = AsyncChainClient(Chain(MODEL, (Hop("127.0.0.1", 9, 0, 4),)), b"k" * 32)
+    total = RECOVERIES_KEPT + 5
+    for i in range(total):
+        client.record_recovery(Recovery(f"s{i}", i, "hop died", recovery_s=5.0 if i == 2 else 0.1))
+    assert len(client.recoveries) == RECOVERIES_KEPT
+    assert client.recoveries[0].session == "s5" and client.recoveries[-1].session == f"s{total - 1}"
+    assert (client.recovered_steps, client.recovery_max_s) == (total, 5.0)  # the longest was dropped
 
 
 def _hop_sessions(base_url: str, secret: bytes) -> list[list[str]]:
