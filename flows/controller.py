@@ -741,8 +741,8 @@ class PredictionLog:
         self._steps: dict[int, _Mean] = {}
         self._whole: dict[int, _Mean] = {}
         self._seen: dict[int, int] = {}
-        self._closed_at: dict[int, float] = {}
-        self._moved_at: dict[int, float] = {}
+        # Per revision, when its window closed and the row field that says why.
+        self._closed: dict[int, tuple[float, str]] = {}
         self._assumed: dict[int, dict[str, tuple[float, float]]] = {}
         self._dirty = False
 
@@ -756,15 +756,14 @@ class PredictionLog:
             low, high = band
             if low * (1 - CHANGE_RATIO) <= rate_mbit <= high * (1 + CHANGE_RATIO):
                 return
-        self._closed_at.setdefault(revision, at_s)
+        self._closed.setdefault(revision, (at_s, "network_changed_at_s"))
 
     def close_for_move(self, revision: int, at_s: float) -> None:
         """The controller started a move off ``revision`` at ``at_s``: from then on the plan serves
         beside the new plan's starts and loads (which the move's decision priced, ``_beside_starts``),
         then stalls for the switch; its later steps count in the whole measure only. On a demo, the plan
         back from a collapse read 1.34 with the 17 s of a cold start beside it that its window kept."""
-        if revision not in self._closed_at:
-            self._moved_at[revision] = self._closed_at[revision] = at_s
+        self._closed.setdefault(revision, (at_s, "move_started_at_s"))
 
     def expect(
         self,
@@ -789,7 +788,7 @@ class PredictionLog:
         hops = {f"{e.host}:{e.port}" for e in state.segments}
         gaps = self._steps.setdefault(state.revision, _Mean())
         whole = self._whole.setdefault(state.revision, _Mean())
-        closed_at = self._closed_at.get(state.revision, math.inf)
+        closed_at = self._closed.get(state.revision, (math.inf, ""))[0]
         for r in records:
             if r["positions"] == 1 and r["idle_s"] > 0 and {s[0] for s in r["stages"]} <= hops:
                 self._seen[state.revision] = self._seen.get(state.revision, 0) + 1
@@ -810,7 +809,7 @@ class PredictionLog:
         rev = state.revision
         gaps = self._steps.get(rev, _Mean())
         row = self.rows.get(rev)
-        if row is None and gaps.count >= CALIBRATED_AFTER_STEPS and rev not in self._closed_at:
+        if row is None and gaps.count >= CALIBRATED_AFTER_STEPS and rev not in self._closed:
             plan = Plan.model_validate(state.plan)
             assumed = {link: (rate, rate) for link, rate in rates_mbit.items()}
             self.expect(plan, predict(problem, plan.stages).tpot_s, "calibrated", rev, assumed)
@@ -825,10 +824,9 @@ class PredictionLog:
             row["measured_over_predicted"] = round(row["measured_tpot_ms"] / row["predicted_tpot_ms"], 3)
         row["measured_tpot_ms_whole"] = round(whole.mean() * 1e3, 2)
         row["measured_steps_whole"] = whole.count
-        if rev in self._moved_at:
-            row["move_started_at_s"] = round(self._moved_at[rev], 3)
-        elif rev in self._closed_at:
-            row["network_changed_at_s"] = round(self._closed_at[rev], 3)
+        if rev in self._closed:
+            at_s, why = self._closed[rev]
+            row[why] = round(at_s, 3)
         self._dirty = True
         self._flush()
 
