@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,11 +40,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 
 from flows import pipeline
-from flows.calibrate import LinkHistory, Snapshot, calibration_path, learn, load_calibration, save_calibration
+from flows.calibrate import LinkHistory, Snapshot, learn, load_calibration, save_calibration
 from flows.measure import admin_headers
+from flows.predictions import CHANGE_RATIO, DecisionRecord, PredictionLog, decisions_path
 from flows.runtime import LinkProbe, local_link_overrides
 from flows.state import DeploymentState, load_state
-from mecsplit.files import write_json
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration, observe_switch
 from policies.forecast import Forecast, forecast
@@ -56,14 +56,9 @@ from testbed.scenario import Scenario, load_scenario
 if TYPE_CHECKING:
     from policies.replan import Decision
 
-# A link rate or node load that moved by more than this (relative) since the last evaluation is a
-# change worth re-solving for; below it the tick only learns and records.
-CHANGE_RATIO = 0.1
 # A plan's prediction that moved by less than this is not a change whatever its ratio: a step's timing
 # on a shared host varies by about a millisecond (a 6 ms tiny-model step read 15-20 % apart, quiet).
 CHANGE_FLOOR_S = 0.002
-# The calibrated prediction of a plan is taken once the model has seen this many of its decode steps.
-CALIBRATED_AFTER_STEPS = 100
 # After a deployment changes, its transients (the switch, the old servers stopping, new standbys
 # importing torch on the nodes' CPU shares) are not the plan's pace: for this long nothing is learned
 # from the traffic and nothing measured against the plan's prediction.
@@ -221,6 +216,7 @@ class Controller:
         self._event: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.predictions = PredictionLog(self.settings.run_dir / "predictions.json")
+        self.decisions = DecisionRecord(decisions_path(self.settings), self.scenario.name)
         self.stats = TickStats()
         self.runs_started = 0
         # Links some deployed plan of this controller has carried traffic over (the rest are untried).
@@ -290,6 +286,7 @@ class Controller:
     def _observe(self, state: DeploymentState, problem: Problem, net: NetworkSample) -> None:
         self._learn(state, problem, net)
         self.predictions.measure(state, self.calibration, problem, net.rates_mbit)
+        self.decisions.add(self.predictions.rows.values())
 
     def _requeue(self, reasons: list[str], event: dict[str, Any]) -> None:
         with self._lock:
@@ -462,7 +459,7 @@ class Controller:
     def _evaluate(
         self, state: DeploymentState, net: NetworkSample, reason: str, event: dict[str, Any]
     ) -> Evaluation | None:
-        from policies.replan import decide
+        from policies.replan import decide, error_bar
 
         started = time.perf_counter()
         problem = self._problem(state, net)
@@ -475,7 +472,8 @@ class Controller:
         )  # fmt: skip
         rule = {
             "switch_stall_s": self.calibration.switch_stall_s,
-            "min_gain_ratio": self.config.min_gain_ratio, "hysteresis": self.config.hysteresis,
+            "min_gain_ratio": error_bar(self.decisions.ratios(), self.config.min_gain_ratio),
+            "hysteresis": self.config.hysteresis,
             "ready_s": _ready_s(state, net, self.settings, self.loads), "holdings": _holdings(problem, state),
             "reaction_s": self.settings.policies.replan_reaction_s, "starting": _starting(state, net),
         }  # fmt: skip
@@ -496,7 +494,10 @@ class Controller:
         evaluation = Evaluation(
             at_s=time.time(), reason=reason, plan=[list(x) for x in current.layout()],
             candidate=[list(x) for x in candidate.layout()], adopt=decision.adopt,
-            decision={**decision.model_dump(mode="json"), "forecast": fc.to_dict()},
+            decision={
+                **decision.model_dump(mode="json"), "forecast": fc.to_dict(),
+                "min_gain_ratio": rule["min_gain_ratio"], "moves_recorded": len(self.decisions.ratios()),
+            },
             solve_s=time.perf_counter() - started,
         )  # fmt: skip
         self.evaluations.append(evaluation)
@@ -706,147 +707,3 @@ class TickStats:
         with os.fdopen(fd, "w") as handle:
             json.dump(row, handle)
         os.replace(tmp, path)
-
-
-@dataclass
-class _Mean:
-    total: float = 0.0
-    count: int = 0
-
-    def add(self, value: float) -> None:
-        self.total += value
-        self.count += 1
-
-    def mean(self) -> float:
-        return self.total / self.count
-
-
-class PredictionLog:
-    """Predicted against measured per-token latency, per deployed plan (``predictions.json``).
-
-    A plan's prediction is the one made before it was deployed (the decision's), or for the first plan
-    the calibrated model's once it has seen ``CALIBRATED_AFTER_STEPS`` of its decode steps; its measure
-    is the mean of the gateway's token gaps (step time plus the gateway's time between steps) over the
-    decode steps it served after that, until the network left what the prediction assumed (``close``)
-    or the controller started a move off it (``close_for_move``).
-    A prediction is made for the network of its moment and the range its forecast allowed: the steps a
-    plan serves after a link collapsed measure the collapse, not the model (a demo's first plan read
-    1.19 with the few seconds before the re-plan; the client's token gaps before the collapse gave
-    1.12). Every step of the plan still counts in ``measured_tpot_ms_whole``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows: dict[int, dict[str, Any]] = {}
-        # Token gaps per revision, as running means: inside the window, and over every step.
-        self._steps: dict[int, _Mean] = {}
-        self._whole: dict[int, _Mean] = {}
-        self._seen: dict[int, int] = {}
-        # Per revision, when its window closed and the row field that says why.
-        self._closed: dict[int, tuple[float, str]] = {}
-        self._assumed: dict[int, dict[str, tuple[float, float]]] = {}
-        self._dirty = False
-
-    def close(self, revision: int, at_s: float, link: str | None, rate_mbit: float | None) -> None:
-        """An event: ``link`` went to ``rate_mbit`` (or a node changed: no link) at ``at_s`` (wall
-        clock). Beyond the rates ``revision``'s prediction assumed (by more than ``CHANGE_RATIO``), or
-        for a node, its later steps count in the whole measure only. The first such change closes the
-        window; later ones change nothing."""
-        band = self._assumed.get(revision, {}).get(link or "")
-        if band is not None and rate_mbit is not None:
-            low, high = band
-            if low * (1 - CHANGE_RATIO) <= rate_mbit <= high * (1 + CHANGE_RATIO):
-                return
-        self._closed.setdefault(revision, (at_s, "network_changed_at_s"))
-
-    def close_for_move(self, revision: int, at_s: float) -> None:
-        """The controller started a move off ``revision`` at ``at_s``: from then on the plan serves
-        beside the new plan's starts and loads (which the move's decision priced, ``_beside_starts``),
-        then stalls for the switch; its later steps count in the whole measure only. On a demo, the plan
-        back from a collapse read 1.34 with the 17 s of a cold start beside it that its window kept."""
-        self._closed.setdefault(revision, (at_s, "move_started_at_s"))
-
-    def expect(
-        self,
-        plan: Plan,
-        tpot_s: float,
-        kind: str,
-        revision: int,
-        assumed_mbit: Mapping[str, tuple[float, float]],
-    ) -> None:
-        """``assumed_mbit``: per link, the lowest and highest rate the prediction allowed for."""
-        self.rows[revision] = {
-            "revision": revision, "plan": [list(x) for x in plan.layout()], "kind": kind,
-            "predicted_tpot_ms": round(tpot_s * 1e3, 2), "predicted_at_s": round(time.time(), 3),
-        }  # fmt: skip
-        self._steps[revision] = _Mean()
-        self._whole[revision] = _Mean()
-        self._assumed[revision] = dict(assumed_mbit)
-        self._dirty = True
-
-    def add_records(self, state: DeploymentState, records: tuple[dict[str, Any], ...]) -> None:
-        """Settled decode steps of the plan serving now (the caller drops those of its transient)."""
-        hops = {f"{e.host}:{e.port}" for e in state.segments}
-        gaps = self._steps.setdefault(state.revision, _Mean())
-        whole = self._whole.setdefault(state.revision, _Mean())
-        closed_at = self._closed.get(state.revision, (math.inf, ""))[0]
-        for r in records:
-            if r["positions"] == 1 and r["idle_s"] > 0 and {s[0] for s in r["stages"]} <= hops:
-                self._seen[state.revision] = self._seen.get(state.revision, 0) + 1
-                gap_s = r["total_s"] + r["idle_s"]
-                whole.add(gap_s)
-                if r["at_s"] < closed_at:
-                    gaps.add(gap_s)
-
-    def learned_steps(self, revision: int) -> int:
-        return self._seen.get(revision, 0)
-
-    def measure(
-        self, state: DeploymentState, cal: Calibration, problem: Problem, rates_mbit: Mapping[str, float]
-    ) -> None:
-        """``rates_mbit``: the links' rates now, which a first plan's calibrated prediction assumes."""
-        from policies.analytic import predict
-
-        rev = state.revision
-        gaps = self._steps.get(rev, _Mean())
-        row = self.rows.get(rev)
-        if row is None and gaps.count >= CALIBRATED_AFTER_STEPS and rev not in self._closed:
-            plan = Plan.model_validate(state.plan)
-            assumed = {link: (rate, rate) for link, rate in rates_mbit.items()}
-            self.expect(plan, predict(problem, plan.stages).tpot_s, "calibrated", rev, assumed)
-            row, gaps = self.rows[rev], self._steps[rev]
-        whole = self._whole.get(rev, _Mean())
-        if row is None or not whole.count:
-            self._flush()
-            return
-        if gaps.count:
-            row["measured_tpot_ms"] = round(gaps.mean() * 1e3, 2)
-            row["measured_steps"] = gaps.count
-            row["measured_over_predicted"] = round(row["measured_tpot_ms"] / row["predicted_tpot_ms"], 3)
-        row["measured_tpot_ms_whole"] = round(whole.mean() * 1e3, 2)
-        row["measured_steps_whole"] = whole.count
-        if rev in self._closed:
-            at_s, why = self._closed[rev]
-            row[why] = round(at_s, 3)
-        self._dirty = True
-        self._flush()
-
-    def _flush(self) -> None:
-        if not self._dirty:
-            return
-        write_json(self.path, sorted(self.rows.values(), key=lambda r: r["revision"]), indent=1)
-        self._dirty = False
-
-
-def load_predictions(settings: Settings | None = None) -> list[dict[str, Any]]:
-    path = (settings or get_settings()).run_dir / "predictions.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return []
-
-
-def clear_run_learning(settings: Settings | None = None) -> None:
-    """A new deployment learns afresh: the last one's calibration and predictions describe another."""
-    settings = settings or get_settings()
-    (settings.run_dir / "predictions.json").unlink(missing_ok=True)
-    calibration_path(settings).unlink(missing_ok=True)

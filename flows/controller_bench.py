@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.controller import clear_run_learning
+from flows.predictions import clear_run_learning
 from flows.state import load_state
 from flows.workload import ChatSession, serve_process, start_bench, stop_process, teardown, testbed_up
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import results
-from flows.controller import clear_run_learning, load_predictions
+from flows.predictions import clear_decision_record, clear_run_learning, load_predictions
 from flows.prefect_server import PrefectServer, ensure_server
 from flows.runtime import RuntimeFailure, clear_local_links, set_local_link
 from flows.state import BackendName, load_state
@@ -167,6 +167,7 @@ def run_demo(
         raise RuntimeFailure("a deployment is already running: `mecsplit down` first")
     clear_local_links(settings)
     clear_run_learning(settings)
+    clear_decision_record(settings)
     serve_proc = None
     sessions: list[ChatSession] = []
     timeline: list[dict[str, Any]] = []

@@ -44,7 +44,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows import results
-from flows.controller import clear_run_learning, load_predictions
+from flows.predictions import clear_decision_record, clear_run_learning, load_predictions, move_bar
 from flows.prefect_server import ensure_server
 from flows.runtime import RuntimeFailure
 from flows.state import load_state
@@ -470,6 +470,7 @@ def run_policy(
         from flows.reconfigure import deploy_flow
 
         clear_run_learning(settings)
+        bar = move_bar(settings, scenario.name)  # what the adaptive controller starts the window with
         first = deploy_flow(
             scenario=str(scenario_path), backend=backend, policy=_deploy_policy(policy),
             refresh_profiles=refresh_profiles,
@@ -518,6 +519,7 @@ def run_policy(
             # step finished during the drain (stopping a failed node's old segments can take 20 s).
             reconfigurations=len(watcher.changes),
             predicted_tpot_ms=_ms(first["predicted_tpot_s"]),
+            move_bar_at_start=bar,
             **prediction_figures(load_predictions(settings)),
         )
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -573,6 +575,7 @@ def experiment(
     shutil.copy(scenario_path, out_dir / "scenario.yaml")
     write_json(out_dir / "meta.json", results.meta(), indent=2)
     order = run_order(policies, repeats)
+    clear_decision_record(get_settings())  # later windows learn from this run's own moves only
     runs: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
     for k, ordered in enumerate(order, start=1):
         for p in ordered:

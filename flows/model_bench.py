@@ -22,8 +22,8 @@ import httpx
 
 from flows import pipeline
 from flows.calibrate import Snapshot, learn
-from flows.controller import clear_run_learning
 from flows.measure import admin_headers
+from flows.predictions import clear_run_learning
 from flows.runtime import LinkProbe, backend_for
 from flows.state import load_state, save_state
 from flows.workload import ChatSession, start_bench, teardown, testbed_up

@@ -232,7 +232,7 @@ def _with_contention(
     link_s = max((whole for _, _, whole in links.values()), default=0.0)
     node_caps = {n: times[n].capacity for n in cpu}
     quotas = [
-        Quota(n, own, avg, cap, cal.node(n).quota_stretch)
+        Quota(n, own, avg, cap, max(1.0, cal.node(n).quota_stretch))
         for n, (own, avg) in sorted(cpu.items())
         if (cap := node_caps[n]) is not None
     ]

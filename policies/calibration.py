@@ -64,8 +64,10 @@ class NodeCalibration(_Frozen):
     wait_s: float = Field(default=0.0, ge=0)
     prefill_scale: float = Field(default=1.0, gt=0)
     # Held by its quota, the node's compute runs this much slower than its share alone allows (the
-    # quota is enforced per period, and work waiting on other processes loses part of it).
-    quota_stretch: float = Field(default=1.0, ge=1.0)
+    # quota is enforced per period, and work waiting on other processes loses part of it): the mean of
+    # its steps' paces, wall / CPU x share. Below 1 the steps ran in bursts faster than the share, and the
+    # contention model takes the share alone (``Quota``, at least 1).
+    quota_stretch: float = Field(default=1.0, gt=0)
     samples: int = Field(default=0, ge=0)
 
 
@@ -175,7 +177,10 @@ def observe_decode(
     if utilisation <= STRETCH_MAX_UTILISATION or capacity is None or capacity >= 1.0:
         wait = max(0.0, _ewma(old.wait_s, max(0.0, wall_s - cpu_s), alpha))
     else:
-        quota_stretch = max(1.0, _ewma(old.quota_stretch, max(1.0, wall_s / cpu_s * capacity), alpha))
+        # The mean of the paces themselves: a mean of paces each clipped at 1 reads a node whose steps
+        # alternate between bursts and throttled waits as slower than its share (on the demo's device,
+        # whole-model plans were predicted 1.2x what they measured).
+        quota_stretch = _ewma(old.quota_stretch, wall_s / cpu_s * capacity, alpha)
     new = old.model_copy(
         update={
             "cpu_scale": scale,

@@ -31,7 +31,9 @@ The rule (docs/policies.md, "Re-planning"):
    recomputing its KV).
 4. Adopt when the gain is at least ``min_gain_ratio`` of what the current plan serves and exceeds the
    cost by the hysteresis factor: ``gain > (1 + hysteresis) * cost``. Moving back later pays its own
-   cost again, so a plan that would be left soon does not pay for coming (break-even).
+   cost again, so a plan that would be left soon does not pay for coming (break-even). The caller raises
+   ``min_gain_ratio`` to what the model's own record of past moves allows (``error_bar``): a promised
+   gain smaller than the model has lately been wrong by on the plans it moved to is no gain.
 
 Per session, the first ``k`` stages of the candidate recompute their KV from the token history the gateway
 keeps (one prefill through them) and the other stages receive the KV of their layers from the old
@@ -171,6 +173,15 @@ def decide(
     if gain <= bar:
         return verdict(False, f"gain {gain:.3g} s over {horizon_s:g} s does not clear the cost {total:.3g} s")
     return verdict(True, f"gain {gain:.3g} s over {horizon_s:g} s clears the cost {total:.3g} s")
+
+
+def error_bar(ratios: Sequence[float], floor: float) -> float:
+    """The least gain share a move must promise, given ``ratios``: measured over predicted per-token
+    latency of the plans recent moves went to. A plan measured ``r`` times its prediction serves ``1 / r``
+    of the requests predicted, so a move promising less than ``r - 1`` can lose; the worst recent ``r``
+    sets the bar, never below ``floor``. A plan measured faster than predicted (``r < 1``) raises nothing:
+    it made its move look smaller than it was, never a losing move look good."""
+    return max(floor, max(ratios, default=1.0) - 1.0)
 
 
 # Bounds on how the plan performs at today's link rates (a dip can break them for a while), unlike the

@@ -18,7 +18,8 @@ import pytest
 from conftest import TINY_SCENARIO
 
 from flows import pipeline
-from flows.controller import Controller, ControllerConfig, clear_run_learning, load_predictions
+from flows.controller import Controller, ControllerConfig
+from flows.predictions import clear_run_learning, load_predictions
 from flows.runtime import LocalBackend, clear_local_links, set_local_link, stop_local_processes
 from flows.state import clear_state, load_state
 from flows.workload import ChatSession

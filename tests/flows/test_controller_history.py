@@ -16,14 +16,12 @@ from flows.controller import (
     ControllerConfig,
     LoadLog,
     NetworkSample,
-    PredictionLog,
     _ready_s,
     _starting,
     _Watch,
 )
 from flows.state import DeploymentState, Endpoint, NodeStart
 from mecsplit.settings import get_settings
-from policies import Metrics, Plan, Stage
 
 
 class _Monitor:
@@ -100,58 +98,3 @@ def test_a_move_is_priced_at_each_nodes_last_start_scaled_by_its_load() -> None:
     want = {"device": f.cold_start_s, "edge": 75.0, "cloud": f.standby_load_s, "mec": 20.0, "pole": 72.5}
     assert _ready_s(state, net, settings, loads) == pytest.approx(want)
     assert _starting(state, net) == {"device", "edge", "mec", "pole"}
-
-
-def test_a_prediction_is_measured_until_the_network_leaves_what_it_assumed_or_a_move_starts(
-    tmp_path: Path,
-) -> None:
-    """An event within the rates a prediction allowed for (its forecast's range, 10 % either way) leaves
-    the window open; one beyond it, or a node's, closes it at the change's own stamp: the later steps
-    count in the whole measure only, and later events move nothing. A first plan whose window closed
-    before the model had learned it gets no calibrated prediction."""
-    metrics = Metrics(ttft_s=1.0, tpot_s=0.1, throughput_tok_s=10.0, privacy_exposure=0.0, bottleneck_s=0.1,
-                      request_latency_s=1.0)  # fmt: skip
-    stages = (Stage(node="edge", first=0, end=4),)
-    plan = Plan(stages=stages, policy="p", predicted=metrics, objective_value=1.0)
-    log = PredictionLog(tmp_path / "predictions.json")
-    log.expect(plan, 0.100, "decision", 1, {"device-edge": (10.0, 20.0)})
-    serving = cast(Any, SimpleNamespace(revision=1, segments=()))
-
-    def steps(start_s: float, count: int, total_s: float) -> tuple[dict[str, Any], ...]:
-        return tuple({"positions": 1, "idle_s": 0.001, "total_s": total_s, "stages": [], "at_s": start_s + i}
-                     for i in range(count))  # fmt: skip
-
-    log.add_records(serving, steps(100.0, 10, 0.099))
-    log.close(1, 104.0, "device-edge", 9.5)  # within the forecast's range, give or take 10 %
-    log.close(1, 110.0, "device-edge", 0.1)
-    log.close(1, 105.0, None, None)  # a later event with an older stamp moves nothing
-    log.add_records(serving, steps(108.0, 2, 0.099) + steps(110.0, 4, 0.999))
-    log.measure(serving, cast(Any, None), cast(Any, None), {})
-    row = log.rows[1]
-    assert row["measured_steps"] == 12 and row["measured_tpot_ms"] == pytest.approx(100.0)
-    assert row["measured_over_predicted"] == pytest.approx(1.0)
-    assert row["measured_steps_whole"] == 16
-    assert row["measured_tpot_ms_whole"] == pytest.approx((12 * 100.0 + 4 * 1000.0) / 16)
-    assert row["network_changed_at_s"] == 110.0
-    log.close_for_move(1, 120.0)  # closed already: the network's change stays the reason
-    log.measure(serving, cast(Any, None), cast(Any, None), {})
-    assert "move_started_at_s" not in log.rows[1]
-
-    # A move started off the plan closes its window: the plan then serves beside the new one's starts.
-    log.expect(plan, 0.100, "decision", 2, {"device-edge": (10.0, 20.0)})
-    moving = cast(Any, SimpleNamespace(revision=2, segments=()))
-    log.add_records(moving, steps(200.0, 10, 0.099))
-    log.close_for_move(2, 210.0)
-    log.add_records(moving, steps(210.0, 10, 0.199))
-    log.measure(moving, cast(Any, None), cast(Any, None), {})
-    row = log.rows[2]
-    assert (row["measured_steps"], row["measured_steps_whole"]) == (10, 20)
-    assert row["measured_over_predicted"] == pytest.approx(1.0)
-    assert row["move_started_at_s"] == 210.0 and "network_changed_at_s" not in row
-
-    first = cast(Any, SimpleNamespace(revision=0, segments=(), plan=plan.model_dump()))
-    log.add_records(first, steps(0.0, 50, 0.099))
-    log.close(0, 50.0, None, None)  # a node event
-    log.add_records(first, steps(50.0, 200, 0.099))
-    log.measure(first, cast(Any, None), cast(Any, None), {"device-edge": 20.0})
-    assert 0 not in log.rows

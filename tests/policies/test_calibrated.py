@@ -82,6 +82,18 @@ def test_node_wait_is_not_learned_at_the_quota() -> None:
     assert cal.node("n").quota_stretch == pytest.approx(0.03 / 0.012 * 0.5, rel=1e-3)
 
 
+def test_the_quota_stretch_is_the_mean_pace_of_steps_that_burst_and_wait() -> None:
+    """At its quota, a node whose steps alternate between a burst (0.7 of the share's pace) and a
+    throttled wait (1.3) runs at its share on average: no stretch."""
+    cal = Calibration()
+    for k in range(400):
+        wall_s = 0.012 / 0.5 * (0.7 if k % 2 else 1.3)
+        cal = observe_decode(
+            cal, "n", expected_s=0.01, wall_s=wall_s, cpu_s=0.012, utilisation=0.95, capacity=0.5
+        )
+    assert cal.node("n").quota_stretch == pytest.approx(1.0, abs=0.02)
+
+
 def test_an_unseen_node_takes_the_slowest_of_the_seen() -> None:
     cal = Calibration(
         nodes={

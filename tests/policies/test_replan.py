@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from policies import Problem, decide, solve
+from policies.replan import error_bar
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "smollm2_mec.json"
 
@@ -99,3 +102,21 @@ def test_kv_is_moved_on_a_fast_link_and_recomputed_on_a_slow_one() -> None:
         if bw_mbit == 1.0:
             assert cost.kv_s < cost.kv_move_s / 10  # 5 layers of KV over 1 Mbit/s vs a local prefill
     assert chosen == {1000.0: ("move", 0), 1.0: ("mixed", 1)}
+
+
+def test_a_move_must_promise_more_than_its_predictions_were_lately_off_by() -> None:
+    """The bar is the worst recent measured / predicted of the plans moves went to, less one, and never
+    below the configured least gain; a plan measured faster than predicted raises nothing."""
+    assert error_bar([], 0.1) == pytest.approx(0.1)
+    assert error_bar([0.64, 0.83], 0.1) == pytest.approx(0.1)
+    assert error_bar([1.2, 0.64, 1.05], 0.1) == pytest.approx(0.2)
+    p = _base()
+    current = solve(p, "latency_dp")
+    p2 = _with_node(p, "mec-1", load=0.95)
+    candidate = solve(p2, "latency_dp")
+    promised = decide(p2, current, candidate, horizon_s=600)
+    assert promised.adopt and promised.served_current and promised.served_candidate
+    share = promised.served_candidate / promised.served_current - 1.0
+    # The same move after moves whose plans measured slower than predicted by more than it promises.
+    held = decide(p2, current, candidate, horizon_s=600, min_gain_ratio=error_bar([1.0 + share * 1.1], 0.05))
+    assert not held.adopt and "threshold" in held.reason
