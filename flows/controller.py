@@ -42,7 +42,7 @@ import httpx
 from flows import pipeline
 from flows.calibrate import LinkHistory, Snapshot, learn, load_calibration, save_calibration
 from flows.measure import admin_headers
-from flows.predictions import CHANGE_RATIO, DecisionRecord, PredictionLog, decisions_path
+from flows.predictions import CHANGE_RATIO, DecisionRecord, PredictionLog, decisions_path, moves_path
 from flows.runtime import LinkProbe, local_link_overrides
 from flows.state import DeploymentState, load_state
 from mecsplit.settings import Settings, get_settings
@@ -221,6 +221,8 @@ class Controller:
         self.runs_started = 0
         # Links some deployed plan of this controller has carried traffic over (the rest are untried).
         self._carried: set[str] = set()
+        # Plans this controller has deployed: their own measure is known, unlike a new plan's.
+        self._served: set[tuple[tuple[str, int, int], ...]] = set()
 
     # ------------------------------------------------------------------------------------------ entry
     def notify(
@@ -468,20 +470,26 @@ class Controller:
         current = Plan.model_validate(state.plan)
         fc = forecast(
             {link: self.history.series(link, net.at_s - 120) for link in self.history.links()},
-            net.rates_mbit, net.at_s,
+            net.rates_mbit, net.at_s, request_s=_request_s(problem, current),
         )  # fmt: skip
         rule = {
             "switch_stall_s": self.calibration.switch_stall_s,
-            "min_gain_ratio": error_bar(self.decisions.ratios(), self.config.min_gain_ratio),
             "hysteresis": self.config.hysteresis,
             "ready_s": _ready_s(state, net, self.settings, self.loads), "holdings": _holdings(problem, state),
             "reaction_s": self.settings.policies.replan_reaction_s, "starting": _starting(state, net),
         }  # fmt: skip
         self._carried |= links_used(problem, [s.node for s in current.stages])
+        self._served.add(current.layout())
+        bar = error_bar(self.decisions.ratios(), self.config.min_gain_ratio)
         decisions = []
         for plan in self._candidates(problem, fc):
             judged, judged_fc = self._judged(problem, fc, plan)
-            decided = decide(judged, current, plan, self.config.horizon_s, forecast=judged_fc, **rule)
+            # A plan served before is no bet on the model's record of new plans: moving back to it (off a
+            # new plan that disappoints) is held only by the configured least gain.
+            least = self.config.min_gain_ratio if plan.layout() in self._served else bar
+            decided = decide(
+                judged, current, plan, self.config.horizon_s, forecast=judged_fc, min_gain_ratio=least, **rule
+            )
             decisions.append((_held_by_memory(decided, self.scenario, state, plan), plan))
         # The adopted candidate gaining most; none adopted: the one that came closest, for the record.
         decision, candidate = max(decisions, key=lambda d: (d[0].adopt, d[0].gain_s))
@@ -496,7 +504,7 @@ class Controller:
             candidate=[list(x) for x in candidate.layout()], adopt=decision.adopt,
             decision={
                 **decision.model_dump(mode="json"), "forecast": fc.to_dict(),
-                "min_gain_ratio": rule["min_gain_ratio"], "moves_recorded": len(self.decisions.ratios()),
+                "min_gain_ratio": bar, "moves_recorded": len(self.decisions.ratios()),
             },
             solve_s=time.perf_counter() - started,
         )  # fmt: skip
@@ -514,6 +522,7 @@ class Controller:
                 candidate, decision.candidate.tpot_s, "decision", state.revision + 1, _assumed_mbit(fc)
             )
             self.predictions.close_for_move(state.revision, evaluation.at_s)
+            _append_jsonl(moves_path(self.settings), _move_row(evaluation, decision, self.config.horizon_s))
             prepared = _prepare_switch(self._http, state, candidate, evaluation.decision)
             evaluation.decision["prepared"] = prepared
             self.runs_started += 1
@@ -561,6 +570,17 @@ def _changed_at(event: dict[str, Any]) -> float:
     return float(stamp) if stamp else time.time()
 
 
+def _move_row(evaluation: Evaluation, decision: Decision, horizon_s: float) -> dict[str, Any]:
+    """What an adopted move promised: requests per session over the horizon on each plan (an experiment
+    checks it against a static window of the same timeline, ``flows.experiment.audit_moves``)."""
+    return {
+        "decided_at_s": round(evaluation.at_s, 3), "from": evaluation.plan, "to": evaluation.candidate,
+        "horizon_s": horizon_s, "served_current": decision.served_current,
+        "served_candidate": decision.served_candidate, "cost_s": decision.cost.total_s,
+        "reason": decision.reason,
+    }  # fmt: skip
+
+
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -572,6 +592,17 @@ def _moved(old: float | None, new: float) -> bool:
     if old <= 0 or new <= 0:
         return old != new
     return abs(math.log(new / old)) > math.log1p(CHANGE_RATIO)
+
+
+def _request_s(problem: Problem, plan: Plan) -> float:
+    """How long a request of the workload takes on ``plan`` now (0 if it cannot run there)."""
+    from policies.analytic import predict
+
+    try:
+        request_s = predict(problem, plan.stages).request_latency_s
+    except (KeyError, ValueError):
+        return 0.0
+    return request_s if math.isfinite(request_s) else 0.0
 
 
 def _tpot_s(problem: Problem, plan: Plan) -> float | None:

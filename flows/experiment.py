@@ -44,7 +44,13 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows import results
-from flows.predictions import clear_decision_record, clear_run_learning, load_predictions, move_bar
+from flows.predictions import (
+    clear_decision_record,
+    clear_run_learning,
+    load_moves,
+    load_predictions,
+    move_bar,
+)
 from flows.prefect_server import ensure_server
 from flows.runtime import RuntimeFailure
 from flows.state import load_state
@@ -234,6 +240,70 @@ def aggregate_policy(policy: str, runs: Sequence[Mapping[str, Any]]) -> dict[str
     entry["over_repeats"] = over
     entry["runs"] = [dict(r) for r in runs]
     return entry
+
+
+def _promised(move: Mapping[str, Any], t0_wall_s: float) -> dict[str, Any]:
+    """An adopted move as the window keeps it: when (from the workload's start) and the gain its
+    decision promised over its horizon (None for a move forced by a broken constraint)."""
+    cur, new = move.get("served_current"), move.get("served_candidate")
+    promised = None if not cur or new is None else round(new / cur - 1.0, 4)
+    return {"t_s": round(move["decided_at_s"] - t0_wall_s, 2), "from": move["from"], "to": move["to"],
+            "horizon_s": move["horizon_s"], "predicted_gain": promised}  # fmt: skip
+
+
+def audit_moves(
+    out_dir: Path, per_policy: Mapping[str, Mapping[str, Any]], repeats: int, against: str | None
+) -> dict[str, Any] | None:
+    """Each adopted move of the adaptive windows: the gain its decision promised against the gain it
+    realised, from the decision to the end of its horizon (or of the shorter window): the tokens the
+    adaptive window delivered over those the ``against`` window of the same repeat delivered over the
+    same stretch of the timeline, minus 1. The timeline replays alike in every window, so the paired
+    static window is what staying would have served (where it served the plan the move left:
+    ``left_static_plan``); the realised gain includes what the move led to (a move back within the
+    horizon)."""
+    if against is None or ADAPTIVE not in per_policy or against not in per_policy:
+        return None
+    statics = {int(r.get("repeat", 1)): r for r in policy_runs(per_policy[against]) if "error" not in r}
+    rows = []
+    for run in policy_runs(per_policy[ADAPTIVE]):
+        k = int(run.get("repeat", 1))
+        if "error" in run or k not in statics or not run.get("moves"):
+            continue
+        ours = _token_times(window_dir(out_dir, ADAPTIVE, k, repeats))
+        theirs = _token_times(window_dir(out_dir, against, k, repeats))
+        end_s = min(run["window_s"], statics[k]["window_s"])
+        for move in run["moves"]:
+            start_s, stop_s = move["t_s"], min(move["t_s"] + move["horizon_s"], end_s)
+            if stop_s <= start_s:
+                continue
+            n_ours, n_theirs = (sum(start_s <= t < stop_s for t in times) for times in (ours, theirs))
+            rows.append({
+                "repeat": k, "t_s": start_s, "to": move["to"], "span_s": round(stop_s - start_s, 2),
+                "left_static_plan": move["from"] == statics[k].get("initial_plan"),
+                "predicted_gain": move["predicted_gain"], "tokens": [n_ours, n_theirs],
+                "realised_gain": round(n_ours / n_theirs - 1.0, 4) if n_theirs else None,
+            })  # fmt: skip
+    return {"against": against, "moves": rows}
+
+
+def _token_times(window: Path) -> list[float]:
+    """When each token of a window arrived, in seconds from its workload's start."""
+    import pandas as pd
+
+    path = window / "samples.parquet"
+    if not path.exists():
+        return []
+    t0 = json.loads((window / "policy.json").read_text())["t0_wall_s"]
+    return [float(t) - t0 for t in pd.read_parquet(path)["t_s"]]
+
+
+def nothing_ran(summary: Mapping[str, Any]) -> str | None:
+    """Why a run measured nothing (no window of any policy ran), or None: such a run failed, where one
+    policy's failed windows beside another's are a finding."""
+    entries = list(summary["policies"].values())
+    if not entries or any("error" not in entry for entry in entries):
+        return None
+    return f"no window of any policy ran (first: {entries[0]['error']}); see {summary['results_dir']}"
 
 
 def _tpot_by_repeat(entry: Mapping[str, Any]) -> dict[int, float]:
@@ -520,6 +590,7 @@ def run_policy(
             reconfigurations=len(watcher.changes),
             predicted_tpot_ms=_ms(first["predicted_tpot_s"]),
             move_bar_at_start=bar,
+            moves=[_promised(m, t0) for m in load_moves(settings)],
             **prediction_figures(load_predictions(settings)),
         )
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -635,6 +706,8 @@ def write_summary(out_dir: Path, run: RunInfo, per_policy: dict[str, dict[str, A
         "policies": per_policy,
         "adaptive_vs_best_static": compare(per_policy),
     }
+    best = (summary["adaptive_vs_best_static"] or {}).get("best_static")
+    summary["move_audit"] = audit_moves(out_dir, per_policy, run.repeats, best)
     write_json(out_dir / "summary.json", summary, indent=2)
     results.plot_policies(out_dir, run.timeline)
     results.plot_policy_bars(out_dir, per_policy)

@@ -172,9 +172,11 @@ def load_predictions(settings: Settings | None = None) -> list[dict[str, Any]]:
 
 
 def clear_run_learning(settings: Settings | None = None) -> None:
-    """A new deployment learns afresh: the last one's calibration and predictions describe another."""
+    """A new deployment learns afresh: the last one's calibration, predictions and moves describe
+    another."""
     settings = settings or get_settings()
     (settings.run_dir / "predictions.json").unlink(missing_ok=True)
+    moves_path(settings).unlink(missing_ok=True)
     calibration_path(settings).unlink(missing_ok=True)
 
 
@@ -182,6 +184,25 @@ def clear_decision_record(settings: Settings | None = None) -> None:
     """A demo or an experiment starts from no record, so that its result does not depend on what ran
     on this machine before it."""
     (decisions_path(settings or get_settings())).unlink(missing_ok=True)
+
+
+def moves_path(settings: Settings) -> Path:
+    """The deployment's adopted moves, one JSON line each, with what each promised."""
+    return settings.run_dir / "moves.jsonl"
+
+
+def load_moves(settings: Settings) -> list[dict[str, Any]]:
+    try:
+        lines = moves_path(settings).read_text().splitlines()
+    except OSError:
+        return []
+    moves = []
+    for line in lines:
+        try:
+            moves.append(json.loads(line))
+        except ValueError:  # a line cut short by a crash: the others stand
+            continue
+    return moves
 
 
 def decisions_path(settings: Settings) -> Path:
@@ -200,9 +221,13 @@ def move_bar(settings: Settings, scenario: str) -> dict[str, Any]:
 class DecisionRecord:
     """Measured over predicted per-token latency of the plans the controller's moves went to, per
     scenario and across deployments (``decisions.json``): a ``mecsplit serve`` keeps it from one
-    deployment to the next; ``demo`` and ``experiment run`` start afresh. A move counts once its
-    prediction's measure (``PredictionLog``) rests on ``RECORD_MIN_STEPS`` decode steps; a later measure
-    of the same move replaces it."""
+    deployment to the next; ``demo`` and ``experiment run`` start afresh.
+
+    A move is a bet on its plan for as long as it serves, the network's later changes included, so it
+    is measured over every step the plan served (``measured_tpot_ms_whole``), not only inside the window
+    that checks the model (which a swinging link closes within seconds: on V2X no move's window reached
+    20 steps). It counts once that rests on ``RECORD_MIN_STEPS`` decode steps; a later measure of the
+    same move replaces it."""
 
     def __init__(self, path: Path, scenario: str) -> None:
         self.path = path
@@ -216,9 +241,12 @@ class DecisionRecord:
         """``rows``: a ``PredictionLog``'s; only its moves (kind ``decision``) measured long enough count."""
         changed = False
         for row in rows:
-            if row.get("kind") != "decision" or (row.get("measured_steps") or 0) < RECORD_MIN_STEPS:
+            if row.get("kind") != "decision" or (row.get("measured_steps_whole") or 0) < RECORD_MIN_STEPS:
                 continue
-            entry = {"scenario": self.scenario, **{k: row[k] for k in _RECORDED}}
+            entry = {
+                "scenario": self.scenario, **{k: row[k] for k in _RECORDED},
+                "measured_over_predicted": round(row["measured_tpot_ms_whole"] / row["predicted_tpot_ms"], 3),
+            }  # fmt: skip
             if entry in self.rows:
                 continue
             key = (self.scenario, entry["predicted_at_s"])
@@ -232,8 +260,7 @@ class DecisionRecord:
         write_json(self.path, self.rows, indent=1)
 
 
-_RECORDED = ("predicted_at_s", "plan", "predicted_tpot_ms", "measured_tpot_ms", "measured_steps",
-             "measured_over_predicted")  # fmt: skip
+_RECORDED = ("predicted_at_s", "plan", "predicted_tpot_ms", "measured_tpot_ms_whole", "measured_steps_whole")
 
 
 def _predicted_at(row: dict[str, Any]) -> float:

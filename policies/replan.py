@@ -196,16 +196,27 @@ def _outlasted(broken: Sequence[Violation], fc: Forecast, horizon_s: float, read
 
 
 def _past_costs(problem: Problem, stages: Sequence[Stage], fc: Forecast) -> list[float]:
-    """The objective per request (seconds) of ``stages`` at each of the forecast's past snapshots."""
+    """The objective per request (seconds) of ``stages`` at each of the forecast's past snapshots: the
+    time to first token at the links' mean rates over a request there (``Forecast.smoothed``), the
+    rest at the snapshot's own rates (``Forecast``'s docstring says why)."""
     out = []
-    for snap in fc.snapshots:
-        links = tuple(
-            lk.model_copy(update={"bw_mbit": max(0.01, snap.get(f"{lk.a}-{lk.b}", lk.bw_mbit))})
-            for lk in problem.links
-        )
-        past = problem.model_copy(update={"links": links})
-        out.append(weighted_objective(past, predict(past, stages)))
+    smoothed = fc.smoothed or fc.snapshots
+    for snap, smooth in zip(fc.snapshots, smoothed, strict=True):
+        past = _at_rates(problem, snap)
+        metrics = predict(past, stages)
+        if smooth != snap:
+            ttft_s = predict(_at_rates(problem, smooth), stages).ttft_s
+            metrics = metrics.model_copy(update={"ttft_s": ttft_s})
+        out.append(weighted_objective(past, metrics))
     return out
+
+
+def _at_rates(problem: Problem, rates_mbit: Mapping[str, float]) -> Problem:
+    links = tuple(
+        lk.model_copy(update={"bw_mbit": max(0.01, rates_mbit.get(f"{lk.a}-{lk.b}", lk.bw_mbit))})
+        for lk in problem.links
+    )
+    return problem.model_copy(update={"links": links})
 
 
 def _followed(own: Sequence[float], other: Sequence[float], shares: Sequence[float]) -> list[float]:

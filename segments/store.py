@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -197,9 +198,12 @@ def _read_record(directory: Path) -> dict[str, list[Any]]:
 
 
 def _write_record(directory: Path, record: dict[str, list[Any]]) -> None:
-    """Best effort: a store mounted read-only (a node's container) keeps hashing in each process."""
+    """Best effort: a store mounted read-only (a node's container) keeps hashing in each process. The
+    record is world-readable like the weights: the testbed refuses a store its containers' user cannot
+    read every file of, and ``mkstemp`` makes files 0600."""
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".verified-", suffix=".json")
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w") as handle:
             json.dump(record, handle, sort_keys=True)
         os.replace(tmp, directory / VERIFIED_RECORD)
@@ -225,9 +229,17 @@ def verify(store_dir: Path, name: str) -> Manifest:
         verify_file(store_dir, manifest, relpath)
         record[relpath] = list(_stat_key(path, entry.sha256))
         changed = True
-    if changed:
+    # A record written 0600 (before it was made world-readable) is written again.
+    if changed or not _world_readable(directory / VERIFIED_RECORD):
         _write_record(directory, {k: v for k, v in record.items() if k in manifest.files})
     return manifest
+
+
+def _world_readable(path: Path) -> bool:
+    try:
+        return bool(path.stat().st_mode & stat.S_IROTH)
+    except OSError:
+        return False
 
 
 def is_prepared(store_dir: Path, name: str) -> bool:

@@ -153,7 +153,7 @@ def experiment_run(
     # Before Prefect is imported: it reads PREFECT_API_URL then, and without it the flow would run on a
     # temporary server, apart from the one the served deployment and the testbed's events use.
     _use_prefect_server()
-    from flows.experiment import experiment
+    from flows.experiment import experiment, nothing_ran
 
     # With --json stdout carries the summary only: progress lines go to stderr with Prefect's logs.
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
@@ -162,10 +162,14 @@ def experiment_run(
         )
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
-        return
-    from flows.results import policy_table
+    else:
+        from flows.results import policy_table
 
-    typer.echo(policy_table(summary))
+        typer.echo(policy_table(summary))
+    failure = nothing_ran(summary)
+    if failure is not None:
+        typer.echo(f"error: {failure}", err=True)
+        raise typer.Exit(1)
 
 
 @experiment_app.command("summarise")

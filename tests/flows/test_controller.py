@@ -19,7 +19,7 @@ from conftest import TINY_SCENARIO
 
 from flows import pipeline
 from flows.controller import Controller, ControllerConfig
-from flows.predictions import clear_run_learning, load_predictions
+from flows.predictions import clear_decision_record, clear_run_learning, load_moves, load_predictions
 from flows.runtime import LocalBackend, clear_local_links, set_local_link, stop_local_processes
 from flows.state import clear_state, load_state
 from flows.workload import ChatSession
@@ -34,6 +34,7 @@ def deployed(flows_home: Path, prefect_api: str) -> Iterator[dict[str, Any]]:
     from flows.reconfigure import deploy_flow
 
     clear_run_learning(get_settings())
+    clear_decision_record(get_settings())
     result = deploy_flow(scenario=str(TINY_SCENARIO), backend="local", measure_tokens=0)
     yield result
     state = load_state()
@@ -42,6 +43,7 @@ def deployed(flows_home: Path, prefect_api: str) -> Iterator[dict[str, Any]]:
         clear_state()
     clear_local_links(get_settings())
     clear_run_learning(get_settings())
+    clear_decision_record(get_settings())
     stop_local_processes(get_settings())
 
 
@@ -96,11 +98,16 @@ def test_controller_learns_records_and_decides_only_on_change(deployed: dict[str
         evaluation = controller.tick()
         assert evaluation is not None and "device-edge" in evaluation.reason
         assert evaluation.decision["forecast"]["links"]["device-edge"]["now_mbit"] == 0.05
+        # The bar it decided with: the configured least gain, no move of this deployment measured yet.
+        assert evaluation.decision["min_gain_ratio"] == settings.policies.replan_min_gain_ratio
+        assert evaluation.decision["moves_recorded"] == 0
+        moves = load_moves(settings)
         if evaluation.adopt:  # a move is a run with the decided plan; a kept plan starts none
             assert started and started[-1]["plan"]["stages"]
             assert started[-1]["decided_on_revision"] == state.revision
+            assert [m["to"] for m in moves] == [evaluation.candidate]  # with what it promised
         else:
-            assert not started
+            assert not started and not moves
     finally:
         chat.stop()
         controller.close()

@@ -17,8 +17,10 @@ from flows.experiment import (
     SLOWER,
     UNRESOLVED,
     aggregate_policy,
+    audit_moves,
     compare,
     mean_interval,
+    nothing_ran,
     policy_stats,
     run_order,
     summarise_run,
@@ -230,6 +232,10 @@ def test_aggregate_means_intervals_and_lost_tokens_over_repeats() -> None:
     assert entry["runs"][0]["prediction_ratio"] == {"tpot": 1.3}
     failed = aggregate_policy("petals", [{"policy": "petals", "repeat": 1, "error": "InfeasibleError: x"}])
     assert failed["error"] == "InfeasibleError: x" and failed["repeats"] == 0
+    # One policy's failed windows beside another's are a finding; no window at all is a failed run.
+    assert nothing_ran({"policies": {"static": entry, "petals": failed}, "results_dir": "r"}) is None
+    why = nothing_ran({"policies": {"petals": failed}, "results_dir": "r"})
+    assert why is not None and "InfeasibleError: x" in why and "r" in why
 
 
 def test_verdict_adaptive_clearly_faster() -> None:
@@ -363,3 +369,53 @@ def test_summarise_run_old_layout_without_requests(tmp_path: Path) -> None:
     assert cmp["best_static"] == "static" and cmp["speedup_mean_tpot"] == 0.956 and cmp["verdict"] == ONE_RUN
     assert (tmp_path / "bars.png").exists() and not (tmp_path / "latency.png").exists()  # no samples kept
     assert "| petals | could not run: InfeasibleError" in results.policy_table(summary)
+
+
+def _tokens_every(window: Path, t0_s: float, gap_s: float, until_s: float) -> None:
+    """A window folder whose tokens arrived every ``gap_s`` from its workload's start until ``until_s``."""
+    import pandas as pd
+
+    window.mkdir(parents=True)
+    times = [t0_s + k * gap_s for k in range(int(until_s / gap_s))]
+    rows = {
+        "request": [0] * len(times),
+        "t_s": times,
+        "kind": ["token"] * len(times),
+        "latency_s": [gap_s] * len(times),
+    }
+    pd.DataFrame(rows).to_parquet(window / "samples.parquet")
+    (window / "policy.json").write_text(json.dumps({"t0_wall_s": t0_s}))
+
+
+def test_a_move_is_audited_against_the_static_window_of_the_same_repeat(tmp_path: Path) -> None:
+    """Promised +20 % over a 60 s horizon; the adaptive window served a token every 0.125 s from 30 s on
+    against static's 0.1 s, over the 40 s left of the shorter window: realised -20 %."""
+    plan = [["car", 0, 1], ["mec", 1, 30]]
+    adaptive = tmp_path / "adaptive" / "r1"
+    _tokens_every(tmp_path / "static" / "r1", 5000.0, 0.1, 70.0)
+    adaptive.mkdir(parents=True)
+    import pandas as pd
+
+    times = [1000.0 + k * 0.1 for k in range(300)] + [1030.0 + k * 0.125 for k in range(320)]
+    pd.DataFrame({"request": 0, "t_s": times, "kind": "token", "latency_s": 0.1}).to_parquet(
+        adaptive / "samples.parquet"
+    )
+    (adaptive / "policy.json").write_text(json.dumps({"t0_wall_s": 1000.0}))
+    move = {"t_s": 30.0, "from": plan, "to": [["car", 0, 30]], "horizon_s": 60.0, "predicted_gain": 0.2}
+    per_policy = {
+        "adaptive": aggregate_policy(
+            "adaptive", [{**_window(0.1, window_s=71.0), "repeat": 1, "moves": [move]}]
+        ),
+        "static": aggregate_policy(
+            "static", [{**_window(0.1, window_s=70.0), "repeat": 1, "initial_plan": plan}]
+        ),
+        "petals": aggregate_policy(
+            "petals", [{"policy": "petals", "repeat": 1, "error": "InfeasibleError: x"}]
+        ),
+    }
+    audit = audit_moves(tmp_path, per_policy, repeats=2, against="static")
+    assert audit is not None and audit["against"] == "static"
+    (row,) = audit["moves"]
+    assert row["span_s"] == 40.0 and row["left_static_plan"] and row["predicted_gain"] == 0.2
+    assert row["tokens"] == [320, 400] and row["realised_gain"] == pytest.approx(-0.2)
+    assert audit_moves(tmp_path, per_policy, repeats=2, against=None) is None

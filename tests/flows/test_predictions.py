@@ -78,15 +78,18 @@ def test_a_prediction_is_measured_until_the_network_leaves_what_it_assumed_or_a_
 
 
 def _move(at_s: float, ratio: float, steps: int = RECORD_MIN_STEPS, kind: str = "decision") -> dict[str, Any]:
+    """A prediction row whose plan served ``steps`` steps at ``ratio`` times its prediction, the last few
+    inside its window (which a link's swing closed early)."""
     return {"predicted_at_s": at_s, "plan": [["edge", 0, 4]], "kind": kind, "predicted_tpot_ms": 100.0,
-            "measured_tpot_ms": 100.0 * ratio, "measured_steps": steps,
-            "measured_over_predicted": ratio}  # fmt: skip
+            "measured_tpot_ms": 100.0, "measured_steps": 3, "measured_over_predicted": 1.0,
+            "measured_tpot_ms_whole": 100.0 * ratio, "measured_steps_whole": steps}  # fmt: skip
 
 
 def test_the_record_keeps_each_scenarios_latest_measured_moves_across_deployments(tmp_path: Path) -> None:
-    """Only moves (not a first plan's calibrated prediction) measured over enough steps count; a move
-    measured again replaces itself; each scenario keeps its latest ``RECORD_KEEP``; a new controller (the
-    next deployment's) reads what the last one wrote."""
+    """Only moves (not a first plan's calibrated prediction) count, once their plan served enough steps
+    (all of them, not only those inside its prediction's window); a move measured again replaces
+    itself; each scenario keeps its latest ``RECORD_KEEP``; a new controller (the next deployment's)
+    reads what the last one wrote."""
     path = tmp_path / "decisions.json"
     record = DecisionRecord(path, "v2x")
     record.add([_move(1.0, 1.5, steps=RECORD_MIN_STEPS - 1), _move(2.0, 1.4, kind="calibrated")])

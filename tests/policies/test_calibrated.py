@@ -270,8 +270,39 @@ def test_a_steady_link_persists_and_a_swinging_one_does_not() -> None:
     assert served == pytest.approx(present + (60 - present) * (1 + 1 / 3) / 2)
 
 
+def test_a_prefill_meets_the_links_mean_over_a_request_and_a_decode_step_its_moment() -> None:
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    swinging = [0.1 if int(t) % 4 == 0 else 20.0 for t in times]  # down one second in four
+    point = forecast({"a-b": (times, swinging)}, {"a-b": 20.0}, now)
+    spread = forecast({"a-b": (times, swinging)}, {"a-b": 20.0}, now, request_s=4.0)
+    assert point.smoothed == () and spread.snapshots == point.snapshots
+    assert [s["a-b"] for s in spread.smoothed] == pytest.approx([(3 * 20.0 + 0.1) / 4] * 8, rel=0.01)
+    assert spread.pessimistic({"a-b"}).smoothed == tuple({"a-b": 0.1} for _ in range(8))
+
+
 # -------------------------------------------------------------------------------------------- decision
 SLOW = "edge-ap-mec-1"
+
+
+def test_a_plan_over_a_link_down_every_other_second_is_priced_with_prefills_at_its_mean_rate() -> None:
+    """Half the snapshots catch the link in a one-second dip. Valued with each prefill at the dip's rate,
+    the plan over the link serves fewer requests than with each prefill at the link's mean over a
+    request; its token time is the same either way."""
+    p = _slow_link(_base().model_copy(update={"calibration": Calibration()}), 1000.0)
+    current = solve(p, "latency_dp")
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    history = {SLOW: (times, [2.0 if int(t) % 2 == 0 else 1000.0 for t in times])}
+    request_s = predict(p, current.stages).request_latency_s
+    point, spread = (
+        forecast(history, {SLOW: 1000.0}, now),
+        forecast(history, {SLOW: 1000.0}, now, request_s=5.0),
+    )
+    assert sum(s[SLOW] == 2.0 for s in point.snapshots) == 4 and request_s < 5.0
+    at_moments = decide(p, current, current, 60, forecast=point)
+    over_requests = decide(p, current, current, 60, forecast=spread)
+    assert over_requests.served_current > at_moments.served_current
 
 
 def _slow_link(p: Problem, bw_mbit: float) -> Problem:

@@ -17,6 +17,7 @@ from segments import models, store
 from segments.errors import ChecksumError, ModelNotPreparedError, UnknownModelError
 from segments.runner import SegmentRunner
 from segments.spec import SegmentSpec
+from testbed.node import check_readable_by_containers
 
 MODEL = "llama-tiny"
 
@@ -88,6 +89,8 @@ def test_a_file_is_hashed_again_only_when_it_changed(
     monkeypatch.setattr(store, "sha256_file", lambda p: hashed.append(p.name) or real_sha256(p))
     store.verify_file(store_dir, manifest, relpath)
     store.verify_file(store_dir, manifest, relpath)
+    # The record is readable like the weights: the testbed mounts the store for an unprivileged user.
+    check_readable_by_containers(store_dir)
     # What a warm standby relies on: any range loads after `verify` without reading the store again.
     SegmentRunner(store_dir, SegmentSpec(MODEL, 2, 3), max_sessions=1, max_kv_bytes=BIG)
     assert hashed.count("002.safetensors") == 1
