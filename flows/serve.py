@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,9 @@ async def _serve_with_controller(
             try:
                 evaluation = await anyio.to_thread.run_sync(control.tick)
             except Exception as exc:  # one bad tick (a reading mid-write) must not stop the controller
-                print(f"controller: tick failed: {type(exc).__name__}: {exc}", flush=True)
+                at = traceback.extract_tb(exc.__traceback__)[-1]
+                where = f"{Path(at.filename).name}:{at.lineno} in {at.name}"
+                print(f"controller: tick failed: {type(exc).__name__}: {exc} ({where})", flush=True)
                 continue
             if evaluation is not None:
                 verdict = "adopt" if evaluation.adopt else "keep"

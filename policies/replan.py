@@ -134,7 +134,8 @@ def decide(
     past_cur = _past_costs(problem, current.stages, fc)
     past_new = _past_costs(problem, candidate.stages, fc)
     if reaction_s is not None and fc.lasting_s:
-        shares = [max(0.0, 1.0 - reaction_s / lasted) for lasted in fc.lasting_s]
+        # A state seen for no time at all (one sample, a node that just came back) cannot be followed.
+        shares = [max(0.0, 1.0 - reaction_s / lasted) if lasted > 0 else 0.0 for lasted in fc.lasting_s]
         past_cur, past_new = _followed(past_cur, past_new, shares), _followed(past_new, past_cur, shares)
     # Until the new stages serve (make-before-break), the current plan does, beside the starts.
     ready = min(horizon_s, cost.weight_s)

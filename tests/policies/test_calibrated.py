@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -417,6 +418,9 @@ def test_a_link_back_after_a_long_outage_is_moved_back_to_when_the_controller_fo
     alone = decide(p, current, candidate, 60, forecast=swinging, **rule)
     counted = decide(p, current, candidate, 60, forecast=swinging, reaction_s=2.5, **rule)
     assert counted.gain_s - alone.gain_s < 0.25 * abs(following.gain_s - sitting.gain_s)
+    # A state seen for no time (one sample, as a node's link that just came back has) is not followed.
+    instant = dataclasses.replace(back, lasting_s=(0.0, *back.lasting_s[1:]))
+    assert decide(p, current, candidate, 60, forecast=instant, reaction_s=2.5, **rule).gain_s > sitting.gain_s
 
 
 def test_untried_links_are_judged_at_the_low_end_of_their_range() -> None:
