@@ -58,17 +58,22 @@ class PredictionLog:
     A prediction is made for the network of its moment and the range its forecast allowed: the steps a
     plan serves after a link collapsed measure the collapse, not the model (a demo's first plan read
     1.19 with the few seconds before the re-plan; the client's token gaps before the collapse gave
-    1.12). Every step of the plan still counts in ``measured_tpot_ms_whole``."""
+    1.12). Every step of the plan still counts in ``measured_tpot_ms_whole``, and every step until a node
+    changed or a move started in ``measured_tpot_ms_held``: what the move to the plan bet on (links
+    included, a failure or the next move not)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.rows: dict[int, dict[str, Any]] = {}
-        # Token gaps per revision, as running means: inside the window, and over every step.
+        # Token gaps per revision, as running means: inside the window, until a node event or a move,
+        # and over every step.
         self._steps: dict[int, _Mean] = {}
+        self._held: dict[int, _Mean] = {}
         self._whole: dict[int, _Mean] = {}
         self._seen: dict[int, int] = {}
         # Per revision, when its window closed and the row field that says why.
         self._closed: dict[int, tuple[float, str]] = {}
+        self._left: dict[int, float] = {}  # per revision: its first node event or move off it
         self._assumed: dict[int, dict[str, tuple[float, float]]] = {}
         self._dirty = False
 
@@ -77,6 +82,8 @@ class PredictionLog:
         clock). Beyond the rates ``revision``'s prediction assumed (by more than ``CHANGE_RATIO``), or
         for a node, its later steps count in the whole measure only. The first such change closes the
         window; later ones change nothing."""
+        if link is None:
+            self._left.setdefault(revision, at_s)
         band = self._assumed.get(revision, {}).get(link or "")
         if band is not None and rate_mbit is not None:
             low, high = band
@@ -90,6 +97,7 @@ class PredictionLog:
         then stalls for the switch; its later steps count in the whole measure only. On a demo, the plan
         back from a collapse read 1.34 with the 17 s of a cold start beside it that its window kept."""
         self._closed.setdefault(revision, (at_s, "move_started_at_s"))
+        self._left.setdefault(revision, at_s)
 
     def expect(
         self,
@@ -105,6 +113,7 @@ class PredictionLog:
             "predicted_tpot_ms": round(tpot_s * 1e3, 2), "predicted_at_s": round(time.time(), 3),
         }  # fmt: skip
         self._steps[revision] = _Mean()
+        self._held[revision] = _Mean()
         self._whole[revision] = _Mean()
         self._assumed[revision] = dict(assumed_mbit)
         self._dirty = True
@@ -113,13 +122,17 @@ class PredictionLog:
         """Settled decode steps of the plan serving now (the caller drops those of its transient)."""
         hops = {f"{e.host}:{e.port}" for e in state.segments}
         gaps = self._steps.setdefault(state.revision, _Mean())
+        held = self._held.setdefault(state.revision, _Mean())
         whole = self._whole.setdefault(state.revision, _Mean())
         closed_at = self._closed.get(state.revision, (math.inf, ""))[0]
+        left_at = self._left.get(state.revision, math.inf)
         for r in records:
             if r["positions"] == 1 and r["idle_s"] > 0 and {s[0] for s in r["stages"]} <= hops:
                 self._seen[state.revision] = self._seen.get(state.revision, 0) + 1
                 gap_s = r["total_s"] + r["idle_s"]
                 whole.add(gap_s)
+                if r["at_s"] < left_at:
+                    held.add(gap_s)
                 if r["at_s"] < closed_at:
                     gaps.add(gap_s)
 
@@ -148,6 +161,10 @@ class PredictionLog:
             row["measured_tpot_ms"] = round(gaps.mean() * 1e3, 2)
             row["measured_steps"] = gaps.count
             row["measured_over_predicted"] = round(row["measured_tpot_ms"] / row["predicted_tpot_ms"], 3)
+        held = self._held.get(rev, _Mean())
+        if held.count:
+            row["measured_tpot_ms_held"] = round(held.mean() * 1e3, 2)
+            row["measured_steps_held"] = held.count
         row["measured_tpot_ms_whole"] = round(whole.mean() * 1e3, 2)
         row["measured_steps_whole"] = whole.count
         if rev in self._closed:
@@ -223,11 +240,13 @@ class DecisionRecord:
     scenario and across deployments (``decisions.json``): a ``mecsplit serve`` keeps it from one
     deployment to the next; ``demo`` and ``experiment run`` start afresh.
 
-    A move is a bet on its plan for as long as it serves, the network's later changes included, so it
-    is measured over every step the plan served (``measured_tpot_ms_whole``), not only inside the window
-    that checks the model (which a swinging link closes within seconds: on V2X no move's window reached
-    20 steps). It counts once that rests on ``RECORD_MIN_STEPS`` decode steps; a later measure of the
-    same move replaces it."""
+    A move is a bet on its plan while it serves, the links' later changes included, so it is measured
+    over every step the plan served until a node changed or the next move started
+    (``measured_tpot_ms_held``), not only inside the window that checks the model (which a swinging link
+    closes within seconds: on V2X no move's window reached 20 steps), and not across a node's failure
+    (on V2X a plan through a road-side unit that failed measured 4.3x its prediction with the minute of
+    failover, which then barred every move). It counts once that rests on ``RECORD_MIN_STEPS`` decode
+    steps; a later measure of the same move replaces it."""
 
     def __init__(self, path: Path, scenario: str) -> None:
         self.path = path
@@ -241,11 +260,11 @@ class DecisionRecord:
         """``rows``: a ``PredictionLog``'s; only its moves (kind ``decision``) measured long enough count."""
         changed = False
         for row in rows:
-            if row.get("kind") != "decision" or (row.get("measured_steps_whole") or 0) < RECORD_MIN_STEPS:
+            if row.get("kind") != "decision" or (row.get("measured_steps_held") or 0) < RECORD_MIN_STEPS:
                 continue
             entry = {
                 "scenario": self.scenario, **{k: row[k] for k in _RECORDED},
-                "measured_over_predicted": round(row["measured_tpot_ms_whole"] / row["predicted_tpot_ms"], 3),
+                "measured_over_predicted": round(row["measured_tpot_ms_held"] / row["predicted_tpot_ms"], 3),
             }  # fmt: skip
             if entry in self.rows:
                 continue
@@ -260,7 +279,7 @@ class DecisionRecord:
         write_json(self.path, self.rows, indent=1)
 
 
-_RECORDED = ("predicted_at_s", "plan", "predicted_tpot_ms", "measured_tpot_ms_whole", "measured_steps_whole")
+_RECORDED = ("predicted_at_s", "plan", "predicted_tpot_ms", "measured_tpot_ms_held", "measured_steps_held")
 
 
 def _predicted_at(row: dict[str, Any]) -> float:

@@ -116,7 +116,8 @@ def summarise(
 RECOVERY_TOLERANCE = 0.10
 PREDICTION_FIELDS = (
     "plan", "kind", "predicted_tpot_ms", "measured_tpot_ms", "measured_steps", "measured_over_predicted",
-    "measured_tpot_ms_whole", "measured_steps_whole", "network_changed_at_s", "move_started_at_s",
+    "measured_tpot_ms_held", "measured_steps_held", "measured_tpot_ms_whole", "measured_steps_whole",
+    "network_changed_at_s", "move_started_at_s",
 )  # fmt: skip
 
 

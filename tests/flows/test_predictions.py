@@ -27,7 +27,8 @@ def test_a_prediction_is_measured_until_the_network_leaves_what_it_assumed_or_a_
 ) -> None:
     """An event within the rates a prediction allowed for (its forecast's range, 10 % either way) leaves
     the window open; one beyond it, or a node's, closes it at the change's own stamp: the later steps
-    count in the whole measure only, and later events move nothing. A first plan whose window closed
+    count in the whole measure only, and later events move nothing. The held measure (what a move bet on)
+    ends at the first node event or move, whatever the links did. A first plan whose window closed
     before the model had learned it gets no calibrated prediction."""
     metrics = Metrics(ttft_s=1.0, tpot_s=0.1, throughput_tok_s=10.0, privacy_exposure=0.0, bottleneck_s=0.1,
                       request_latency_s=1.0)  # fmt: skip
@@ -53,6 +54,8 @@ def test_a_prediction_is_measured_until_the_network_leaves_what_it_assumed_or_a_
     assert row["measured_steps_whole"] == 16
     assert row["measured_tpot_ms_whole"] == pytest.approx((12 * 100.0 + 4 * 1000.0) / 16)
     assert row["network_changed_at_s"] == 110.0
+    # The node's event at 105 came after the first ten steps were read: the held measure ends there.
+    assert (row["measured_steps_held"], row["measured_tpot_ms_held"]) == (10, pytest.approx(100.0))
     log.close_for_move(1, 120.0)  # closed already: the network's change stays the reason
     log.measure(serving, cast(Any, None), cast(Any, None), {})
     assert "move_started_at_s" not in log.rows[1]
@@ -65,7 +68,7 @@ def test_a_prediction_is_measured_until_the_network_leaves_what_it_assumed_or_a_
     log.add_records(moving, steps(210.0, 10, 0.199))
     log.measure(moving, cast(Any, None), cast(Any, None), {})
     row = log.rows[2]
-    assert (row["measured_steps"], row["measured_steps_whole"]) == (10, 20)
+    assert (row["measured_steps"], row["measured_steps_held"], row["measured_steps_whole"]) == (10, 10, 20)
     assert row["measured_over_predicted"] == pytest.approx(1.0)
     assert row["move_started_at_s"] == 210.0 and "network_changed_at_s" not in row
 
@@ -78,16 +81,18 @@ def test_a_prediction_is_measured_until_the_network_leaves_what_it_assumed_or_a_
 
 
 def _move(at_s: float, ratio: float, steps: int = RECORD_MIN_STEPS, kind: str = "decision") -> dict[str, Any]:
-    """A prediction row whose plan served ``steps`` steps at ``ratio`` times its prediction, the last few
-    inside its window (which a link's swing closed early)."""
+    """A prediction row whose plan served ``steps`` steps at ``ratio`` times its prediction until a node
+    event, the first few inside its window (which a link's swing closed early), then a failover's stall."""
     return {"predicted_at_s": at_s, "plan": [["edge", 0, 4]], "kind": kind, "predicted_tpot_ms": 100.0,
             "measured_tpot_ms": 100.0, "measured_steps": 3, "measured_over_predicted": 1.0,
-            "measured_tpot_ms_whole": 100.0 * ratio, "measured_steps_whole": steps}  # fmt: skip
+            "measured_tpot_ms_held": 100.0 * ratio, "measured_steps_held": steps,
+            "measured_tpot_ms_whole": 900.0, "measured_steps_whole": steps + 50}  # fmt: skip
 
 
 def test_the_record_keeps_each_scenarios_latest_measured_moves_across_deployments(tmp_path: Path) -> None:
     """Only moves (not a first plan's calibrated prediction) count, once their plan served enough steps
-    (all of them, not only those inside its prediction's window); a move measured again replaces
+    (until a node event: not only those inside its prediction's window, not a failover's stall after
+    it); a move measured again replaces
     itself; each scenario keeps its latest ``RECORD_KEEP``; a new controller (the next deployment's)
     reads what the last one wrote."""
     path = tmp_path / "decisions.json"
