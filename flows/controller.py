@@ -464,13 +464,13 @@ class Controller:
         from policies.replan import decide, error_bar
 
         started = time.perf_counter()
-        problem = self._problem(state, net)
-        if problem is None:
-            return None
         current = Plan.model_validate(state.plan)
         if any(s.node not in net.alive for s in current.stages):
             # The deployment's own trigger rebuilds a chain that lost a node (replay): a second run
             # started here raced it, and on V2X the two stalled the session for a minute.
+            return None
+        problem = self._problem(state, net)
+        if problem is None:
             return None
         fc = forecast(
             {link: self.history.series(link, net.at_s - 120) for link in self.history.links()},

@@ -22,6 +22,7 @@ from flows.controller import (
 )
 from flows.state import DeploymentState, Endpoint, NodeStart
 from mecsplit.settings import get_settings
+from policies import Metrics, Plan, Stage
 
 
 class _Monitor:
@@ -98,3 +99,25 @@ def test_a_move_is_priced_at_each_nodes_last_start_scaled_by_its_load() -> None:
     want = {"device": f.cold_start_s, "edge": 75.0, "cloud": f.standby_load_s, "mec": 20.0, "pole": 72.5}
     assert _ready_s(state, net, settings, loads) == pytest.approx(want)
     assert _starting(state, net) == {"device", "edge", "mec", "pole"}
+
+
+def test_a_plan_that_lost_a_node_is_left_to_the_deployments_failover(flows_home: Path) -> None:
+    """The chain's own trigger rebuilds it: the controller decides nothing and starts no run."""
+    settings = get_settings()
+    started: list[Any] = []
+    controller = Controller(
+        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), started.append, lambda: False,
+        view=_Monitor(), settings=settings,
+    )  # fmt: skip
+    metrics = Metrics(ttft_s=1.0, tpot_s=0.1, throughput_tok_s=10.0, privacy_exposure=0.0, bottleneck_s=0.1,
+                      request_latency_s=1.0)  # fmt: skip
+    stages = (Stage(node="device", first=0, end=2), Stage(node="edge", first=2, end=4))
+    plan = Plan(stages=stages, policy="latency_dp", predicted=metrics, objective_value=1.0).model_dump()
+    state = cast(Any, SimpleNamespace(backend="testbed", revision=3, plan=plan))
+    net = NetworkSample(
+        at_s=0.0, rates_mbit={"device-edge": 20.0}, loads={}, alive=frozenset({"device", "cloud"})
+    )
+    # It does not get as far as pricing plans (which would value a move off the broken chain).
+    controller._problem = lambda *_: pytest.fail("the controller priced plans on a chain that lost a node")  # type: ignore[method-assign]
+    assert controller._evaluate(state, net, "nodes up or down", {}) is None
+    assert not started and not controller.evaluations
