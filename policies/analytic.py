@@ -245,19 +245,14 @@ def _with_contention(
 
 def _ser(problem: Problem, routes: Routes, a: str, b: str, num_bytes: float, *, whole: bool = False) -> float:
     """Serialisation part of one message of a hop (calibrated goodput, frame included), 0 within a
-    node: its bytes beyond the route's burst, or with ``whole`` all of them at the link's rate (the
-    link's time over a steady stream). The calibrated slope is what a message took beyond the model
-    (learned from messages); over a steady stream the shaper holds the link to its rate exactly, and
-    a slope learned from prefills on V2X's 5G link (3.8) priced the static plan at 0.89 s per token at
-    0.1 Mbit/s, where it served 0.16-0.23 s."""
+    node: its bytes beyond the route's burst, or with ``whole`` all of them (the link's time over a
+    steady stream)."""
     if a == b:
         return 0.0
-    route, nbytes = routes.get(a, b), num_bytes + problem.model.frame_bytes
-    if whole:
-        return serialisation_s(route, nbytes)
     cal = problem.calibration
     slope = 1.0 if cal is None else cal.hop_slope(a, b)
-    return slope * message_serialisation_s(route, nbytes)
+    route, nbytes = routes.get(a, b), num_bytes + problem.model.frame_bytes
+    return slope * (serialisation_s(route, nbytes) if whole else message_serialisation_s(route, nbytes))
 
 
 def _narrowest_link(problem: Problem, routes: Routes, a: str, b: str) -> tuple[str, str]:

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from policies import Problem, decide, predict, solve
-from policies.analytic import _ser, node_times
+from policies.analytic import node_times
 from policies.calibration import (
     STEP_CPU_S,
     Calibration,
-    HopCalibration,
     NodeCalibration,
     observe_concurrency,
     observe_decode,
@@ -521,19 +520,3 @@ def test_stores_that_hold_the_layers_fetch_nothing() -> None:
     assert decide(p, current, candidate, 60, holdings=every).cost.weight_bytes == 0
     only_cloud = {n.name: (every[n.name] if n.tier == "cloud" else frozenset()) for n in p.nodes}
     assert decide(p, current, candidate, 60, holdings=only_cloud).cost.weight_bytes > 0
-
-
-def test_a_messages_learned_slope_does_not_lower_the_links_rate_over_a_stream() -> None:
-    """A slope learned from messages (what they took beyond the model) prices messages; over a steady
-    stream the shaper holds the link to its rate, whatever the slope."""
-    p = _slow_link(_base(), 0.1)
-    a, b = "edge-ap", "mec-1"  # SLOW
-    slow = p.model_copy(
-        update={"calibration": Calibration(hops={f"{a}>{b}": HopCalibration(overhead_s=0.0, slope=4.0)})}
-    )
-    plain = p.model_copy(update={"calibration": Calibration()})
-    routes = all_routes(p)
-    assert _ser(slow, routes, a, b, 2304, whole=True) == pytest.approx(
-        _ser(plain, routes, a, b, 2304, whole=True)
-    )
-    assert _ser(slow, routes, a, b, 200_000) == pytest.approx(4.0 * _ser(plain, routes, a, b, 200_000))
