@@ -179,11 +179,7 @@ def _learn_record(
             cal = observe_hop(cal, a, b, delay_s=0.0, ser_s=0.0, wire_s=wire_s)
             continue
         rate = _route_rate(problem, routes, a, b, record["at_s"], rate_at) or route.bw_mbit
-        started_s = record["at_s"] - record["total_s"]
-        if rate <= 0 or rate != (_route_rate(problem, routes, a, b, started_s, rate_at) or route.bw_mbit):
-            # The link changed rate during the step: its wire time mixes two rates, and read against one
-            # of them it taught the 5G hop of V2X a slope of about 5, which priced the static plan at
-            # 1.1 s per token in dips where it served 0.16-0.23 s.
+        if rate <= 0:
             continue
         # The wire carries the frame (header included), so its bytes are what crossed the link; those
         # beyond the link's burst are what its rate slowed.
