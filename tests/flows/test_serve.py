@@ -77,7 +77,10 @@ def served(
         log.close()
 
 
-def _completed_run_after(t0: float, timeout_s: float) -> Any:
+def _completed_run_after(t0: float, timeout_s: float, reason: str) -> Any:
+    """The first finished reconfigure run created since ``t0`` (a second's slack for the clocks) for the
+    event ``reason``: a run of an earlier event that finished within a second of its creation is also
+    that recent."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
 
@@ -90,7 +93,8 @@ def _completed_run_after(t0: float, timeout_s: float) -> Any:
             )
             for run in runs:
                 fresh = run.created is not None and run.created.timestamp() >= t0 - 1
-                if fresh and run.state is not None and run.state.is_final():
+                ours = run.parameters.get("reason") == reason
+                if fresh and ours and run.state is not None and run.state.is_final():
                     return run
             time.sleep(0.25)
     return None
@@ -108,7 +112,7 @@ def test_link_degraded_event_triggers_a_completed_reconfigure(
         resource={"prefect.resource.id": "mec.link.device-edge"},
         payload={"bw_mbit": 0.05, "previous_bw_mbit": 20.0, "changed_at_s": t0},
     )
-    run = _completed_run_after(t0, timeout_s=120)
+    run = _completed_run_after(t0, timeout_s=120, reason="mec.link.degraded")
     assert run is not None, "no reconfigure run finished"
     elapsed_s = run.end_time.timestamp() - t0
     assert run.state.is_completed(), run.state
@@ -142,7 +146,7 @@ def test_link_degraded_event_triggers_a_completed_reconfigure(
         resource={"prefect.resource.id": "mec.link.device-edge"},
         payload={"bw_mbit": 20.0, "previous_bw_mbit": 0.05, "changed_at_s": t1},
     )
-    back = _completed_run_after(t1, timeout_s=120)
+    back = _completed_run_after(t1, timeout_s=120, reason="mec.link.recovered")
     assert back is not None and back.state.is_completed(), "no reconfigure run finished after the recovery"
     assert back.parameters["reason"] == "mec.link.recovered"
 
