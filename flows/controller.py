@@ -42,7 +42,7 @@ import httpx
 from flows import pipeline
 from flows.calibrate import LinkHistory, Snapshot, learn, load_calibration, save_calibration
 from flows.measure import admin_headers
-from flows.predictions import CHANGE_RATIO, DecisionRecord, PredictionLog, decisions_path, moves_path
+from flows.predictions import CHANGE_RATIO, DecisionRecord, PredictionLog, decisions_path, record_move
 from flows.runtime import LinkProbe, local_link_overrides
 from flows.state import DeploymentState, load_state
 from mecsplit.settings import Settings, get_settings
@@ -526,7 +526,7 @@ class Controller:
                 candidate, decision.candidate.tpot_s, "decision", state.revision + 1, _assumed_mbit(fc)
             )
             self.predictions.close_for_move(state.revision, evaluation.at_s)
-            _append_jsonl(moves_path(self.settings), _move_row(evaluation, decision, self.config.horizon_s))
+            record_move(self.settings, _move_row(evaluation, decision, self.config.horizon_s))
             prepared = _prepare_switch(self._http, state, candidate, evaluation.decision)
             evaluation.decision["prepared"] = prepared
             self.runs_started += 1

@@ -208,6 +208,11 @@ def moves_path(settings: Settings) -> Path:
     return settings.run_dir / "moves.jsonl"
 
 
+def record_move(settings: Settings, move: dict[str, Any]) -> None:
+    with moves_path(settings).open("a") as handle:
+        handle.write(json.dumps(move) + "\n")
+
+
 def load_moves(settings: Settings) -> list[dict[str, Any]]:
     try:
         lines = moves_path(settings).read_text().splitlines()
