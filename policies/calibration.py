@@ -19,14 +19,19 @@ token pays on average is a mean (a few long preemptions matter as much as many s
 - Per directed hop: ``wire - propagation = overhead + slope x bytes x 8 / rate``. Two unknowns, seen
   through two very different transfer sizes: decode steps (a few KB, serialisation well under
   ``SLOPE_MIN_SER_MS``) pin the fixed overhead given the slope, prefills (tens of KB) the slope given
-  the overhead; the two EWMAs alternate and settle on the least-squares line through both sizes
-  without the conditioning trouble recursive least squares has when nearly every sample has one size.
+  the overhead; the two alternate and settle on the line through both sizes without the conditioning
+  trouble recursive least squares has when nearly every sample has one size. The overhead is an EWMA;
+  the slope is the median of the hop's latest ``SLOPE_WINDOW`` prefills, because its outliers are
+  one-offs: the first burst after a link's rate rises pays a slow start (2.8x the link's time on the
+  testbed, the next ones 0.9-1.1x), and an EWMA would carry that into every decode step it prices
+  for the next several requests.
 - The gateway's own time and CPU per token: EWMAs.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,9 +45,10 @@ SCALE_MIN_EXPECTED_S = 0.010
 # EWMA weight of one new sample (memory of ~1/alpha samples).
 NODE_ALPHA = 0.03
 SOURCE_ALPHA = 0.03
-# EWMA weight of a hop's overhead sample and of its slope sample (prefills are rarer: weigh them more).
+# EWMA weight of a hop's overhead sample.
 HOP_ALPHA = 0.05
-SLOPE_ALPHA = 0.2
+# Prefill-size transfers whose median is a hop's slope.
+SLOPE_WINDOW = 9
 # Transfers whose serialisation at the configured rate is shorter than this inform the overhead only.
 SLOPE_MIN_SER_MS = 2.0
 # The wait (wall - CPU) is learned only while the node is well inside its CPU quota: a throttled step's
@@ -78,6 +84,7 @@ class HopCalibration(_Frozen):
     slope: float = Field(default=1.0, gt=0)
     samples: int = Field(default=0, ge=0)
     slope_samples: int = Field(default=0, ge=0)
+    slope_window: tuple[float, ...] = ()  # the latest prefills' ratios; ``slope`` is their median
 
 
 class Calibration(_Frozen):
@@ -222,12 +229,16 @@ def observe_hop(
             update={"overhead_s": _ewma(old.overhead_s, sample, alpha), "samples": old.samples + 1}
         )
     else:
-        alpha = max(SLOPE_ALPHA, 1.0 / (old.slope_samples + 1))
         ratio = _clamp_ratio((beyond - old.overhead_s) / ser_s)
         if ratio is None:
             return cal
+        window = (*old.slope_window, ratio)[-SLOPE_WINDOW:]
         new = old.model_copy(
-            update={"slope": max(0.5, _ewma(old.slope, ratio, alpha)), "slope_samples": old.slope_samples + 1}
+            update={
+                "slope": max(0.5, statistics.median(window)),
+                "slope_samples": old.slope_samples + 1,
+                "slope_window": window,
+            }
         )
     hops = {**cal.hops, key: new}
     return cal.model_copy(update={"hops": hops, **_priors(hops)})

@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import socket
 import ssl
 import sys
 from dataclasses import dataclass
@@ -55,6 +56,14 @@ MIN_SECRET_BYTES = 16
 NONCE_BYTES = 32
 # The handshake frames are tiny; an unauthenticated peer never gets to make us allocate more.
 HANDSHAKE_MAX_FRAME_BYTES = 64 * 1024
+# Every data-plane connection runs this TCP congestion control, whatever the host's default. Split
+# inference sends short bursts (a prefill's activations) after idle gaps over links whose rate swings.
+# BBR paces such a burst at the bandwidth it last estimated: after a stretch at 0.5 Mbit/s, a 74 KB
+# prefill over a link back at 20 Mbit/s took 268, 108, 69, 55 ms on the next requests against 37 ms at
+# the link's rate; Reno (and CUBIC) took 52 then 36-41 ms (docs/segments-wire.md). The cost model prices
+# a message at the link's rate, so the host's default would decide whether its predictions hold. Reno,
+# not CUBIC: a network namespace (a container) may only select what the host allows, and Reno always is.
+CONGESTION_CONTROL = b"reno"
 
 
 class AuthError(Exception):
@@ -251,7 +260,22 @@ async def open_connection(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TCP connection to a segment server, inside TLS when the credentials are a TLS identity.
     A failed TLS handshake raises ``ssl.SSLError`` (an ``OSError``)."""
-    return await asyncio.open_connection(host, port, ssl=Credentials.of(auth).client_ssl, **kwargs)
+    reader, writer = await asyncio.open_connection(host, port, ssl=Credentials.of(auth).client_ssl, **kwargs)
+    set_congestion_control(writer)
+    return reader, writer
+
+
+def set_congestion_control(writer: asyncio.StreamWriter) -> bool:
+    """Put the connection under :data:`CONGESTION_CONTROL`; False where the kernel refuses (the host's
+    default then stays: a slower start after a rate rise, not an error)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, CONGESTION_CONTROL)
+    except OSError:
+        return False
+    return True
 
 
 def auth_error_header(message: str) -> dict[str, Any]:

@@ -41,7 +41,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segments import pki
-from segments.auth import AuthError, Credentials, client_handshake, open_connection, server_handshake
+from segments.auth import (
+    AuthError,
+    Credentials,
+    client_handshake,
+    open_connection,
+    server_handshake,
+    set_congestion_control,
+)
 from segments.protocol import (
     FLOAT_WIRE_DTYPES,
     ConnectionClosedError,
@@ -555,6 +562,7 @@ class SegmentServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = str(writer.get_extra_info("peername"))
+        set_congestion_control(writer)
         conn = Connection(writer, peer)
         self.stats.connections += 1
         task = asyncio.current_task()

@@ -2,7 +2,9 @@
 
 Runs its own two-node testbed in-process (no daemon, its own prefix so a running testbed is untouched):
 for each rate x one-way delay it sets the link in place and measures TCP goodput (after a warm-up) and
-the median TCP RTT, then measures how long a live rate change takes to show in the receiver's goodput.
+the median TCP RTT, then measures how long a live rate change takes to show in the receiver's goodput,
+and what a burst (a prefill's activations) pays on the first requests after the rate rises, under the
+congestion control the segment links pin and under the host's default (docs/segments-wire.md).
 Goals (issue): goodput within +-10 % of the rate, RTT within +-10 % (or +-1 ms) of 2 x delay, a change in
 effect within 0.5 s.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -30,6 +33,31 @@ nodes:
 links:
   - {a: src, b: dst, bw_mbit: 20, delay_ms: 5}
 """
+
+
+# A 32-token SmolLM2 prefill's activations (32 x 576 fp32), the largest message a V2X step sends; the
+# rise is V2X's 5G uplink coming back from an outage (0.5 -> 20 Mbit/s) over its 8 ms one-way delay.
+BURST_BYTES = 32 * 576 * 4
+RISE_MBIT = (0.5, 20.0)
+RISE_DELAY_MS = 8.0
+BURSTS_BEFORE, BURSTS_AFTER, BURST_GAP_S = 3, 6, 0.3
+
+
+def burst_after_rise(tb: Any, a: str, b: str, congestion: str | None) -> dict[str, Any]:
+    """One-way times of bursts a->b on one connection, first at the low rate, then after the rise,
+    against the link's own time for them (delay + bytes at the rate)."""
+    low, high = RISE_MBIT
+    tb.set_link(a, b, delay_ms=RISE_DELAY_MS)
+    got = tb.measure_bursts(
+        a, b, BURST_BYTES, [(low, BURSTS_BEFORE, BURST_GAP_S), (high, BURSTS_AFTER, BURST_GAP_S)], congestion
+    )
+    link_ms = RISE_DELAY_MS + BURST_BYTES * 8 / (high * 1e3)
+    after = got["one_way_ms"][1]
+    return {
+        "congestion": got["congestion"], "after_rise_ms": after, "link_ms": round(link_ms, 2),
+        "first_ratio": round(after[0] / link_ms, 3),
+        "median_ratio": round(statistics.median(after) / link_ms, 3),
+    }  # fmt: skip
 
 
 def _within(measured: float | None, target: float, rel: float, abs_: float = 0.0) -> bool:
@@ -65,7 +93,9 @@ def run_link_bench(
     delays_ms: Sequence[float],
     seconds: float,
     progress: Callable[[str], None] = print,
+    pinned_congestion: str | None = None,
 ) -> dict[str, Any]:
+    """``pinned_congestion``: the algorithm the segment links run, measured beside the host's default."""
     from mecsplit.settings import Settings, TestbedSettings
     from testbed.runtime import Testbed
     from testbed.scenario import parse_scenario
@@ -101,6 +131,9 @@ def run_link_bench(
             tb.set_link("src", "dst", delay_ms=5)
             down = change_latency_s(tb, "src", "dst", 20, 5)
             up = change_latency_s(tb, "src", "dst", 5, 20)
+            progress(f"bursts after a {RISE_MBIT[0]:g} -> {RISE_MBIT[1]:g} Mbit/s rise")
+            algorithms = [pinned_congestion, None] if pinned_congestion else [None]
+            bursts = [burst_after_rise(tb, "src", "dst", cc) for cc in algorithms]
             mode = next(iter(tb.shapers.values())).mode if tb.shapers else None
         finally:
             tb.down()
@@ -111,6 +144,8 @@ def run_link_bench(
         "all_goodput_ok": all(p["goodput_ok"] for p in points),
         "all_rtt_ok": all(p["rtt_ok"] for p in points),
         "change_ok": max(down, up) <= 0.5,
+        "burst_after_rise": {"bytes": BURST_BYTES, "from_mbit": RISE_MBIT[0], "to_mbit": RISE_MBIT[1],
+                             "delay_ms": RISE_DELAY_MS, "runs": bursts},
         "delay_mode": mode,
         "kernel": subprocess.run(["uname", "-r"], capture_output=True, text=True).stdout.strip(),
     }  # fmt: skip

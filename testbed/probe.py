@@ -8,6 +8,9 @@ Run as processes inside node namespaces; each prints one JSON object on stdout:
     python -m testbed.probe ping  --host H --port P --count N               # TCP round trips
     python -m testbed.probe udp-sink --port P --idle-s 1                    # count datagrams until idle
     python -m testbed.probe udp-send --host H --port P --count N            # numbered datagrams
+    python -m testbed.probe stamp --port P                                  # arrival time of each message
+    python -m testbed.probe bursts --host H --port P --bytes B [--congestion reno]
+        # messages of B bytes on one connection, a batch per stdin line "COUNT GAP_S"; one-way times
 
 ``sink`` reports ``bins``: [t_monotonic_s, bytes] per bin. CLOCK_MONOTONIC is shared by all network
 namespaces, so a caller can line those times up with when it changed a link.
@@ -19,6 +22,7 @@ import argparse
 import json
 import socket
 import statistics
+import struct
 import sys
 import time
 
@@ -129,6 +133,55 @@ def udp_send(host: str, port: int, count: int, interval_s: float) -> dict[str, o
     return {"sent": count}
 
 
+def _read_exactly(conn: socket.socket, size: int) -> bytes:
+    got = bytearray()
+    while len(got) < size:
+        chunk = conn.recv(size - len(got))
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        got += chunk
+    return bytes(got)
+
+
+def stamp(port: int) -> None:
+    """Serve one connection: for each length-prefixed message, answer the wall time it arrived whole."""
+    with socket.create_server(("0.0.0.0", port)) as server:
+        print(json.dumps({"listening": port}), flush=True)
+        conn, _ = server.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while True:
+                try:
+                    size = int.from_bytes(_read_exactly(conn, 4), "big")
+                    _read_exactly(conn, size)
+                except ConnectionError:
+                    return
+                conn.sendall(struct.pack("!d", time.time()))
+
+
+def bursts(host: str, port: int, size: int, congestion: str | None) -> None:
+    """One connection to ``stamp``; for each stdin line ``COUNT GAP_S`` send COUNT messages of ``size``
+    bytes, each after a pause of GAP_S, and print their one-way times (ms; the namespaces share the
+    host's clock). The connection lives across lines: what its congestion control learned in one batch
+    shapes the next, as on a segment link whose rate the caller changes between batches."""
+    with socket.create_connection((host, port), timeout=60) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if congestion:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+        used = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+        payload = size.to_bytes(4, "big") + b"x" * size
+        for line in sys.stdin:
+            count, gap_s = int(line.split()[0]), float(line.split()[1])
+            one_way_ms = []
+            for _ in range(count):
+                time.sleep(gap_s)
+                sent = time.time()
+                conn.sendall(payload)
+                (arrived,) = struct.unpack("!d", _read_exactly(conn, 8))
+                one_way_ms.append(round((arrived - sent) * 1e3, 2))
+            print(json.dumps({"congestion": used, "one_way_ms": one_way_ms}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed.probe")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -155,7 +208,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--interval-s", type=float, default=0.0005)
+    p = sub.add_parser("stamp")
+    p.add_argument("--port", type=int, required=True)
+    p = sub.add_parser("bursts")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--bytes", type=int, required=True)
+    p.add_argument("--congestion", default=None, help="TCP congestion control (default: the namespace's)")
     args = parser.parse_args(argv)
+    if args.cmd == "stamp":
+        stamp(args.port)
+        return 0
+    if args.cmd == "bursts":
+        bursts(args.host, args.port, args.bytes, args.congestion)
+        return 0
     if args.cmd == "sink":
         result: dict[str, object] = sink(args.port, args.duration_s, args.bin_s)
     elif args.cmd == "blast":

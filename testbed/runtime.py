@@ -365,6 +365,57 @@ class Testbed:
         with self._measure_lock:
             return self._measure(lp, a, b, seconds, pings, warmup_s, bin_s)
 
+    def measure_bursts(
+        self,
+        a: str,
+        b: str,
+        size_bytes: int,
+        batches: Sequence[tuple[float, int, float]],
+        congestion: str | None,
+    ) -> dict[str, Any]:
+        """Messages of ``size_bytes`` a->b on one TCP connection under ``congestion`` (None: the
+        namespace's default); each batch (rate Mbit/s, count, gap s) first sets both directions to its
+        rate. The algorithm that ran and the one-way milliseconds per message, a list per batch."""
+        lp = self._link(a, b)
+        self._node(a)
+        argv = ["bursts", "--host", lp.address_of(b), "--port", "5203", "--bytes", str(size_bytes)]
+        with self._measure_lock:
+            server = subprocess.Popen(
+                self._probe(b, ["stamp", "--port", "5203"]), stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert server.stdout is not None
+                server.stdout.readline()
+                client = subprocess.Popen(
+                    self._probe(a, [*argv, *(["--congestion", congestion] if congestion else [])]),
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                )  # fmt: skip
+                return self._run_batches(a, b, client, batches)
+            finally:
+                server.kill()
+                server.wait()
+
+    def _run_batches(
+        self, a: str, b: str, client: subprocess.Popen[str], batches: Sequence[tuple[float, int, float]]
+    ) -> dict[str, Any]:
+        assert client.stdin is not None and client.stdout is not None
+        used, out = "", []
+        try:
+            for rate_mbit, count, gap_s in batches:
+                self.set_link(a, b, bw_mbit=rate_mbit)
+                client.stdin.write(f"{count} {gap_s}\n")
+                client.stdin.flush()
+                line = client.stdout.readline()
+                if not line:
+                    raise TestbedError(f"burst probe {a}->{b} failed: {client.stderr.read()[-300:]}")  # type: ignore[union-attr]
+                batch = json.loads(line)
+                used = batch["congestion"]
+                out.append(batch["one_way_ms"])
+        finally:
+            client.stdin.close()
+            client.wait(timeout=30)
+        return {"congestion": used, "one_way_ms": out}
+
     def _measure(
         self, lp: LinkPlan, a: str, b: str, seconds: float, pings: int, warmup_s: float, bin_s: float
     ) -> dict[str, Any]:

@@ -254,7 +254,9 @@ def bench_links_cmd(
     delays: str = typer.Option("5,20,50", help="one-way ms, comma-separated"),
     seconds: float = typer.Option(3.0, help="goodput window per point"),
 ) -> None:
-    """Goodput and RTT across a shaped testbed link between two node containers, and change latency."""
+    """Goodput and RTT across a shaped testbed link between two node containers, change latency, and what
+    a prefill-sized burst pays after the rate rises (segment links' congestion control, host default)."""
+    from segments.auth import CONGESTION_CONTROL
     from testbed.bench import run_link_bench
 
     result = run_link_bench(
@@ -262,6 +264,7 @@ def bench_links_cmd(
         [float(x) for x in delays.split(",")],
         seconds,
         progress=lambda m: typer.echo(m, err=True),
+        pinned_congestion=CONGESTION_CONTROL.decode(),
     )
     typer.echo(json.dumps(result, indent=2 if as_json else None))
 

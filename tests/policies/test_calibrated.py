@@ -57,6 +57,20 @@ def test_hop_estimator_separates_overhead_and_goodput() -> None:
     assert cal.hop_overhead("c", "c") == pytest.approx(cal.hop_overhead("a", "b"))
 
 
+def test_one_slow_burst_after_a_rate_rise_does_not_move_the_slope() -> None:
+    """The first prefill after a link's rate rises pays a slow start (2.8x on the testbed); the slope
+    prices every decode step, so one such burst must not move it, while a lasting change does."""
+    cal = Calibration()
+    delay, overhead, ser = 0.008, 0.001, 0.030
+    for _ in range(12):
+        cal = observe_hop(cal, "a", "b", delay_s=delay, ser_s=ser, wire_s=delay + overhead + ser)
+    cal = observe_hop(cal, "a", "b", delay_s=delay, ser_s=ser, wire_s=delay + overhead + 2.8 * ser)
+    assert cal.hop_slope("a", "b") == pytest.approx(1.0, rel=0.05)
+    for _ in range(6):
+        cal = observe_hop(cal, "a", "b", delay_s=delay, ser_s=ser, wire_s=delay + overhead + 1.5 * ser)
+    assert cal.hop_slope("a", "b") == pytest.approx(1.5, rel=0.05)
+
+
 def test_small_transfers_alone_never_invent_a_slope() -> None:
     cal = Calibration()
     for _ in range(300):

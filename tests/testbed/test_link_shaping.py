@@ -277,3 +277,52 @@ def test_netem_detection_is_consistent(pair: Pair) -> None:
     probe = pair.a.wrap(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"])
     kernel = subprocess.run(probe, capture_output=True, text=True, check=False)
     assert netem_available() == (kernel.returncode == 0)
+
+
+def test_a_burst_after_a_rate_rise_runs_at_the_new_rate_under_the_pinned_congestion_control(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """The segment links pin Reno because BBR paces a burst after idle at the bandwidth it last saw:
+    after 0.5 Mbit/s, 74 KB bursts over this link back at 20 Mbit/s took 268, 108, 69, 55, 45, 39 ms
+    under BBR against the link's 37.5 ms. Under the pinned algorithm they must take about the link's time
+    from the second one on (the first may pay a slow start)."""
+    from segments.auth import CONGESTION_CONTROL
+
+    size, delay_ms, high = 32 * 576 * 4, 8.0, 20.0
+    forward = _shaper(pair, tmp_path)
+    back = DirectionShaper(pair.b, pair.dev_b, pair.a, pair.dev_a, prefix=TAG, state_dir=tmp_path)
+    for shaper in (forward, back):
+        shaper.apply(LinkShape(bw_mbit=0.5, delay_ms=delay_ms))
+    stamp = _probe(pair.b, "stamp", "--port", "5004")
+    assert stamp.stdout is not None
+    stamp.stdout.readline()
+    cmd = pair.a.wrap([sys.executable, "-m", "testbed.probe", "bursts", "--host", ADDR_B, "--port", "5004",
+                       "--bytes", str(size), "--congestion", CONGESTION_CONTROL.decode()])  # fmt: skip
+    client = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        client.stdin.write("3 0.3\n")
+        client.stdin.flush()
+        low = json.loads(client.stdout.readline())
+        for shaper in (forward, back):
+            shaper.apply(LinkShape(bw_mbit=high, delay_ms=delay_ms))
+        client.stdin.write("6 0.3\n")
+        client.stdin.flush()
+        after = json.loads(client.stdout.readline())
+    finally:
+        client.stdin.close()
+        client.wait(timeout=30)
+        stamp.wait(timeout=30)
+        forward.close()
+        back.close()
+    link_ms = delay_ms + size * 8 / (high * 1e3)
+    print(
+        low["congestion"],
+        low["one_way_ms"],
+        "at 0.5 Mbit/s;",
+        after["one_way_ms"],
+        f"at 20 (link {link_ms:.1f})",
+    )
+    assert after["congestion"] == CONGESTION_CONTROL.decode()
+    assert min(low["one_way_ms"]) > 1000  # the low rate held: 74 KB at 0.5 Mbit/s is 1.2 s
+    assert max(after["one_way_ms"][1:]) <= 1.3 * link_ms
