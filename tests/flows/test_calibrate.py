@@ -101,3 +101,33 @@ def test_link_history_gives_the_rate_at_a_time() -> None:
     assert history.rate_at("a-b", 9.0) == 20.0  # before the first sample: the first
     assert history.rate_at("c-d", 10.0) is None
     assert history.series("a-b", 11.0) == ([11.0, 12.0], [0.1, 20.0])
+
+
+def test_a_transfer_across_a_rate_change_teaches_nothing() -> None:
+    """Every prefill crosses a change of the link from 2 to 20 Mbit/s: its wire time went at 2 Mbit/s
+    for the most part, and read against the 20 Mbit/s of its end it would teach a slope of about 10. The
+    steps whose link held one rate teach the slope (1) as before."""
+    problem = _problem()
+    hop_nodes = {"dev:1": "device", "edge:1": "edge"}
+    slow_at: set[float] = set()  # when a prefill began, at 2 Mbit/s
+
+    def rate_at(a: str, b: str, t_s: float) -> float:
+        return 2.0 if any(abs(t_s - slow) < 0.01 for slow in slow_at) else 20.0
+
+    cal, t = Calibration(), 1000.0
+    for batch in range(40):
+        records = []
+        for i in range(12):
+            t += 0.1
+            record = _record(t, positions=30 if i == 0 else 1, edge_cpu=1.0, edge_wait=0.0, overhead=0.002)
+            if i == 0 and batch % 2:  # this prefill's link went from 2 to 20 Mbit/s during the step
+                nbytes, wire_s = record["wires"][1]
+                record["wires"][1] = [nbytes, wire_s + 9 * nbytes * 8 / 20e6]
+                record["total_s"] += 9 * nbytes * 8 / 20e6
+                slow_at.add(t - record["total_s"])
+            records.append(record)
+        snap = Snapshot(
+            seq=batch, at_s=t, process_cpu_s=batch * 0.03, tokens=batch * 12, records=tuple(records)
+        )
+        cal = learn(cal, problem, hop_nodes, [snap], rate_at=rate_at)
+    assert cal.hop_slope("device", "edge") == pytest.approx(1.0, rel=0.05)
