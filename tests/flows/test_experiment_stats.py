@@ -56,6 +56,8 @@ def test_policy_stats_exact_figures() -> None:
     assert stats["p95_tpot_ms"] == 1000.0  # nearest rank: 12 gaps, index 11
     assert stats["mean_ttft_ms"] == 600.0
     assert stats["p95_ttft_ms"] == 800.0
+    # Each request's latency over its 5 tokens: (0.4 + 0.4) / 5, (0.6 + 1.3) / 5, (0.8 + 0.55) / 5.
+    assert stats["mean_latency_per_token_ms"] == pytest.approx((0.8 + 1.9 + 1.35) / 15 * 1e3, abs=0.01)
     assert stats["throughput_tok_s"] == 1.5
     assert stats["stalls"] == 2
     assert stats["total_stall_s"] == pytest.approx((1.0 - 0.1) + (0.25 - 0.1))
@@ -250,6 +252,23 @@ def test_verdict_adaptive_clearly_faster() -> None:
     assert cmp["speedup_ci95"] == [1.3701, 1.6299]
     assert cmp["verdict"] == FASTER and cmp["worse_beyond_noise"] is False and cmp["goal_met"] is True
     assert cmp["best_static_mean_tpot_ms"] == 150.0 and cmp["adaptive_mean_tpot_ms"] == 100.0
+
+
+def test_the_request_latency_side_is_compared_apart_from_the_gaps() -> None:
+    """A policy with slower gaps but much faster first tokens loses on the gaps' verdict and wins on
+    the requests' latency per token: both are reported, each against its own best other policy."""
+
+    def window(gap_s: float, ttft_s: float, repeat: int) -> dict[str, object]:
+        return {**policy_stats([_request([gap_s] * 3, ttft=ttft_s)] * 4, window_s=10.0), "repeat": repeat}
+
+    adaptive = aggregate_policy("adaptive", [window(0.11, 0.2, k) for k in (1, 2, 3)])
+    static = aggregate_policy("static", [window(0.10, 1.0, k) for k in (1, 2, 3)])
+    cmp = compare({"adaptive": adaptive, "static": static})
+    assert cmp["verdict"] == SLOWER
+    side = cmp["latency_per_token"]
+    assert side["best_static"] == "static"
+    assert side["adaptive_ms"] == pytest.approx((0.2 + 0.33) / 4 * 1e3) and side["best_static_ms"] == 325.0
+    assert side["speedup_mean"] == pytest.approx(1.3 / 0.53, abs=1e-3) and side["verdict"] == FASTER
 
 
 def test_verdict_adaptive_clearly_slower() -> None:
