@@ -22,7 +22,8 @@ and the comparison a verdict from the paired per-repeat ratios (is adaptive's di
 ``results/<run>/``: scenario.yaml, meta.json, summary.json, and per policy window (``<policy>/`` with one
 repeat, ``<policy>/r<k>/`` with several): samples.parquet (one row per streamed token), requests.json
 (every request: asked, received, lost, error), policy.json (its figures, reconfigurations with their
-times); latency.png (per-token latency over time, one panel per policy, timeline events marked) and
+times), serve.log and calibration.json (the controller's decisions and what the cost model had learned
+when the window ended; testbed windows); latency.png (per-token latency over time, one panel per policy, timeline events marked) and
 bars.png (the per-policy figures, means over repeats with 95 % error bars).
 Every figure is defined in docs/experiments.md.
 """
@@ -44,6 +45,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows import results
+from flows.calibrate import calibration_path
 from flows.predictions import (
     clear_decision_record,
     clear_run_learning,
@@ -64,7 +66,7 @@ from flows.workload import (
     teardown,
 )
 from mecsplit.files import write_json
-from mecsplit.settings import get_settings
+from mecsplit.settings import Settings, get_settings
 from testbed.scenario import load_scenario
 
 ADAPTIVE = "adaptive"
@@ -652,7 +654,22 @@ def run_policy(
         stop_process(serve)
         if serve is not None:
             _close_reconfigure_runs()
+        _keep_run_files(settings, out_dir, f"serve-{policy}-r{repeat}.log")
         teardown(backend, scenario)  # type: ignore[arg-type]
+
+
+def _keep_run_files(settings: Settings, out_dir: Path, serve_log: str) -> None:
+    """Copy what explains a window's decisions into its folder: the serve process's log (every decision
+    with what it priced) and the cost model's calibration as the window left it. The run folder keeps
+    them only until the next window."""
+    if not out_dir.is_dir():  # the window failed before writing anything
+        return
+    for source, name in (
+        (settings.run_dir / serve_log, "serve.log"),
+        (calibration_path(settings), "calibration.json"),
+    ):
+        if source.is_file():
+            shutil.copyfile(source, out_dir / name)
 
 
 @flow(name="experiment", log_prints=True)
