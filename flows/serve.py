@@ -87,14 +87,18 @@ EVENT_TIMING_PARAMETERS = {
 }
 
 
-def build_triggers(scenario: str, events: tuple[str, ...] | None = None) -> list[DeploymentEventTrigger]:
-    """One trigger per event of ``events`` (all of ``TRIGGERS`` by default)."""
+def build_triggers(
+    scenario: str, events: tuple[str, ...] | None = None, *, repair_only: bool = False
+) -> list[DeploymentEventTrigger]:
+    """One trigger per event of ``events`` (all of ``TRIGGERS`` by default). ``repair_only``: the runs
+    they start only rebuild a broken chain (``reconfigure``'s ``failover_only``)."""
+    extra: dict[str, Any] = {"failover_only": True} if repair_only else {}
     return [
         DeploymentEventTrigger(
             name=f"on-{spec.event}",
             expect={spec.event},
             match={"prefect.resource.id": spec.resource_pattern},
-            parameters={"scenario": scenario, **spec.parameters, **EVENT_TIMING_PARAMETERS},
+            parameters={"scenario": scenario, **spec.parameters, **EVENT_TIMING_PARAMETERS, **extra},
         )
         for spec in TRIGGERS
         if events is None or spec.event in events
@@ -111,7 +115,11 @@ def deployment_options(
     controller: bool = False,
 ) -> dict[str, Any]:
     """What the served ``reconfigure`` deployment is: ``Runner.add_flow``'s keyword arguments. With the
-    ``controller`` the deployment triggers on failures only (the controller evaluates the rest)."""
+    ``controller`` the deployment triggers on failures only, and only to rebuild a chain the failure
+    broke: the controller, on the calibrated model, makes every other decision. A failure trigger that
+    re-planned on its own profiled the nodes for 15-62 s (the one serving the whole model included)
+    and deployed the uncalibrated model's choice: on V2X, rsu1's failure, which no serving plan used,
+    replaced the car-alone plan the controller had chosen with car[0,29) -> mec[29,30)."""
     if interval_s is not None and cron is not None:
         raise ValueError("give either an interval or a cron schedule, not both")
     return {
@@ -125,7 +133,9 @@ def deployment_options(
             "policy": policy,
             "failover_only": failover_only,
         },
-        "triggers": build_triggers(scenario, FAILURE_EVENTS if controller else None),
+        "triggers": build_triggers(scenario, FAILURE_EVENTS, repair_only=True)
+        if controller
+        else build_triggers(scenario),
         "concurrency_limit": ConcurrencyLimitConfig(
             limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE
         ),

@@ -198,3 +198,17 @@ def test_serve_keeps_its_temporary_files_under_its_home(tmp_path: Path) -> None:
         assert tempfile.gettempdir() == str(path)
     finally:
         tempfile.tempdir = saved
+
+
+def test_with_the_controller_the_failure_trigger_only_repairs() -> None:
+    """The controller decides every move on the calibrated model; a failure trigger that re-planned on
+    its own would profile the nodes and deploy the uncalibrated model's choice."""
+    from flows.serve import TRIGGERS, deployment_options
+
+    controlled = deployment_options("s.yaml", controller=True)["triggers"]
+    assert [t.expect for t in controlled] == [{"mec.node.failed"}]
+    assert controlled[0].parameters["failover_only"] is True
+    alone = deployment_options("s.yaml", controller=False)["triggers"]
+    assert len(alone) == len(TRIGGERS)
+    assert all("failover_only" not in t.parameters for t in alone)
+    assert deployment_options("s.yaml", controller=False)["parameters"]["failover_only"] is False
