@@ -58,11 +58,12 @@ NONCE_BYTES = 32
 HANDSHAKE_MAX_FRAME_BYTES = 64 * 1024
 # Every data-plane connection runs this TCP congestion control, whatever the host's default. Split
 # inference sends short bursts (a prefill's activations) after idle gaps over links whose rate swings.
-# BBR paces such a burst at the bandwidth it last estimated: after a stretch at 0.5 Mbit/s, a 74 KB
-# prefill over a link back at 20 Mbit/s took 268, 108, 69, 55 ms on the next requests against 37 ms at
-# the link's rate; Reno (and CUBIC) took 52 then 36-41 ms (docs/segments-wire.md). The cost model prices
-# a message at the link's rate, so the host's default would decide whether its predictions hold. Reno,
-# not CUBIC: a network namespace (a container) may only select what the host allows, and Reno always is.
+# BBR paces such a burst at the bandwidth it last estimated: after a stretch at 0.5 Mbit/s, 74 KB
+# prefills over a link back at 20 Mbit/s took 297, 98, 67, 52 ms on the next requests against the
+# link's 37.5 ms; Reno took 102 then 35-36 ms (`mecsplit bench links`, docs/segments-wire.md). The cost
+# model prices a message at the link's rate, so the host's default would decide whether its predictions
+# hold. Reno, not CUBIC: a network namespace (a container) may only select what the host allows, and
+# Reno always is.
 CONGESTION_CONTROL = b"reno"
 
 
