@@ -120,7 +120,10 @@ def decide(
         cost = cost.model_copy(update={"weight_s": max(cost.weight_s, _ready_s(current, candidate, ready_s))})
     broken = violations(problem, current.stages, routes)
     fc = forecast or persistent({f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links})
-    if broken and not _outlasted(broken, fc, horizon_s, cost.weight_s):
+    # A plan that breaks a bound is left for another one, not for itself (the best plan there is may
+    # break a TTFT bound in a dip as well): the same plan is valued below and kept.
+    same = candidate.layout() == _layout(current.stages)
+    if broken and not same and not _outlasted(broken, fc, horizon_s, cost.weight_s):
         return Decision(
             adopt=True,
             reason=f"current plan infeasible ({broken[0].constraint}: {broken[0].detail})",
@@ -165,7 +168,7 @@ def decide(
             served_current=n_cur, served_candidate=n_new, lasting_s=lasting,
         )  # fmt: skip
 
-    if candidate.layout() == _layout(current.stages):
+    if same:
         return verdict(False, "same plan")
     share = (n_new - n_cur) / n_cur if n_cur > 0 else 0.0
     if n_cur <= 0 or share < min_gain_ratio:

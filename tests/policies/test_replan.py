@@ -29,6 +29,15 @@ def test_same_plan_is_kept() -> None:
     assert d.cost.weight_bytes == 0 and d.cost.kv_mode == "none"
 
 
+def test_a_plan_that_breaks_a_bound_is_not_adopted_again() -> None:
+    """In a dip the best plan may break the TTFT bound too: it is kept, not "adopted" over itself."""
+    p = _base()
+    plan = solve(p, "latency_dp")
+    tight = p.model_copy(update={"constraints": p.constraints.model_copy(update={"max_ttft_s": 1e-6})})
+    d = decide(tight, plan, plan, horizon_s=60)
+    assert not d.adopt and d.reason == "same plan"
+
+
 def test_small_gain_keeps_the_current_plan() -> None:
     p = _base()
     current = solve(p, "latency_dp")  # edge-ap [0,2) + mec-1 [2,30)
