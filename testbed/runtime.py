@@ -6,6 +6,7 @@ threads (one lock serialises changes to the network).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -379,21 +380,24 @@ class Testbed:
         lp = self._link(a, b)
         self._node(a)
         argv = ["bursts", "--host", lp.address_of(b), "--port", "5203", "--bytes", str(size_bytes)]
-        with self._measure_lock:
-            server = subprocess.Popen(
-                self._probe(b, ["stamp", "--port", "5203"]), stdout=subprocess.PIPE, text=True
-            )
-            try:
-                assert server.stdout is not None
-                server.stdout.readline()
-                client = subprocess.Popen(
-                    self._probe(a, [*argv, *(["--congestion", congestion] if congestion else [])]),
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                )  # fmt: skip
-                return self._run_batches(a, b, client, batches)
-            finally:
-                server.kill()
-                server.wait()
+        with self._measure_lock, self._listening(b, ["stamp", "--port", "5203"]):
+            client = subprocess.Popen(
+                self._probe(a, [*argv, *(["--congestion", congestion] if congestion else [])]),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            return self._run_batches(a, b, client, batches)
+
+    @contextlib.contextmanager
+    def _listening(self, node: str, args: Sequence[str]) -> Iterator[subprocess.Popen[str]]:
+        """A probe listening in ``node``'s namespace, once it says it listens; killed on leaving."""
+        proc = subprocess.Popen(self._probe(node, args), stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            proc.stdout.readline()
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait()
 
     def _run_batches(
         self, a: str, b: str, client: subprocess.Popen[str], batches: Sequence[tuple[float, int, float]]
@@ -422,23 +426,15 @@ class Testbed:
         addr = lp.address_of(b)
         rtt: dict[str, Any] = {}
         if pings > 0:
-            echo = subprocess.Popen(
-                self._probe(b, ["echo", "--port", "5202"]), stdout=subprocess.PIPE, text=True
-            )
-            try:
-                assert echo.stdout is not None
-                echo.stdout.readline()
+            with self._listening(b, ["echo", "--port", "5202"]):
                 out = subprocess.run(
                     self._probe(a, ["ping", "--host", addr, "--port", "5202", "--count", str(pings),
                                     "--interval-s", "0.02"]),
                     capture_output=True, text=True, timeout=60,
                 )  # fmt: skip
-                if out.returncode != 0:
-                    raise TestbedError(f"ping {a}->{b} failed: {out.stderr.strip()[-300:]}")
-                rtt = json.loads(out.stdout)
-            finally:
-                echo.kill()
-                echo.wait()
+            if out.returncode != 0:
+                raise TestbedError(f"ping {a}->{b} failed: {out.stderr.strip()[-300:]}")
+            rtt = json.loads(out.stdout)
         sink = subprocess.Popen(
             self._probe(b, ["sink", "--port", "5201", "--duration-s", str(seconds), "--bin-s", str(bin_s)]),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

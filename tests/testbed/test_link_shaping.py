@@ -312,6 +312,7 @@ def test_a_burst_after_a_rate_rise_runs_at_the_new_rate_under_the_pinned_congest
     finally:
         client.stdin.close()
         client.wait(timeout=30)
+        stamp.kill()  # it ends with the client's connection; not if the client never connected
         stamp.wait(timeout=30)
         forward.close()
         back.close()
