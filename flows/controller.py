@@ -45,6 +45,7 @@ from flows.measure import admin_headers
 from flows.predictions import CHANGE_RATIO, DecisionRecord, PredictionLog, decisions_path, record_move
 from flows.runtime import LinkProbe, local_link_overrides
 from flows.state import DeploymentState, load_state
+from mecsplit.files import append_jsonl
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration, observe_switch
 from policies.forecast import Forecast, forecast
@@ -383,7 +384,7 @@ class Controller:
         snap = Snapshot.from_json(data)
         self._seq = snap.seq
         if self.settings.flows.keep_telemetry:
-            _append_jsonl(self.settings.run_dir / "telemetry.jsonl", {**data, "revision": state.revision})
+            append_jsonl(self.settings.run_dir / "telemetry.jsonl", {**data, "revision": state.revision})
         settled = state.updated_at_s + SETTLE_S
         fresh = tuple(r for r in snap.records if r["at_s"] >= settled)
         if fresh:
@@ -583,11 +584,6 @@ def _move_row(evaluation: Evaluation, decision: Decision, horizon_s: float) -> d
         "served_candidate": decision.served_candidate, "cost_s": decision.cost.total_s,
         "reason": decision.reason,
     }  # fmt: skip
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
 
 
 def _moved(old: float | None, new: float) -> bool:

@@ -23,8 +23,9 @@ and the comparison a verdict from the paired per-repeat ratios (is adaptive's di
 repeat, ``<policy>/r<k>/`` with several): samples.parquet (one row per streamed token), requests.json
 (every request: asked, received, lost, error), policy.json (its figures, reconfigurations with their
 times), serve.log and calibration.json (the controller's decisions and what the cost model had learned
-when the window ended; testbed windows); latency.png (per-token latency over time, one panel per policy, timeline events marked) and
-bars.png (the per-policy figures, means over repeats with 95 % error bars).
+when the window ended; testbed windows); latency.png (per-token latency over time, one panel per
+policy, timeline events marked) and bars.png (the per-policy figures, means over repeats with 95 %
+error bars).
 Every figure is defined in docs/experiments.md.
 """
 
@@ -348,12 +349,12 @@ def compare(per_policy: Mapping[str, Mapping[str, Any]], goal: float = GOAL_SPEE
     paired = _paired(per_policy, "mean_tpot_ms")
     if paired is None:
         return None
-    best, others, adaptive, speedup = paired
+    best, best_values, adaptive, speedup = paired
     said = verdict(speedup)
     by_request = _paired(per_policy, "mean_latency_per_token_ms")
     return {
         "best_static": best,
-        "best_static_mean_tpot_ms": round(statistics.fmean(others.values()), 3),
+        "best_static_mean_tpot_ms": round(statistics.fmean(best_values.values()), 3),
         "adaptive_mean_tpot_ms": round(statistics.fmean(adaptive.values()), 3),
         "repeats": speedup.n,
         "speedup_per_repeat": [round(x, 4) for x in speedup.values],
@@ -379,11 +380,11 @@ def _ci95(speedup: MeanInterval) -> list[float] | None:
 
 
 def _request_side(
-    best: str, others: dict[int, float], adaptive: dict[int, float], speedup: MeanInterval
+    best: str, best_values: dict[int, float], adaptive: dict[int, float], speedup: MeanInterval
 ) -> dict[str, Any]:
     return {
         "best_static": best,
-        "best_static_ms": round(statistics.fmean(others.values()), 3),
+        "best_static_ms": round(statistics.fmean(best_values.values()), 3),
         "adaptive_ms": round(statistics.fmean(adaptive.values()), 3),
         "speedup_per_repeat": [round(x, 4) for x in speedup.values],
         "speedup_mean": round(speedup.mean, 3),

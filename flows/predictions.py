@@ -14,7 +14,7 @@ from typing import Any
 
 from flows.calibrate import calibration_path
 from flows.state import DeploymentState
-from mecsplit.files import write_json
+from mecsplit.files import append_jsonl, write_json
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration
 from policies.plan import Plan
@@ -209,8 +209,7 @@ def moves_path(settings: Settings) -> Path:
 
 
 def record_move(settings: Settings, move: dict[str, Any]) -> None:
-    with moves_path(settings).open("a") as handle:
-        handle.write(json.dumps(move) + "\n")
+    append_jsonl(moves_path(settings), move)
 
 
 def load_moves(settings: Settings) -> list[dict[str, Any]]:

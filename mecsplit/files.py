@@ -55,3 +55,9 @@ def read_cache(path: Path, warn: Callable[[str], None] = print) -> dict[str, Any
         warn(f"cache {path} holds no JSON object; rebuilding it")
         return {}
     return data
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """Append one JSON line (a log read back line by line; a torn last line is skipped by its reader)."""
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")

@@ -171,7 +171,8 @@ def bursts(host: str, port: int, size: int, congestion: str | None) -> None:
         used = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
         payload = size.to_bytes(4, "big") + b"x" * size
         for line in sys.stdin:
-            count, gap_s = int(line.split()[0]), float(line.split()[1])
+            words = line.split()
+            count, gap_s = int(words[0]), float(words[1])
             one_way_ms = []
             for _ in range(count):
                 time.sleep(gap_s)

@@ -402,7 +402,7 @@ class Testbed:
     def _run_batches(
         self, a: str, b: str, client: subprocess.Popen[str], batches: Sequence[tuple[float, int, float]]
     ) -> dict[str, Any]:
-        assert client.stdin is not None and client.stdout is not None
+        assert client.stdin is not None and client.stdout is not None and client.stderr is not None
         used, out = "", []
         try:
             for rate_mbit, count, gap_s in batches:
@@ -411,7 +411,7 @@ class Testbed:
                 client.stdin.flush()
                 line = client.stdout.readline()
                 if not line:
-                    raise TestbedError(f"burst probe {a}->{b} failed: {client.stderr.read()[-300:]}")  # type: ignore[union-attr]
+                    raise TestbedError(f"burst probe {a}->{b} failed: {client.stderr.read()[-300:]}")
                 batch = json.loads(line)
                 used = batch["congestion"]
                 out.append(batch["one_way_ms"])
