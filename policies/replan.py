@@ -29,11 +29,13 @@ The rule (docs/policies.md, "Re-planning"):
    a 58 s cold start measured 253-276 ms per token against 152-166 ms without one.
    The cost: every live session stalls once at the switch (a fixed ``switch_stall_s`` plus moving or
    recomputing its KV).
-4. Adopt when the gain is at least ``min_gain_ratio`` of what the current plan serves and exceeds the
-   cost by the hysteresis factor: ``gain > (1 + hysteresis) * cost``. Moving back later pays its own
-   cost again, so a plan that would be left soon does not pay for coming (break-even). The caller raises
-   ``min_gain_ratio`` to what the model's own record of past moves allows (``error_bar``): a promised
-   gain smaller than the model has lately been wrong by on the plans it moved to is no gain.
+4. Adopt when the gain is at least ``min_gain_ratio`` of what the current plan serves where the two
+   plans are valued apart (``_contested``: where the controller would follow either way, neither plan
+   changes anything) and exceeds the cost by the hysteresis factor: ``gain > (1 + hysteresis) * cost``.
+   Moving back later pays its own cost again, so a plan that would be left soon does not pay for
+   coming (break-even). The caller raises ``min_gain_ratio`` to what the model's own record of past
+   moves allows (``error_bar``): a promised gain smaller than the model has lately been wrong by on the
+   plans it moved to is no gain.
 
 Per session, the first ``k`` stages of the candidate recompute their KV from the token history the gateway
 keeps (one prefill through them) and the other stages receive the KV of their layers from the old
@@ -134,12 +136,13 @@ def decide(
         )
     cur_metrics = predict(problem, current.stages, routes)
     j_cur = weighted_objective(problem, cur_metrics)
-    past_cur = _past_costs(problem, current.stages, fc)
-    past_new = _past_costs(problem, candidate.stages, fc)
+    raw_cur = _past_costs(problem, current.stages, fc)
+    raw_new = _past_costs(problem, candidate.stages, fc)
+    shares = [0.0] * len(raw_cur)
     if reaction_s is not None and fc.lasting_s:
         # A state seen for no time at all (one sample, a node that just came back) cannot be followed.
         shares = [max(0.0, 1.0 - reaction_s / lasted) if lasted > 0 else 0.0 for lasted in fc.lasting_s]
-        past_cur, past_new = _followed(past_cur, past_new, shares), _followed(past_new, past_cur, shares)
+    past_cur, past_new = _followed(raw_cur, raw_new, shares), _followed(raw_new, raw_cur, shares)
     # Until the new stages serve (make-before-break), the current plan does, beside the starts.
     ready = min(horizon_s, cost.weight_s)
     n_cur = fc.served(j_cur, past_cur, 0.0, horizon_s)
@@ -152,9 +155,8 @@ def decide(
             _past_costs(meanwhile, current.stages, fc),
         )
     )
-    n_new = fc.served(j_meanwhile, past_meanwhile, 0.0, ready) + fc.served(
-        weighted_objective(problem, cand_metrics), past_new, ready, horizon_s
-    )
+    j_new = weighted_objective(problem, cand_metrics)
+    n_new = fc.served(j_meanwhile, past_meanwhile, 0.0, ready) + fc.served(j_new, past_new, ready, horizon_s)
     sessions = _sessions(problem)
     unit = horizon_s / n_cur if n_cur > 0 else 0.0  # session-seconds per request, current plan
     gain = (n_new - n_cur) * unit * sessions
@@ -170,9 +172,10 @@ def decide(
 
     if same:
         return verdict(False, "same plan")
-    share = (n_new - n_cur) / n_cur if n_cur > 0 else 0.0
+    contested = _contested(fc, (j_cur, j_new), (raw_cur, raw_new), shares, horizon_s)
+    share = (n_new - n_cur) / contested if contested > 0 else 0.0
     if n_cur <= 0 or share < min_gain_ratio:
-        return verdict(False, f"gain {share:.2%} per session < threshold {min_gain_ratio:.0%}")
+        return verdict(False, f"gain {share:.2%} where the plans differ < threshold {min_gain_ratio:.0%}")
     bar = (1.0 + hysteresis) * total
     if gain <= bar:
         return verdict(False, f"gain {gain:.3g} s over {horizon_s:g} s does not clear the cost {total:.3g} s")
@@ -232,6 +235,30 @@ def _followed(own: Sequence[float], other: Sequence[float], shares: Sequence[flo
         blended = share * max(rate, requests_per_s(theirs)) + (1.0 - share) * rate
         out.append(1.0 / blended if blended > 0 else math.inf)
     return out
+
+
+def _contested(
+    fc: Forecast,
+    now_s: tuple[float, float],
+    past_s: tuple[Sequence[float], Sequence[float]],
+    shares: Sequence[float],
+    horizon_s: float,
+) -> float:
+    """Requests the current plan serves over the spans where the two plans are valued apart: today's
+    rates while they last, and of each past state the share before the controller's reaction. Where the
+    controller would serve the better plan whichever is deployed, both are valued alike, and a share of
+    the whole horizon would dilute the gain by what neither plan changes."""
+    present = fc.present_s(0.0, horizon_s)
+    differ = not math.isclose(*now_s, rel_tol=1e-9)
+    now = present * requests_per_s(now_s[0]) if differ else 0.0
+    if not past_s[0]:
+        return now + (horizon_s - present) * requests_per_s(now_s[0]) if differ else now
+    past = sum(
+        (1.0 - share) * requests_per_s(cur)
+        for cur, new, share in zip(*past_s, shares, strict=True)
+        if not math.isclose(cur, new, rel_tol=1e-9)
+    )
+    return now + (horizon_s - present) * past / len(past_s[0])
 
 
 def _sessions(problem: Problem) -> float:
