@@ -14,7 +14,7 @@ import bisect
 import itertools
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,15 +130,17 @@ def learn(
     costs = {c.node: c for c in base.costs}
     caps = {n.name: n.cpu_share * (1 - n.load) if n.cpu_share else None for n in base.nodes}
     for snap in snapshots:
-        busy = _busy_share(snap.records, hop_nodes, caps, base.source, cal.source_cpu_s)
+        ours = _busy_share(snap.records, hop_nodes, caps, base.source, cal.source_cpu_s)
+        busy = dict(ours)
         for node, share in (node_busy or {}).items():
             busy[node] = max(busy.get(node, 0.0), share)
+        crowded = _crowded(base, ours, node_busy or {})
         cal = _learn_concurrency(cal, snap.records)
         for record in snap.records:
             nodes = [hop_nodes.get(stage[0]) for stage in record["stages"]]
             if None in nodes or any(n not in costs for n in nodes):
                 continue
-            cal = _learn_record(cal, base, routes, costs, caps, record, nodes, busy, rate_at)  # type: ignore[arg-type]
+            cal = _learn_record(cal, base, routes, costs, caps, record, nodes, busy, rate_at, crowded)  # type: ignore[arg-type]
     return _learn_source_cpu(cal, snapshots)
 
 
@@ -152,10 +154,13 @@ def _learn_record(
     nodes: list[str],
     busy: dict[str, float],
     rate_at: RateAt | None,
+    crowded: Collection[str] = (),
 ) -> Calibration:
     positions = int(record["positions"])
     num_layers = problem.num_layers
     for (_hop, first, end, _queue, compute_s, cpu_s), node in zip(record["stages"], nodes, strict=True):
+        if node in crowded:
+            continue
         cost = costs[node]
         if positions == 1:
             expected = sum(cost.decode_s_per_token[first:end]) + (
@@ -205,6 +210,29 @@ def _route_rate(
     rates = [rate_at(x, y, t_s) for x, y in itertools.pairwise(path)]
     known = [r for r in rates if r is not None]
     return min(known) if len(known) == len(rates) and known else None
+
+
+# CPU beyond the node's background load and the chain's steps, as a share of the node's quota, that marks
+# a process of ours starting beside the stages (a server, a standby loading): the steps' CPU misses only
+# the servers' event loops, a few percent.
+CROWDED_SHARE = 0.15
+
+
+def _crowded(problem: Problem, ours: dict[str, float], node_busy: dict[str, float]) -> set[str]:
+    """Nodes whose cgroup counted more CPU than their background load and the chain's steps explain by
+    ``CROWDED_SHARE`` of their quota: a start runs beside the stages. Their steps teach the node's pace
+    nothing: the decision rule prices a start beside a plan by itself (``policies.replan``), and a pace
+    learned meanwhile stays with the node after the start; on smart city the pole, slowed twofold beside
+    a start under load, kept being priced so after the load ended, and the plan it had left was never
+    returned to."""
+    out = set()
+    for node in problem.nodes:
+        if node.name not in node_busy or not node.cpu_share:
+            continue
+        steps = ours.get(node.name, 0.0) * (1.0 - node.load)  # ``ours`` is a share of what the load leaves
+        if node_busy[node.name] - node.load - steps > CROWDED_SHARE:
+            out.add(node.name)
+    return out
 
 
 def _busy_share(

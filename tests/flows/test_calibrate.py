@@ -24,7 +24,8 @@ PROFILE = {
 }  # fmt: skip
 
 
-def _problem() -> Any:
+def _problem(testbed: bool = False) -> Any:
+    """The tiny scenario's problem; on the testbed its nodes have CPU quotas (``cpu_share``)."""
     scenario = load_scenario(TINY_SCENARIO)
     facts = pipeline.ModelFacts(
         name="synthetic", num_layers=LAYERS, hidden_size=64, layer_weight_bytes=(1000,) * LAYERS,
@@ -32,7 +33,9 @@ def _problem() -> Any:
     )  # fmt: skip
     profiles = {n.name: dict(PROFILE) for n in scenario.nodes}
     probes = [LinkProbe(lk.a, lk.b, lk.bw_mbit, 2 * lk.delay_ms, True) for lk in scenario.links]
-    return pipeline.build_problem(scenario, facts, profiles, probes, testbed=False, calibration=Calibration())
+    return pipeline.build_problem(
+        scenario, facts, profiles, probes, testbed=testbed, calibration=Calibration()
+    )
 
 
 def _record(at_s: float, *, positions: int = 1, edge_cpu: float, edge_wait: float, overhead: float) -> dict:
@@ -81,6 +84,28 @@ def test_learn_recovers_compute_wait_and_hop_costs() -> None:
     plan = [Stage(node="device", first=0, end=2), Stage(node="edge", first=2, end=8)]
     measured = _record(0, edge_cpu=1.5, edge_wait=0.003, overhead=0.002)
     assert predict(calibrated, plan).tpot_s == pytest.approx(measured["total_s"] + 0.002, rel=0.05)
+
+
+def test_steps_beside_a_start_teach_the_node_nothing() -> None:
+    """The edge's cgroup counts 0.9 of its core while the chain's steps use half of it and no background
+    load runs: a process starts beside the stage. Its steps run slow (twice the profile) and are not
+    learned; once the node's CPU is the steps' own, they are."""
+    problem = _problem(testbed=True)
+    hop_nodes = {"dev:1": "device", "edge:1": "edge"}
+
+    def batch(seq: int, t: float) -> Snapshot:
+        records = tuple(_record(t + 0.1 * i, edge_cpu=2.0, edge_wait=0.0, overhead=0.0) for i in range(12))
+        return Snapshot(seq=seq, at_s=t + 1.2, process_cpu_s=0.0, tokens=12 * seq, records=records)
+
+    steps_share = 6 * LAYER_S * 2.0 / 0.1  # the edge's CPU per step over the steps' spacing
+    crowded = learn(
+        Calibration(), problem, hop_nodes, [batch(1, 1000.0)], node_busy={"edge": steps_share + 0.4}
+    )
+    assert "edge" not in crowded.nodes and "device" in crowded.nodes
+    alone = learn(
+        Calibration(), problem, hop_nodes, [batch(1, 1000.0)], node_busy={"edge": steps_share + 0.05}
+    )
+    assert alone.node("edge").cpu_scale == pytest.approx(2.0, rel=0.05)
 
 
 def test_steps_of_servers_not_in_the_plan_are_not_learned() -> None:
