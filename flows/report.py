@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
-from collections.abc import Sequence
 from typing import Any
 
 from policies.plan import Plan
@@ -81,26 +78,3 @@ def session_move_line(cost: dict[str, Any] | None, switch: dict[str, Any]) -> st
         f"{cost['kv_recompute_s'] * 1e3:.0f} ms)"
     )
     return f"- sessions moved: {predicted}; {measured}"
-
-
-def latency_plot_markdown(samples_ms: Sequence[tuple[float, float]], title: str) -> str:
-    """A PNG plot of (t_s, latency_ms) embedded as a data URI, so the UI shows it with no file server."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3), dpi=90)
-    if samples_ms:
-        xs, ys = zip(*samples_ms, strict=True)
-        ax.plot(xs, ys, marker=".", linewidth=1)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("per-token latency (ms)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    encoded = base64.b64encode(buffer.getvalue()).decode()
-    return f"# {title}\n\n![latency](data:image/png;base64,{encoded})\n"

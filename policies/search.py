@@ -161,21 +161,3 @@ def beam(costs: Costs, to_go: np.ndarray, *, width: int) -> Found | None:
                 break
         frontier = nxt
     return best
-
-
-def relaxed_plan(costs: Costs, to_go: np.ndarray, enter: np.ndarray) -> tuple[RawStage, ...] | None:
-    """The optimum of the relaxation (nodes may repeat), or ``None`` if even that has no plan."""
-    L = to_go.shape[1] - 1
-    first = costs.start + enter[:, 0]
-    if not np.isfinite(first).any():
-        return None
-    n = int(np.argmin(first))
-    i = 0
-    stages: list[RawStage] = []
-    while True:
-        e = int(np.argmin(costs.stage[n, i, i + 1 :] + to_go[n, i + 1 :])) + i + 1
-        stages.append((n, i, e))
-        if e == L:
-            return tuple(stages)
-        n = int(np.argmin(costs.hop[n, :, e] + enter[:, e]))
-        i = e

@@ -45,7 +45,6 @@ from segments.protocol import (
     VERSION,
     FrameType,
     ProtocolError,
-    error_header,
     read_frame,
     require,
     write_frame,
@@ -277,10 +276,6 @@ def set_congestion_control(writer: asyncio.StreamWriter) -> bool:
     except OSError:
         return False
     return True
-
-
-def auth_error_header(message: str) -> dict[str, Any]:
-    return error_header(AuthError.code, message)
 
 
 def main(argv: list[str] | None = None) -> int:

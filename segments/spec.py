@@ -87,24 +87,6 @@ def split_evenly(model: str, num_layers: int, parts: int) -> tuple[SegmentSpec, 
     return tuple(specs)
 
 
-def check_chain(specs: tuple[SegmentSpec, ...] | list[SegmentSpec], num_layers: int) -> None:
-    """Raise ``LayerRangeError`` unless ``specs`` tile ``[0, num_layers)`` in order, one model throughout."""
-    if not specs:
-        raise LayerRangeError("a chain needs at least one segment")
-    expected_first = 0
-    for spec in specs:
-        if spec.model != specs[0].model:
-            raise LayerRangeError(f"chain mixes models {specs[0].model!r} and {spec.model!r}")
-        if spec.first != expected_first:
-            raise LayerRangeError(
-                f"chain has a gap or overlap: segment [{spec.first}, {spec.end}) should start at "
-                f"{expected_first}"
-            )
-        expected_first = spec.end
-    if expected_first != num_layers:
-        raise LayerRangeError(f"chain ends at layer {expected_first}, but the model has {num_layers} layers")
-
-
 @dataclass(frozen=True)
 class ModelInfo:
     """The shape of a prepared model, as its store manifest records it."""

@@ -235,9 +235,6 @@ class NodeCgroup:
     def load_acct_path(self) -> Path:
         return self.path(ACCT_CONTROLLER) / "load"
 
-    def memory_usage_bytes(self) -> int:
-        return int((self.path(MEM_CONTROLLER) / "memory.usage_in_bytes").read_text())
-
     def load_path(self) -> Path:
         return self.path(CPU_CONTROLLER) / "load"
 
