@@ -1,4 +1,4 @@
-"""The steps the flows run, as plain functions (the Prefect tasks in ``flows.tasks`` wrap them).
+"""The steps the flows run, as plain functions (the Prefect tasks in ``flows.reconfigure`` wrap them).
 
 profile -> problem -> plan -> decision -> deploy. Kept free of Prefect so that each step can be tested and
 reused by the experiment runner without an API server.
