@@ -47,6 +47,7 @@ from prefect import flow, get_run_logger
 
 from flows import results
 from flows.calibrate import calibration_path
+from flows.headroom import headroom
 from flows.predictions import (
     clear_decision_record,
     clear_run_learning,
@@ -770,10 +771,29 @@ def write_summary(out_dir: Path, run: RunInfo, per_policy: dict[str, dict[str, A
     }
     best = (summary["adaptive_vs_best_static"] or {}).get("best_static")
     summary["move_audit"] = audit_moves(out_dir, per_policy, run.repeats, best)
+    summary["switching_headroom"] = _headroom(out_dir, per_policy, run.repeats)
     write_json(out_dir / "summary.json", summary, indent=2)
     results.plot_policies(out_dir, run.timeline)
     results.plot_policy_bars(out_dir, per_policy)
     return summary
+
+
+def _headroom(
+    out_dir: Path, per_policy: Mapping[str, Mapping[str, Any]], repeats: int
+) -> dict[str, Any] | None:
+    """``flows.headroom`` over the run's windows, against the fixed plan with the lowest mean token gap."""
+    fixed = {p: _by_repeat(e) for p, e in per_policy.items() if p != ADAPTIVE}
+    fixed = {p: v for p, v in fixed.items() if v}
+    if len(fixed) < 2:
+        return None
+    best = min(sorted(fixed), key=lambda p: statistics.fmean(fixed[p].values()))
+    windows: dict[int, dict[str, Path]] = {}
+    for policy, entry in per_policy.items():
+        for run in policy_runs(entry):
+            if "error" not in run:
+                k = int(run.get("repeat", 1))
+                windows.setdefault(k, {})[policy] = window_dir(out_dir, policy, k, repeats)
+    return headroom(windows, best, ADAPTIVE)
 
 
 def _load_records(path: Path) -> list[RequestRecord]:
