@@ -781,19 +781,24 @@ def write_summary(out_dir: Path, run: RunInfo, per_policy: dict[str, dict[str, A
 def _headroom(
     out_dir: Path, per_policy: Mapping[str, Mapping[str, Any]], repeats: int
 ) -> dict[str, Any] | None:
-    """``flows.headroom`` over the run's windows, against the fixed plan with the lowest mean token gap."""
-    fixed = {p: _by_repeat(e) for p, e in per_policy.items() if p != ADAPTIVE}
-    fixed = {p: v for p, v in fixed.items() if v}
-    if len(fixed) < 2:
-        return None
-    best = min(sorted(fixed), key=lambda p: statistics.fmean(fixed[p].values()))
+    """``flows.headroom`` over the run's windows on the verdict's figure (the token gaps) and on the one
+    the controller's objective, the request's latency, weighs (latency per token), each against the
+    fixed plan best by it; None with fewer than two fixed plans."""
     windows: dict[int, dict[str, Path]] = {}
     for policy, entry in per_policy.items():
         for run in policy_runs(entry):
             if "error" not in run:
                 k = int(run.get("repeat", 1))
                 windows.setdefault(k, {})[policy] = window_dir(out_dir, policy, k, repeats)
-    return headroom(windows, best, ADAPTIVE)
+    out = {}
+    for name, figure, first in (("gaps", "mean_tpot_ms", False),
+                                ("latency_per_token", "mean_latency_per_token_ms", True)):  # fmt: skip
+        fixed = {p: v for p, e in per_policy.items() if p != ADAPTIVE and (v := _by_repeat(e, figure))}
+        if len(fixed) < 2:
+            return None
+        best = min(sorted(fixed), key=lambda p: statistics.fmean(fixed[p].values()))
+        out[name] = headroom(windows, best, ADAPTIVE, first=first)
+    return out
 
 
 def _load_records(path: Path) -> list[RequestRecord]:

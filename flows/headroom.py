@@ -36,9 +36,10 @@ class Gaps:
         return self.total_s[b] / self.count[b]
 
 
-def window_gaps(window: Path, bin_s: float = BIN_S) -> Gaps | None:
-    """The token gaps of a window (``samples.parquet``, token rows) by the stretch each token arrived in;
-    None where the window kept no samples."""
+def window_gaps(window: Path, bin_s: float = BIN_S, first: bool = False) -> Gaps | None:
+    """The token gaps of a window (``samples.parquet``, token rows) by the stretch each token arrived in,
+    with ``first`` each request's time to first token too (the stretch's mean is then the requests'
+    latency per token); None where the window kept no samples."""
     import json
 
     import pandas as pd
@@ -48,7 +49,7 @@ def window_gaps(window: Path, bin_s: float = BIN_S) -> Gaps | None:
         return None
     t0 = json.loads((window / "policy.json").read_text())["t0_wall_s"]
     frame = pd.read_parquet(path)
-    tokens = frame[frame["kind"] == "token"]
+    tokens = frame if first else frame[frame["kind"] == "token"]
     total: dict[int, float] = {}
     count: dict[int, int] = {}
     for t_s, gap_s in zip(tokens["t_s"], tokens["latency_s"], strict=True):
@@ -92,14 +93,19 @@ def repeat_headroom(fixed: Mapping[str, Gaps], best: str, adaptive: Gaps | None)
 
 
 def headroom(
-    windows: Mapping[int, Mapping[str, Path]], best: str, adaptive: str, bin_s: float = BIN_S
+    windows: Mapping[int, Mapping[str, Path]],
+    best: str,
+    adaptive: str,
+    bin_s: float = BIN_S,
+    first: bool = False,
 ) -> dict[str, Any] | None:
     """Per repeat (``windows[k][policy]``: that window's folder), the switching headroom among the fixed
-    plans measured, against ``best``; None where no repeat has ``best`` beside another fixed plan (one
-    fixed plan leaves nothing to switch to)."""
+    plans measured, against ``best``, on the token gaps (``first``: on the latency per token, times to
+    first token included); None where no repeat has ``best`` beside another fixed plan (one fixed plan
+    leaves nothing to switch to)."""
     rows = []
     for k in sorted(windows):
-        gaps = {p: window_gaps(w, bin_s) for p, w in windows[k].items()}
+        gaps = {p: window_gaps(w, bin_s, first) for p, w in windows[k].items()}
         fixed = {p: g for p, g in gaps.items() if p != adaptive and g is not None}
         if len(fixed) < 2:
             continue

@@ -49,6 +49,13 @@ def test_the_oracle_takes_the_faster_fixed_plan_in_each_stretch(tmp_path: Path) 
     assert row["headroom"] == pytest.approx(best_ms / oracle_ms, abs=1e-4)
     assert row["adaptive_speedup"] == pytest.approx(best_ms / adaptive_ms, abs=1e-4)
     assert 0 < out["captured"] < 1  # it took part of what there was
+    # Per request, its 5 s to first token counts too: each stretch's latency per token is (5 + 20 gap) / 21.
+    per_request = headroom({1: {"static": edge, "all_device": device}}, "static", "adaptive", first=True)
+    assert per_request is not None
+    lpt = [(5 + 20 * g) / 21 for g in (0.1, 0.1, 0.4, 0.4, 0.1, 0.1)]
+    assert per_request["per_repeat"][0]["best_fixed_ms"] == pytest.approx(
+        6 / sum(1 / x for x in lpt) * 1e3, abs=0.01
+    )
 
 
 def test_a_best_plan_fastest_everywhere_leaves_nothing_to_win(tmp_path: Path) -> None:
