@@ -212,3 +212,37 @@ def test_with_the_controller_the_failure_trigger_only_repairs() -> None:
     assert len(alone) == len(TRIGGERS)
     assert all("failover_only" not in t.parameters for t in alone)
     assert deployment_options("s.yaml", controller=False)["parameters"]["failover_only"] is False
+
+
+def test_the_controller_thread_runs_below_the_serving_priority_and_its_deploys_do_not() -> None:
+    """The evaluations' thread runs niced; a reconfiguration's thread, started from it, takes the serve
+    process's priority back (where the process may: root)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.serve import CONTROLLER_NICE_STEP, set_thread_nice
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    niced = min(19, base + CONTROLLER_NICE_STEP)
+
+    def own() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def start_deploy() -> tuple[int, int]:
+        seen: list[int] = []
+
+        def deploy() -> None:
+            set_thread_nice(base)
+            seen.append(own())
+
+        thread = threading.Thread(target=deploy)
+        thread.start()
+        thread.join()
+        return own(), seen[0]
+
+    with ThreadPoolExecutor(1, initializer=set_thread_nice, initargs=(niced,)) as controller:
+        evaluating, deploying = controller.submit(start_deploy).result()
+    assert evaluating == niced
+    assert own() == base  # the caller's thread is untouched
+    if os.geteuid() == 0:
+        assert deploying == base
