@@ -15,6 +15,7 @@ do better.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -40,8 +41,6 @@ def window_gaps(window: Path, bin_s: float = BIN_S, first: bool = False) -> Gaps
     """The token gaps of a window (``samples.parquet``, token rows) by the stretch each token arrived in,
     with ``first`` each request's time to first token too (the stretch's mean is then the requests'
     latency per token); None where the window kept no samples."""
-    import json
-
     import pandas as pd
 
     path = window / "samples.parquet"
