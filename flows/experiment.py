@@ -300,13 +300,8 @@ def audit_moves(
 
 def _token_times(window: Path) -> list[float]:
     """When each token of a window arrived, in seconds from its workload's start."""
-    import pandas as pd
-
-    path = window / "samples.parquet"
-    if not path.exists():
-        return []
-    t0 = json.loads((window / "policy.json").read_text())["t0_wall_s"]
-    return [float(t) - t0 for t in pd.read_parquet(path)["t_s"]]
+    frame = results.window_samples(window)
+    return [] if frame is None else [float(t) for t in frame["rel_s"]]
 
 
 def nothing_ran(summary: Mapping[str, Any]) -> str | None:

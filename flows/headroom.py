@@ -15,13 +15,14 @@ do better.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from flows import results
 
 BIN_S = 10.0  # a stretch of the timeline: several requests' tokens at the scenarios' request rates
 
@@ -41,18 +42,14 @@ def window_gaps(window: Path, bin_s: float = BIN_S, first: bool = False) -> Gaps
     """The token gaps of a window (``samples.parquet``, token rows) by the stretch each token arrived in,
     with ``first`` each request's time to first token too (the stretch's mean is then the requests'
     latency per token); None where the window kept no samples."""
-    import pandas as pd
-
-    path = window / "samples.parquet"
-    if not path.exists():
+    frame = results.window_samples(window)
+    if frame is None:
         return None
-    t0 = json.loads((window / "policy.json").read_text())["t0_wall_s"]
-    frame = pd.read_parquet(path)
     tokens = frame if first else frame[frame["kind"] == "token"]
     total: dict[int, float] = {}
     count: dict[int, int] = {}
-    for t_s, gap_s in zip(tokens["t_s"], tokens["latency_s"], strict=True):
-        b = int((float(t_s) - t0) // bin_s)
+    for rel_s, gap_s in zip(tokens["rel_s"], tokens["latency_s"], strict=True):
+        b = int(float(rel_s) // bin_s)
         total[b] = total.get(b, 0.0) + float(gap_s)
         count[b] = count.get(b, 0) + 1
     return Gaps(total, count)

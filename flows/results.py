@@ -194,6 +194,19 @@ def find_windows(run_dir: Path) -> dict[str, dict[int, Path]]:
     return {p: dict(sorted(windows.items())) for p, windows in sorted(found.items())}
 
 
+def window_samples(window: Path) -> Any | None:
+    """A window's ``samples.parquet`` with ``rel_s``, each row's time from its workload's start
+    (``policy.json``'s ``t0_wall_s``); None where the window kept no samples."""
+    import pandas as pd
+
+    path = window / "samples.parquet"
+    if not path.exists():
+        return None
+    frame = pd.read_parquet(path)
+    frame["rel_s"] = frame["t_s"] - json.loads((window / "policy.json").read_text())["t0_wall_s"]
+    return frame
+
+
 def _draw_window(ax: Any, window: Path, colour: str | None, label: str | None) -> None:
     """One window's per-token latency on a policy's panel: dots, a rolling median, shaded silences and
     its adopted reconfigurations (the time axis starts where its workload started)."""
