@@ -9,7 +9,9 @@ recovered, a node overloaded, recovered or joined) the controller
    background load and how much of its CPU quota is used; on the local backend the declared rates) into
    each link's history: passive, no probe;
 3. records how the plan serving now is doing against what was predicted for it (``predictions.json``);
-4. when something changed (an event, a link rate or load that moved, the calibration drifting), builds
+4. when something changed (an event, a link rate or load that moved, the calibration drifting), or the
+   network has stayed as it was for twice as long as at the last evaluation (the forecast weighs a state
+   by how long it has lasted), builds
    the problem from the cached profiles, the monitored network and the calibration, solves it and
    decides with the forecast (``policies.replan.decide``): a better plan is adopted only if its gain
    while the present network lasts clears the cost of moving to it;
@@ -48,9 +50,9 @@ from flows.state import DeploymentState, load_state
 from mecsplit.files import append_jsonl
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration, observe_switch
-from policies.forecast import Forecast, forecast
+from policies.forecast import WINDOW_S, Forecast, forecast
 from policies.plan import Plan
-from policies.problem import Problem
+from policies.problem import MAX_LOAD, Problem
 from policies.routes import links_used
 from testbed.scenario import Scenario, load_scenario
 
@@ -67,6 +69,9 @@ SETTLE_S = 10.0
 # A plan is left for a better one (other than for a broken constraint) only after the model has learned
 # from this many of its decode steps: until then the calibration describes another plan.
 MIN_LEARNED_STEPS = 20
+# A network unchanged since the last evaluation is evaluated again once it has lasted this long, then
+# each time its age doubles (``Controller._aged``).
+AGED_FLOOR_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,9 @@ class _Watch:
     predicted_s: tuple[tuple[Plan, float], ...] = ()
     # A move was wanted but waited for the model to learn the plan serving: decide again once it has.
     deferred: bool = False
+    at_s: float = 0.0  # when it evaluated (the monitor's clock)
+    refused: bool = False  # its best candidate was another plan, and not adopted
+    since_s: float = 0.0  # since when the network it saw had been as it was (its last change)
 
 
 StartRun = Callable[[dict[str, Any]], str | None]
@@ -274,14 +282,16 @@ class Controller:
             return None
         try:
             changed = self._changed(state, net, problem)
-            if not reasons and changed is None:
+            aged = None if reasons or changed else self._aged(net)
+            if not reasons and changed is None and aged is None:
                 return None
             if not event and net.changed_at_s:  # found by this tick: the reaction is timed from the change
                 event = {"trigger": {"changed_at_s": max(net.changed_at_s.values())}}
             if self.run_active():
                 self._requeue(reasons, event)  # decided once the run in flight is done
                 return None
-            return self._evaluate(state, net, ", ".join(reasons) or changed or "tick", event)
+            reason = ", ".join(reasons) or changed or aged or "tick"
+            return self._evaluate(state, net, reason, event, aged=aged is not None)
         finally:
             if reasons:
                 self._observe(state, problem, net)
@@ -428,6 +438,17 @@ class Controller:
                 return f"model: {plan.layout()} predicted {before_s * 1e3:.1f} -> {now_s * 1e3:.1f} ms/token"
         return None
 
+    def _aged(self, net: NetworkSample) -> str | None:
+        """The network as the last evaluation saw it, for twice as long as it had been then (from
+        ``AGED_FLOOR_S``, up to twice the forecast's window), when that evaluation refused a move. The
+        forecast values a state by how long it has lasted: a move refused as answering a passing change
+        is weighed again while the change stays, a handful of times per change."""
+        w = self._watch
+        age = net.at_s - w.since_s
+        if not w.refused or age > 2 * WINDOW_S or age < max(AGED_FLOOR_S, 2 * (w.at_s - w.since_s)):
+            return None
+        return f"unchanged for {age:.0f} s"
+
     def _candidates(self, problem: Problem, fc: Forecast) -> list[Plan]:
         """The best plan at today's rates and, when the links have a history, the best at their
         typical rates over it (a plan robust to a link that keeps dipping is not the best while it is
@@ -460,7 +481,12 @@ class Controller:
         return _with_rates(problem, judged.now_mbit()), judged
 
     def _evaluate(
-        self, state: DeploymentState, net: NetworkSample, reason: str, event: dict[str, Any]
+        self,
+        state: DeploymentState,
+        net: NetworkSample,
+        reason: str,
+        event: dict[str, Any],
+        aged: bool = False,
     ) -> Evaluation | None:
         from policies.replan import decide, error_bar
 
@@ -473,9 +499,11 @@ class Controller:
         problem = self._problem(state, net)
         if problem is None:
             return None
+        since = net.at_s - 120
         fc = forecast(
-            {link: self.history.series(link, net.at_s - 120) for link in self.history.links()},
-            net.rates_mbit, net.at_s, request_s=_request_s(problem, current),
+            {link: self.history.series(link, since) for link in self.history.links()}, net.rates_mbit,
+            net.at_s, request_s=_request_s(problem, current),
+            load_history={node: self.loads.series(node, since) for node in net.loads}, now_load=net.loads,
         )  # fmt: skip
         rule = {
             "switch_stall_s": self.calibration.switch_stall_s,
@@ -502,7 +530,9 @@ class Controller:
         predicted = ((p, _tpot_s(problem, p)) for p in plans)
         self._watch = _Watch(
             dict(net.rates_mbit), dict(net.loads), net.alive, state.revision,
-            tuple((p, t) for p, t in predicted if t),
+            tuple((p, t) for p, t in predicted if t), at_s=net.at_s,
+            refused=not decision.adopt and candidate.layout() != current.layout(),
+            since_s=self._watch.since_s if aged else net.at_s,
         )  # fmt: skip
         evaluation = Evaluation(
             at_s=time.time(), reason=reason, plan=[list(x) for x in current.layout()],
@@ -657,10 +687,6 @@ def _ready_s(
     }
 
 
-# A node loaded beyond this is priced as this busy: a start still gets some CPU.
-MAX_PRICED_LOAD = 0.95
-
-
 def _start_s(
     state: DeploymentState, net: NetworkSample, node: str, default_s: float, loads: LoadLog | None
 ) -> float:
@@ -673,10 +699,10 @@ def _start_s(
     last = state.starts.get(node)
     if last is None:
         return default_s
-    now = min(MAX_PRICED_LOAD, net.loads.get(node, 0.0))
+    now = min(MAX_LOAD, net.loads.get(node, 0.0))
     seen = loads.mean(node, last.ended_at_s - last.took_s, last.ended_at_s) if loads is not None else None
     then = seen if seen is not None else last.load if last.load is not None else now
-    return last.took_s * (1.0 - min(MAX_PRICED_LOAD, then)) / (1.0 - now)
+    return last.took_s * (1.0 - min(MAX_LOAD, then)) / (1.0 - now)
 
 
 class LoadLog:
@@ -690,6 +716,12 @@ class LoadLog:
         self._samples.append((at_s, dict(loads)))
         while self._samples and self._samples[0][0] < at_s - self.keep_s:
             self._samples.popleft()
+
+    def series(self, node: str, since_s: float) -> tuple[list[float], list[float]]:
+        """The node's ``(times, loads)`` since ``since_s``, oldest first (a node missing from a sample
+        had no load then)."""
+        kept = [(at_s, loads.get(node, 0.0)) for at_s, loads in self._samples if at_s >= since_s]
+        return [t for t, _ in kept], [x for _, x in kept]
 
     def mean(self, node: str, start_s: float, end_s: float) -> float | None:
         """The node's mean load over [start_s, end_s]; None where no sample falls in it."""

@@ -33,7 +33,7 @@ from mecsplit.files import read_cache, write_json
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration
 from policies.plan import Plan
-from policies.problem import Constraints, Link, Node, Problem, Workload
+from policies.problem import MAX_LOAD, Constraints, Link, Node, Problem, Workload
 from testbed.link import BURST_S, MIN_BURST_BYTES
 from testbed.scenario import Scenario
 
@@ -231,7 +231,7 @@ def build_problem(
                 - NODE_LIBRARY_BYTES
                 - GATEWAY_BYTES * (n.name == scenario.source),
             ),
-            load=min(0.95, max(0.0, loads.get(n.name, 0.0))),
+            load=min(MAX_LOAD, max(0.0, loads.get(n.name, 0.0))),
             trust=n.trust / 3,
             cpu_share=n.cpus if testbed else None,
         )

@@ -20,6 +20,12 @@ latency); over ``[a, b]`` the forecast expects ``P / J_now + (b - a - P) x mean_
 and spread (10th and 90th percentiles) over the window are reported with it, and for each snapshot how
 long the joint state it shows lasted (every link within ``RUN_TOLERANCE`` of its rate then): what a
 controller that reacts within seconds could have followed (``policies.replan``).
+
+Nodes' background loads are read the same way, as part of the joint state: their persistence bounds
+``tau``, each snapshot holds every node's load then, and a state lasts while every load stays within
+``LOAD_TOLERANCE`` of its level. Priced as lasting the whole horizon, a load seen for one second on
+industrial's MEC server moved the model to the cloud, which served 20 s later, as the 40 s load was
+half over, and stayed when it ended.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import bisect
 import dataclasses
 import itertools
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 WINDOW_S = 60.0
@@ -40,6 +46,11 @@ MIN_SAMPLES = 10
 DEFAULT_TAU_S = 30.0
 # Rates within this relative distance are one state (the controller's own change bar).
 RUN_TOLERANCE = 0.1
+# Loads (fractions of a node's CPU) within this absolute distance are one state (the controller's bar
+# for a load change: a load is 0 most of the time, where no relative distance means anything).
+LOAD_TOLERANCE = 0.1
+
+Series = Mapping[str, tuple[Sequence[float], Sequence[float]]]  # name -> (times, values), oldest first
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,8 @@ class Forecast:
     # Per snapshot: each link's mean rate over a request around it, which a prompt's prefill meets
     # (empty: the snapshots' own rates).
     smoothed: tuple[Mapping[str, float], ...] = ()
+    # Per snapshot: each node's background load then (empty: the loads of today persist).
+    loads: tuple[Mapping[str, float], ...] = ()
 
     def present_s(self, start_s: float, end_s: float) -> float:
         """How much of ``[start, end]`` today's rates are expected to hold."""
@@ -120,7 +133,7 @@ class Forecast:
         }
         snapshots = tuple({k: min(v, low.get(k, v)) for k, v in s.items()} for s in self.snapshots)
         smoothed = tuple({k: min(v, low.get(k, v)) for k, v in s.items()} for s in self.smoothed)
-        return Forecast(outlooks, self.tau_s, snapshots, self.lasting_s, smoothed)
+        return dataclasses.replace(self, links=outlooks, snapshots=snapshots, smoothed=smoothed)
 
     def now_mbit(self) -> dict[str, float]:
         return {link: o.now_mbit for link, o in self.links.items()}
@@ -130,6 +143,7 @@ class Forecast:
             "tau_s": round(self.tau_s, 3),
             "snapshots": len(self.snapshots),
             "links": {k: vars(v) for k, v in sorted(self.links.items())},
+            "loads": [dict(sorted(x.items())) for x in self.loads],
         }
 
 
@@ -144,62 +158,81 @@ def persistent(now_mbit: Mapping[str, float]) -> Forecast:
 
 
 def forecast(
-    history: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    history: Series,
     now_mbit: Mapping[str, float],
     now_s: float,
     *,
+    load_history: Series | None = None,
+    now_load: Mapping[str, float] | None = None,
     window_s: float = WINDOW_S,
     snapshots: int = SNAPSHOTS,
     request_s: float = 0.0,
 ) -> Forecast:
-    """The forecast from each link's ``(times, rates)`` history (the monitor's samples, oldest first).
+    """The forecast from each link's ``(times, rates)`` history (the monitor's samples, oldest first) and
+    each node's ``(times, loads)`` (``load_history``; ``now_load`` its load now).
 
     ``request_s``: how long a request takes; each snapshot then also has each link's mean rate over
-    that long around it (``smoothed``), the rate a prompt's prefill meets (see ``Forecast``). 0: none."""
+    that long around it (``smoothed``, see ``Forecast``). 0: none."""
     since = now_s - window_s
+    load_history, now_load = load_history or {}, now_load or {}
     outlooks = {}
     covered = False
+    taus = []
     for link, now in now_mbit.items():
         times, rates = history.get(link, ((), ()))
         series = _seconds(times, rates, since)
         covered = covered or len(series) >= MIN_SAMPLES
         ordered = sorted(series) or [now]
+        tau = _longest(_persistence_s(series), _mean_run_s(times, rates, since, now, _same_state))
         outlooks[link] = LinkOutlook(
             now_mbit=now,
             mean_mbit=sum(ordered) / len(ordered),
             p10_mbit=ordered[int(0.1 * (len(ordered) - 1))],
             p90_mbit=ordered[int(0.9 * (len(ordered) - 1))],
-            tau_s=_longest(_persistence_s(series), _mean_run_s(times, rates, since, now)),
+            tau_s=tau,
         )
-    known = [o.tau_s for o in outlooks.values() if o.tau_s is not None]
+        taus.append(tau)
+    for node, now in now_load.items():
+        times, loads = load_history.get(node, ((), ()))
+        series = _seconds(times, loads, since)
+        covered = covered or len(series) >= MIN_SAMPLES
+        taus.append(_longest(_persistence_s(series), _mean_run_s(times, loads, since, now, _same_load)))
+    known = [t for t in taus if t is not None]
     tau = min(known) if known else DEFAULT_TAU_S
     if not covered:
         return Forecast(outlooks, tau)
     picks = [since + window_s * (i + 0.5) / snapshots for i in range(snapshots)]
-    snapshots = tuple(_snapshot(history, now_mbit, t) for t in picks)
-    lasting = tuple(_lasting_s(history, now_mbit, t, now_s) for t in picks)
-    smoothed = tuple(_snapshot(history, now_mbit, t, request_s, now_s) for t in picks if request_s > 0)
-    return Forecast(outlooks, tau, snapshots, lasting, smoothed)
+    return Forecast(
+        outlooks,
+        tau,
+        snapshots=tuple(_snapshot(history, now_mbit, t) for t in picks),
+        lasting_s=tuple(
+            min(
+                _lasting_s(history, now_mbit, t, now_s, _same_state),
+                _lasting_s(load_history, now_load, t, now_s, _same_load),
+            )
+            for t in picks
+        ),
+        smoothed=tuple(_snapshot(history, now_mbit, t, request_s, now_s) for t in picks if request_s > 0),
+        loads=tuple(_snapshot(load_history, now_load, t) for t in picks) if now_load else (),
+    )
 
 
 def _lasting_s(
-    history: Mapping[str, tuple[Sequence[float], Sequence[float]]],
-    now_mbit: Mapping[str, float],
-    t: float,
-    now_s: float,
+    history: Series, now: Mapping[str, float], t: float, now_s: float, same: Callable[[float, float], bool]
 ) -> float:
-    """How long the joint state at time ``t`` lasted: the shortest, over the links, of the run of samples
-    around ``t`` that stay within ``RUN_TOLERANCE`` of the rate at ``t`` (a run still going counts to
-    ``now_s``)."""
+    """How long the joint state at time ``t`` lasted: the shortest, over the series named in ``now``, of
+    the run of samples around ``t`` that stay the ``same`` as the value at ``t`` (a run still going
+    counts to ``now_s``)."""
     shortest = math.inf
-    for link, (times, rates) in history.items():
-        if link not in now_mbit or not times:
+    for name, (times, rates) in history.items():
+        if name not in now or not times:
             continue
         k = max(0, bisect.bisect_right(times, t) - 1)
         lo = hi = k
-        while lo > 0 and _same_state(rates[lo - 1], rates[k]):
+        while lo > 0 and same(rates[lo - 1], rates[k]):
             lo -= 1
-        while hi + 1 < len(rates) and _same_state(rates[hi + 1], rates[k]):
+        while hi + 1 < len(rates) and same(rates[hi + 1], rates[k]):
             hi += 1
         end = now_s if hi + 1 == len(rates) else times[hi + 1]
         shortest = min(shortest, end - times[lo])
@@ -207,7 +240,7 @@ def _lasting_s(
 
 
 def _snapshot(
-    history: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    history: Series,
     now_mbit: Mapping[str, float],
     t: float,
     span_s: float = 0.0,
@@ -256,6 +289,10 @@ def _same_state(rate: float, level: float) -> bool:
     return abs(rate - level) <= RUN_TOLERANCE * max(abs(level), 1e-9)
 
 
+def _same_load(load: float, level: float) -> bool:
+    return abs(load - level) <= LOAD_TOLERANCE
+
+
 def _longest(ar1_s: float | None, runs_s: float | None) -> float | None:
     """A link's persistence by the estimator that sees it longer. They fail in opposite cases: the AR(1)
     reading takes a fresh step of a piecewise-constant rate (a link that just came back) for noise (its
@@ -266,16 +303,22 @@ def _longest(ar1_s: float | None, runs_s: float | None) -> float | None:
     return min(MAX_TAU_S, max(ar1_s, runs_s))
 
 
-def _mean_run_s(times: Sequence[float], rates: Sequence[float], since: float, now: float) -> float | None:
-    """How long the link's states at today's rate lasted: the mean length of its runs of samples
-    within ``RUN_TOLERANCE`` of one level, at a level within that of ``now``, that ended within the
-    window (the first counted from the window's start). None when no such state ended there (a steady
-    link, or a rate not seen before)."""
+def _mean_run_s(
+    times: Sequence[float],
+    rates: Sequence[float],
+    since: float,
+    now: float,
+    same: Callable[[float, float], bool],
+) -> float | None:
+    """How long the series' states at today's value lasted: the mean length of its runs of samples the
+    ``same`` as one level, at a level the same as ``now``, that ended within the window (the first
+    counted from the window's start). None when no such state ended there (a steady link, or a rate not
+    seen before)."""
     runs: list[tuple[float, float]] = []  # (start, level)
     for t, r in zip(times, rates, strict=True):
-        if t >= since and (not runs or not _same_state(r, runs[-1][1])):
+        if t >= since and (not runs or not same(r, runs[-1][1])):
             runs.append((t, r))
-    lengths = [b[0] - a[0] for a, b in itertools.pairwise(runs) if _same_state(a[1], now)]
+    lengths = [b[0] - a[0] for a, b in itertools.pairwise(runs) if same(a[1], now)]
     return sum(lengths) / len(lengths) if lengths else None
 
 

@@ -51,6 +51,11 @@ class ModelSpec(_Frozen):
         return len(self.layers)
 
 
+# The busiest a node's background load is priced: a load the monitor reads as the whole CPU still
+# leaves the node's own processes some of it (CFS shares the quota), and ``Node.load`` must stay below 1.
+MAX_LOAD = 0.95
+
+
 class Node(_Frozen):
     name: str = Field(min_length=1)
     tier: Tier

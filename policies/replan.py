@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict
 from policies.analytic import Violation, node_times, predict, violations, weighted_objective
 from policies.forecast import Forecast, persistent, requests_per_s
 from policies.plan import Metrics, Plan, Stage
-from policies.problem import Problem
+from policies.problem import MAX_LOAD, Problem
 from policies.routes import Routes, all_routes, transfer_s
 
 
@@ -146,13 +146,14 @@ def decide(
     # Until the new stages serve (make-before-break), the current plan does, beside the starts.
     ready = min(horizon_s, cost.weight_s)
     n_cur = fc.served(j_cur, past_cur, 0.0, horizon_s)
-    meanwhile = _beside_starts(problem, _started_on(current, candidate, starting))
+    starts = _started_on(current, candidate, starting)
+    meanwhile = _beside_starts(problem, starts)
     j_meanwhile, past_meanwhile = (
         (j_cur, past_cur)
-        if meanwhile is problem
+        if not starts
         else (
             weighted_objective(meanwhile, predict(meanwhile, current.stages)),
-            _past_costs(meanwhile, current.stages, fc),
+            _past_costs(problem, current.stages, fc, starts),
         )
     )
     j_new = weighted_objective(problem, cand_metrics)
@@ -202,17 +203,22 @@ def _outlasted(broken: Sequence[Violation], fc: Forecast, horizon_s: float, read
     return transient and fc.present_s(0.0, horizon_s) < ready_s
 
 
-def _past_costs(problem: Problem, stages: Sequence[Stage], fc: Forecast) -> list[float]:
-    """The objective per request (seconds) of ``stages`` at each of the forecast's past snapshots: the
-    time to first token at the links' mean rates over a request there (``Forecast.smoothed``), the
-    rest at the snapshot's own rates (``Forecast``'s docstring says why)."""
+def _past_costs(
+    problem: Problem, stages: Sequence[Stage], fc: Forecast, starts: Collection[str] = ()
+) -> list[float]:
+    """The objective per request (seconds) of ``stages`` at each of the forecast's past snapshots (the
+    nodes' loads then, with a start beside the stages on ``starts``): the time to first token at the
+    links' mean rates over a request there (``Forecast.smoothed``), the rest at the snapshot's own rates
+    (``Forecast``'s docstring says why)."""
     out = []
     smoothed = fc.smoothed or fc.snapshots
-    for snap, smooth in zip(fc.snapshots, smoothed, strict=True):
-        past = _at_rates(problem, snap)
+    loads = fc.loads or tuple({} for _ in fc.snapshots)
+    for snap, smooth, load in zip(fc.snapshots, smoothed, loads, strict=True):
+        loaded = _beside_starts(_at_loads(problem, load), set(starts))
+        past = _at_rates(loaded, snap)
         metrics = predict(past, stages)
         if smooth != snap:
-            ttft_s = predict(_at_rates(problem, smooth), stages).ttft_s
+            ttft_s = predict(_at_rates(loaded, smooth), stages).ttft_s
             metrics = metrics.model_copy(update={"ttft_s": ttft_s})
         out.append(weighted_objective(past, metrics))
     return out
@@ -224,6 +230,16 @@ def _at_rates(problem: Problem, rates_mbit: Mapping[str, float]) -> Problem:
         for lk in problem.links
     )
     return problem.model_copy(update={"links": links})
+
+
+def _at_loads(problem: Problem, loads: Mapping[str, float]) -> Problem:
+    if not loads:
+        return problem
+    nodes = tuple(
+        n.model_copy(update={"load": min(MAX_LOAD, max(0.0, loads.get(n.name, n.load)))})
+        for n in problem.nodes
+    )
+    return problem.model_copy(update={"nodes": nodes})
 
 
 def _followed(own: Sequence[float], other: Sequence[float], shares: Sequence[float]) -> list[float]:

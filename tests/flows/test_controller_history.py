@@ -73,6 +73,33 @@ def test_a_move_that_waited_for_the_model_to_learn_is_decided_again_once_it_has(
     assert controller._changed(state, net, problem) is None
 
 
+def test_a_refused_move_is_weighed_again_each_time_the_network_it_answered_doubles_its_age(
+    flows_home: Path,
+) -> None:
+    """The forecast values a state by how long it has lasted: a move refused one second into a load is
+    decided again as the load stays (at 4, 8, 16 ... s of it, up to twice the forecast's window), and
+    not at all when the last evaluation kept the best plan there is."""
+    settings = get_settings()
+    controller = Controller(
+        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
+        view=_Monitor(), settings=settings,
+    )  # fmt: skip
+    everyone = frozenset({"device", "edge", "cloud"})
+
+    def aged(at_s: float) -> str | None:
+        return controller._aged(NetworkSample(at_s=at_s, rates_mbit={}, loads={}, alive=everyone))
+
+    # The load came at 100 s; the move it asked for was refused at 101 s.
+    controller._watch = _Watch({}, {"edge": 0.8}, everyone, 3, (), at_s=101.0, since_s=100.0, refused=True)
+    assert aged(103.0) is None and aged(104.0) == "unchanged for 4 s"
+    controller._watch.at_s = 104.0  # refused again: the next look at twice the age
+    assert aged(107.0) is None and aged(108.0) is not None
+    controller._watch.at_s = 200.0
+    assert aged(400.0) is None  # past twice the window the forecast no longer changes
+    controller._watch = _Watch({}, {"edge": 0.8}, everyone, 3, (), at_s=101.0, since_s=100.0)
+    assert aged(104.0) is None
+
+
 def test_a_move_is_priced_at_each_nodes_last_start_scaled_by_its_load() -> None:
     """A node with a standby loads a stage; one without starts a server, as long as its last start took
     scaled by the CPU its load leaves now against then, or the setting where it never started one; only

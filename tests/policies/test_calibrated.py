@@ -296,6 +296,24 @@ def test_a_prefill_meets_the_links_mean_over_a_request_and_a_decode_step_its_mom
     assert spread.pessimistic({"a-b"}).smoothed == tuple({"a-b": 0.1} for _ in range(8))
 
 
+def test_a_load_just_seen_passes_soon_and_a_load_that_stayed_lasts() -> None:
+    """Node loads are part of the joint state: a load that appeared a second ago on a node idle for the
+    rest of the window is read as passing (the AR(1) reading of a fresh step) and absent from the past;
+    one that has held for the whole window persists, and so does a node that never changed."""
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    fresh = {"m": (times, [0.8 if t >= now - 1 else 0.0 for t in times]), "n": (times, [0.0] * 300)}
+    fc = forecast({}, {}, now, load_history=fresh, now_load={"m": 0.8, "n": 0.0})
+    assert fc.tau_s == MIN_TAU_S
+    assert [x["m"] for x in fc.loads] == [0.0] * 8 and fc.lasting_s[0] == pytest.approx(59.0)
+    stayed = {"m": (times, [0.8] * 300), "n": (times, [0.0] * 300)}
+    held = forecast({}, {}, now, load_history=stayed, now_load={"m": 0.8, "n": 0.0})
+    assert held.tau_s == MAX_TAU_S and [x["m"] for x in held.loads] == [0.8] * 8
+    # Within the tolerance (a monitor's noise of a few points) a load is one state.
+    noisy = {"m": (times, [0.8 + 0.02 * (i % 3) for i in range(300)])}
+    assert forecast({}, {}, now, load_history=noisy, now_load={"m": 0.8}).lasting_s[0] == pytest.approx(60.0)
+
+
 # -------------------------------------------------------------------------------------------- decision
 SLOW = "edge-ap-mec-1"
 
@@ -561,3 +579,36 @@ def test_stores_that_hold_the_layers_fetch_nothing() -> None:
     assert decide(p, current, candidate, 60, holdings=every).cost.weight_bytes == 0
     only_cloud = {n.name: (every[n.name] if n.tier == "cloud" else frozenset()) for n in p.nodes}
     assert decide(p, current, candidate, 60, holdings=only_cloud).cost.weight_bytes > 0
+
+
+def test_a_move_answering_a_load_seen_for_a_second_waits_and_one_for_a_load_that_stayed_is_made() -> None:
+    """The plan's MEC server is loaded to 80 %. The move to the idle one is made when the load is all the
+    forecast knows or has held for the last minute; when the node was at its usual 30 % until a second
+    ago, the load is expected to pass and the move, ready in 20 s, is not made. On industrial, moves made
+    one second into a 40 s load served 20 s later and lost 21-63 %."""
+    p = _base().model_copy(update={"calibration": Calibration()})
+    current = solve(p, "latency_dp")
+    tail = current.stages[-1].node
+    loaded = p.model_copy(update={"nodes": tuple(
+        n.model_copy(update={"load": 0.8}) if n.name == tail else n for n in p.nodes
+    )})  # fmt: skip
+    candidate = solve(loaded, "latency_dp")
+    assert tail not in {s.node for s in candidate.stages}
+    rule = {
+        "ready_s": {n.name: 20.0 for n in p.nodes},
+        "holdings": {n.name: frozenset(range(p.num_layers)) for n in p.nodes},
+        "reaction_s": 2.5,
+    }
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    usual = next(n.load for n in p.nodes if n.name == tail)
+    loads = {n.name: n.load for n in loaded.nodes}
+
+    def decided(history: list[float]) -> Decision:
+        fc = forecast({}, {}, now, load_history={tail: (times, history)}, now_load=loads)
+        return decide(loaded, current, candidate, 60, forecast=fc, **rule)
+
+    assert decide(loaded, current, candidate, 60, forecast=persistent({}), **rule).adopt
+    assert decided([0.8] * 300).adopt
+    fresh = decided([0.8 if t >= now - 1 else usual for t in times])
+    assert not fresh.adopt, fresh.reason
