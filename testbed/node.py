@@ -150,6 +150,10 @@ def ensure_base_image(prefix: str) -> str:
     return name
 
 
+# The checkout this module belongs to: its packages are what every container imports.
+CODE_ROOT = Path(__file__).resolve().parent.parent
+
+
 @dataclass(frozen=True)
 class HostMounts:
     """Host paths bind-mounted read-only into every container at the same absolute path."""
@@ -158,7 +162,7 @@ class HostMounts:
 
     @classmethod
     def discover(cls, store_dir: Path, extra: Sequence[Path] = ()) -> HostMounts:
-        repo = Path(__file__).resolve().parent.parent
+        repo = CODE_ROOT
         # The venv interpreter is a symlink to a base install (pyenv, /usr, ...): mount that too.
         candidates = [
             Path("/usr"),
@@ -312,6 +316,10 @@ def _common_run_args(
         *_hardening_args(pids_limit),
         "-e", "HOME=/tmp", "-e", "PYTHONDONTWRITEBYTECODE=1",
         "-e", "PATH=/usr/local/bin:/usr/bin:/usr/sbin",
+        # The code the containers run is the checkout this testbed runs from (mounted by HostMounts), not
+        # wherever the venv's editable install points: a second checkout (a git worktree) sharing the
+        # venv ran its testbed with the first checkout's code, or none where that was not mounted.
+        "-e", f"PYTHONPATH={CODE_ROOT}",
         *mounts.docker_args(),
     ]  # fmt: skip
 
