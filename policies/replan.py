@@ -16,9 +16,13 @@ The rule (docs/policies.md, "Re-planning"):
    plan is neither chased into a dip nor held against the link's average. The gain, in session-seconds of
    the current plan's service, is ``(N_new - N_cur) x (H / N_cur) x sessions``.
    The controller re-plans when the network changes again, within ``reaction_s``: of a past state that
-   lasted ``L`` (``Forecast.lasting_s``), the share ``1 - reaction_s / L`` after the reaction would be
-   served by the better of the two plans whichever is deployed, so each plan is valued there at that
-   rate; states too brief to follow count at the plan's own. A link that was down for most of the last
+   lasted ``L`` (``Forecast.lasting_s``), the share ``1 - (reaction_s + move_s) / L`` after the reaction
+   and the move would be served by the better of the two plans whichever is deployed, so each plan is
+   valued there at that rate; states too brief to follow count at the plan's own. ``move_s`` is the
+   time until the other plan serves: this move's readiness for the current plan, the move back's for the
+   candidate (its nodes start again unless a standby waits there). Counting the reaction alone, a move
+   to the cloud for a load on industrial's MEC server was valued as if the way back were instant; it
+   needed a 14-20 s start. A link that was down for most of the last
    minute and is back then counts against a move back only by what the move risks, not as if the plan
    would sit through the next outage (without ``reaction_s``: every past state at the plan's own).
 3. The candidate serves only once its new stages are ready (make-before-break: the current plan serves
@@ -138,11 +142,13 @@ def decide(
     j_cur = weighted_objective(problem, cur_metrics)
     raw_cur = _past_costs(problem, current.stages, fc)
     raw_new = _past_costs(problem, candidate.stages, fc)
-    shares = [0.0] * len(raw_cur)
-    if reaction_s is not None and fc.lasting_s:
-        # A state seen for no time at all (one sample, a node that just came back) cannot be followed.
-        shares = [max(0.0, 1.0 - reaction_s / lasted) if lasted > 0 else 0.0 for lasted in fc.lasting_s]
-    past_cur, past_new = _followed(raw_cur, raw_new, shares), _followed(raw_new, raw_cur, shares)
+    # Following a change takes the reaction and then the move's own readiness: the current plan is left
+    # for the candidate as fast as this move serves, the candidate for the current plan as fast as the
+    # move back would (its nodes start again unless warm).
+    back_s = 0.0 if ready_s is None else _ready_s(candidate, current, ready_s)
+    ahead = _follow_shares(fc.lasting_s, reaction_s, cost.weight_s, len(raw_cur))
+    back = _follow_shares(fc.lasting_s, reaction_s, back_s, len(raw_cur))
+    past_cur, past_new = _followed(raw_cur, raw_new, ahead), _followed(raw_new, raw_cur, back)
     # Until the new stages serve (make-before-break), the current plan does, beside the starts.
     ready = min(horizon_s, cost.weight_s)
     n_cur = fc.served(j_cur, past_cur, 0.0, horizon_s)
@@ -173,6 +179,7 @@ def decide(
 
     if same:
         return verdict(False, "same plan")
+    shares = [min(a, b) for a, b in zip(ahead, back, strict=True)]
     contested = _contested(fc, (j_cur, j_new), (raw_cur, raw_new), shares, horizon_s)
     share = (n_new - n_cur) / contested if contested > 0 else 0.0
     if n_cur <= 0 or share < min_gain_ratio:
@@ -240,6 +247,17 @@ def _at_loads(problem: Problem, loads: Mapping[str, float]) -> Problem:
         for n in problem.nodes
     )
     return problem.model_copy(update={"nodes": nodes})
+
+
+def _follow_shares(
+    lasting_s: Sequence[float], reaction_s: float | None, move_s: float, count: int
+) -> list[float]:
+    """Of each past state that lasted ``L``, the share served by the plan the controller moves to: what
+    is left of ``L`` after the reaction and the move (none without ``reaction_s``). A state seen for no
+    time at all (one sample, a node that just came back) cannot be followed."""
+    if reaction_s is None or not lasting_s:
+        return [0.0] * count
+    return [max(0.0, 1.0 - (reaction_s + move_s) / lasted) if lasted > 0 else 0.0 for lasted in lasting_s]
 
 
 def _followed(own: Sequence[float], other: Sequence[float], shares: Sequence[float]) -> list[float]:

@@ -612,3 +612,30 @@ def test_a_move_answering_a_load_seen_for_a_second_waits_and_one_for_a_load_that
     assert decided([0.8] * 300).adopt
     fresh = decided([0.8 if t >= now - 1 else usual for t in times])
     assert not fresh.adopt, fresh.reason
+
+
+def test_following_a_change_back_takes_the_move_backs_own_start() -> None:
+    """The load has held for 12 s of the last minute. Before it, the controller would have gone back to
+    the plan serving now, but only once that plan's node served again: a warm one in half a second, a
+    cold one after a 20 s start, during which the candidate keeps serving at its own rate. The move
+    whose way back is cold gains less."""
+    p = _base().model_copy(update={"calibration": Calibration()})
+    current = solve(p, "latency_dp")
+    tail = current.stages[-1].node
+    loaded = p.model_copy(update={"nodes": tuple(
+        n.model_copy(update={"load": 0.8}) if n.name == tail else n for n in p.nodes
+    )})  # fmt: skip
+    candidate = solve(loaded, "latency_dp")
+    now = 100.0
+    times = [now - 60 + 0.2 * i for i in range(300)]
+    usual = next(n.load for n in p.nodes if n.name == tail)
+    history = {tail: (times, [0.8 if t >= now - 12 else usual for t in times])}
+    fc = forecast({}, {}, now, load_history=history, now_load={n.name: n.load for n in loaded.nodes})
+    holdings = {n.name: frozenset(range(p.num_layers)) for n in p.nodes}
+
+    def gain(back_s: float) -> float:
+        ready = {**{n.name: 20.0 for n in p.nodes}, tail: back_s}
+        return decide(loaded, current, candidate, 60, forecast=fc, ready_s=ready, holdings=holdings,
+                      reaction_s=2.5).gain_s  # fmt: skip
+
+    assert gain(20.0) < gain(0.5) - 0.5
