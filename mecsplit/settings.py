@@ -36,6 +36,12 @@ class SegmentSettings(BaseModel):
     )
     max_kv_bytes: int = Field(default=4 * 1024**3, gt=0)
     threads: int = Field(default=1, gt=0, description="torch threads per segment process")
+    max_batch: int = Field(
+        default=1,
+        gt=0,
+        description="a segment server runs the decode steps of up to this many sessions that wait together "
+        "as one forward pass (1: each alone). Off by default: the cost model does not price batching yet",
+    )
     gateway_port: int = Field(
         default=8000, ge=0, lt=65536, description="OpenAI-compatible gateway port (0: any free port)"
     )

@@ -63,6 +63,7 @@ class LocalChain:
     max_kv_bytes: int | None = None
     max_frame_bytes: int | None = None
     session_idle_s: float | None = None
+    max_batch: int | None = None
     ready_timeout_s: float = 300.0
     host: str = "127.0.0.1"  # the address the servers bind and the chain names
     wrap: tuple[str, ...] = ()  # a command prefix, e.g. ("ip", "netns", "exec", NAME): must exec, not fork
@@ -156,6 +157,7 @@ class LocalChain:
             ("--max-kv-bytes", self.max_kv_bytes),
             ("--max-frame-bytes", self.max_frame_bytes),
             ("--session-idle-s", self.session_idle_s),
+            ("--max-batch", self.max_batch),
         ):
             if value is not None:
                 cmd += [flag, str(value)]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,24 @@ def position_ids_for(attention_mask: torch.Tensor | None, position: int, length:
     # Pad slots get a harmless valid position; their outputs are masked out everywhere.
     positions = positions.masked_fill(attention_mask == 0, 1)
     return positions[:, -length:]
+
+
+def _left_pad(tensor: torch.Tensor | None, length: int, like: torch.Tensor) -> torch.Tensor:
+    """A ``[1, heads, L, d]`` K or V (None: a session with none yet) with zeros before its ``L``
+    positions, up to ``length`` (the mask hides them); ``like``: a K or V of that layer."""
+    held = 0 if tensor is None else tensor.shape[-2]
+    if held == length:
+        assert tensor is not None
+        return tensor
+    pad = like.new_zeros(1, like.shape[1], length - held, like.shape[-1])
+    return pad if tensor is None or held == 0 else torch.cat([pad, tensor], dim=-2)
+
+
+def _kv(state: _Session, layer: int, which: str) -> torch.Tensor | None:
+    """The session's K (``keys``) or V (``values``) of ``layer``; None while it holds no token."""
+    if state.length == 0 or len(state.cache.layers) <= layer:
+        return None
+    return getattr(state.cache.layers[layer], which)
 
 
 def kv_width(config: PretrainedConfig) -> int:
@@ -414,6 +432,82 @@ class SegmentRunner:
                 raise
             state.length = position + length
             return out
+
+    def forward_batch(self, steps: Sequence[tuple[str, torch.Tensor, int]]) -> list[torch.Tensor | Exception]:
+        """One-token steps of several sessions, ``(session, inputs [1, 1, ...], position)``, as one forward
+        pass; each session's output, or the error that refused its step (the others run).
+
+        Each session's KV is left-padded to the longest and masked (``attention_mask``, position ids from
+        it, as ``forward`` takes a left-padded batch), the new token's K and V are appended to each
+        session's own cache afterwards. A session's output is its output alone within the rounding of a
+        larger matrix product (``tests/segments/test_batching.py``); the weights are read once for all.
+        A single step runs as ``forward`` does. A failed pass leaves every session as it was."""
+        with self._lock, torch.inference_mode():
+            out: list[torch.Tensor | Exception] = []
+            ready: list[tuple[int, _Session, torch.Tensor]] = []
+            seen: set[str] = set()
+            for i, (session, inputs, position) in enumerate(steps):
+                try:
+                    ready.append((i, self._batch_step(session, inputs, position, seen), inputs))
+                    out.append(inputs)  # replaced below
+                except (InputError, PositionMismatchError, SessionLimitError, KVMemoryLimitError) as exc:
+                    out.append(exc)
+            if len(ready) == 1:  # alone: the plain step, bit for bit an unbatched server's
+                i, _, inputs = ready[0]
+                out[i] = self.forward(steps[i][0], inputs, steps[i][2])
+            elif ready:
+                try:
+                    outputs = self._run_batch([(state, inputs) for _, state, inputs in ready])
+                except BaseException:
+                    for i, state, _ in ready:  # nothing was appended; a session this step began goes
+                        if state.length == 0:
+                            self._sessions.pop(steps[i][0], None)
+                    raise
+                for (i, _, _), row in zip(ready, outputs, strict=True):
+                    out[i] = row
+            return out
+
+    def _batch_step(self, session: str, inputs: torch.Tensor, position: int, seen: set[str]) -> _Session:
+        if self.is_encoder:
+            raise InputError("an encoder keeps no sessions to batch")
+        if self._check_inputs(inputs) != (1, 1):
+            raise InputError(f"a batched step is one token of one row, got shape {tuple(inputs.shape)}")
+        if session in seen:
+            raise InputError(f"session {session!r} has two steps in one batch")
+        seen.add(session)
+        return self._session_for_forward(session, position, 1, 1)
+
+    def _run_batch(self, rows: Sequence[tuple[_Session, torch.Tensor]]) -> list[torch.Tensor]:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        lengths = [state.length for state, _ in rows]
+        longest = max(lengths)
+        mask = torch.zeros(len(rows), longest + 1, dtype=torch.long)
+        for row, length in enumerate(lengths):
+            mask[row, longest - length :] = 1
+        cache = DynamicCache()
+        layers = range(self.spec.first, self.spec.end)
+        cache.layers.extend(DynamicLayer() for _ in range(self.spec.end))
+        if longest:
+            held = [state for state, _ in rows if state.length]
+            for layer in layers:
+                keys = [_kv(state, layer, "keys") for state, _ in rows]
+                values = [_kv(state, layer, "values") for state, _ in rows]
+                like_k, like_v = _kv(held[0], layer, "keys"), _kv(held[0], layer, "values")
+                assert like_k is not None and like_v is not None
+                cache.layers[layer].update(
+                    torch.cat([_left_pad(k, longest, like_k) for k in keys]),
+                    torch.cat([_left_pad(v, longest, like_v) for v in values]),
+                )
+        inputs = torch.cat([x for _, x in rows])
+        outputs = self._run(inputs, mask, position_ids_for(mask, longest, 1), cache)
+        for row, (state, _) in enumerate(rows):
+            for layer in layers:
+                new = cache.layers[layer]
+                state.cache.update(new.keys[row : row + 1, :, -1:], new.values[row : row + 1, :, -1:], layer)
+            state.length += 1
+        return list(outputs.split(1))
 
     def _run(
         self,

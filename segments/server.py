@@ -32,6 +32,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -135,6 +136,9 @@ class ServerLimits:
     frame_timeout_s: float = 10.0
     peer_timeout_s: float = 10.0
     session_idle_s: float = 600.0  # a session unused this long is dropped (its gateway left without it)
+    # One-token steps of up to this many sessions that wait for the compute thread together run as one
+    # forward pass (1: each alone, bit for bit the whole model's; see ``SegmentServer._run_steps``).
+    max_batch: int = 1
 
 
 @dataclass
@@ -149,6 +153,19 @@ class Stats:
     busy_s: float = 0.0
     queue_len: int = 0
     connections: int = 0
+    batches: int = 0  # forward passes that ran batched decode steps (``max_batch`` > 1)
+    batched_steps: int = 0
+    largest_batch: int = 0
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    """Resolve ``future`` on its loop (a request whose connection went may have cancelled it)."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
 
 
 def rss_bytes() -> int:
@@ -399,6 +416,10 @@ class SegmentServer:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        # One-token steps waiting for the next batch (appended on the loop, taken on the compute thread).
+        self._steps: list[tuple[ForwardRequest, asyncio.Future[Any]]] = []
+        self._steps_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -419,7 +440,7 @@ class SegmentServer:
     async def start(self, host: str, port: int, *, verify_store: bool = False) -> int:
         """Load the range and listen. ``verify_store`` first hashes every file of the model, so any range
         ``load_range`` is given later is loaded without reading the store again (a warm standby)."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         if verify_store:
             from segments import store
 
@@ -539,10 +560,15 @@ class SegmentServer:
                 raise BadRequestError(f"mask must be int64 [B, position + T] = [{b}, {req.position + t}]")
 
     def _compute_forward(self, req: ForwardRequest) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        return self._output(req, self.runner.forward(req.session, self._inputs(req), req.position, req.mask))
+
+    def _inputs(self, req: ForwardRequest) -> torch.Tensor:
         import torch
 
-        x = req.x if self.runner.is_first else req.x.to(torch.float32)
-        out = self.runner.forward(req.session, x, req.position, req.mask)
+        return req.x if self.runner.is_first else req.x.to(torch.float32)
+
+    def _output(self, req: ForwardRequest, out: torch.Tensor) -> Result:
+        """What the hop sends on: the next hop's input, or on the last hop the token, logits or states."""
         if not self.runner.is_last:
             return {}, {"x": out.to(torch_dtype(req.wire_dtype))}
         result: dict[str, Any] = {}
@@ -684,8 +710,67 @@ class SegmentServer:
             )
             return
         self._track(req.request_id, conn)
-        future = self._submit(lambda: self._timed_forward(req))
+        if self._batchable(req):
+            future = self._batched(req)
+        else:
+            future = self._submit(lambda: self._timed_forward(req))
         conn.spawn(self._finish_forward(conn, req, future))
+
+    def _batchable(self, req: ForwardRequest) -> bool:
+        """A decode step: one token of one row of a session already begun, without a mask."""
+        return (
+            self.limits.max_batch > 1
+            and not self.runner.is_encoder
+            and req.position > 0
+            and req.mask is None
+            and tuple(req.x.shape[:2]) == (1, 1)
+        )
+
+    def _batched(self, req: ForwardRequest) -> asyncio.Future[Any]:
+        """Queue a decode step for the next batch; the first step to wait queues the batch's run."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        with self._steps_lock:
+            self._steps.append((req, future))
+            first = len(self._steps) == 1
+        if first:
+            self._submit(self._run_steps)
+        return future
+
+    def _run_steps(self) -> None:
+        """On the compute thread: the decode steps that queued while it was busy, up to ``max_batch``, as
+        one forward pass (continuous batching: sessions join and leave between passes, none waits for a
+        batch to fill). Each step's stamp has the pass's wall time, which it waited, and its share of the
+        CPU. A step refused (its position, the session limits) fails alone."""
+        with self._steps_lock:
+            taken, self._steps = self._steps[: self.limits.max_batch], self._steps[self.limits.max_batch :]
+            more = bool(self._steps)
+        assert self._loop is not None
+        if more:  # the rest run next, after what queued meanwhile
+            self._loop.call_soon_threadsafe(self._submit, self._run_steps)
+        if not taken:
+            return
+        started_s, cpu0 = time.time(), time.thread_time()
+        try:
+            steps = [(r.session, self._inputs(r), r.position) for r, _ in taken]
+            outs: list[Any] = self.runner.forward_batch(steps)
+        except Exception as exc:  # the pass failed: every step in it fails, the sessions are as they were
+            outs = [exc] * len(taken)
+        done_s = time.time()
+        cpu_s = (time.thread_time() - cpu0) / len(taken)
+        self.stats.batches += 1
+        self.stats.batched_steps += len(taken)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(taken))
+        for (req, future), out in zip(taken, outs, strict=True):
+            try:
+                if isinstance(out, Exception):
+                    raise out
+                stamp = HopStamp(
+                    first=self.first, arrived_s=req.arrived_s, queue_s=max(0.0, started_s - req.arrived_s),
+                    compute_s=done_s - started_s, cpu_s=cpu_s, left_s=done_s, bytes_in=req.bytes_in,
+                )  # fmt: skip
+                self._loop.call_soon_threadsafe(_settle, future, (self._output(req, out), stamp), None)
+            except Exception as exc:
+                self._loop.call_soon_threadsafe(_settle, future, None, exc)
 
     def _timed_forward(self, req: ForwardRequest) -> tuple[Result, HopStamp]:
         """The forward and what it cost this hop: queue, wall and CPU time (the compute thread's own,
@@ -785,6 +870,9 @@ class SegmentServer:
             "frames_in": s.frames_in,
             "frames_out": s.frames_out,
             "forwards": s.forwards,
+            "batches": s.batches,
+            "batched_steps": s.batched_steps,
+            "largest_batch": s.largest_batch,
             "errors": s.errors,
             "connections": s.connections,
             "sessions": self.session_count,
@@ -1003,6 +1091,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-kv-bytes", type=int, default=seg.max_kv_bytes)
     p.add_argument("--max-frame-bytes", type=int, default=seg.max_frame_bytes)
     p.add_argument(
+        "--max-batch",
+        type=int,
+        default=seg.max_batch,
+        help="run the decode steps of up to this many sessions that wait together as one forward pass "
+        "(1: each alone, bit for bit the whole model's output)",
+    )
+    p.add_argument(
         "--session-idle-s",
         type=float,
         default=seg.session_idle_s,
@@ -1030,6 +1125,7 @@ async def _amain(args: argparse.Namespace) -> int:
         max_kv_bytes=args.max_kv_bytes,
         threads=args.threads,
         session_idle_s=args.session_idle_s,
+        max_batch=args.max_batch,
     )
     server = SegmentServer(args.store, args.model, args.first, args.end, credentials, limits)
     if args.background and can_restore_priority():

@@ -389,6 +389,44 @@ def bench_overhead_cmd(
     typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
 
 
+def bench_batching_cmd(
+    model: str = typer.Option("smollm2-135m", help="model preset"),
+    segments: int = typer.Option(2, "--segments", "-k", help="number of segment processes"),
+    sessions: str = typer.Option("1,4,16", help="concurrencies to measure, comma-separated"),
+    tokens: int = typer.Option(16, help="tokens each session generates"),
+    runs: int = typer.Option(3, help="runs of each concurrency on each chain (interleaved)"),
+    prompt_tokens: int = typer.Option(32, help="prompt length of each session"),
+    max_batch: int = typer.Option(16, help="--max-batch of the batching chain's servers"),
+    threads: int | None = typer.Option(None, help="torch threads per segment process"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    store: Path | None = typer.Option(None, help="store folder (default: $MECSPLIT_HOME/store)"),
+) -> None:
+    """C sessions generating at once on a K-process chain on loopback, its servers batching decode steps
+    (--max-batch) against the same chain running each step alone, measured in the same run: aggregate
+    tokens/s, TTFT and TPOT p50/p95 per concurrency (segments/batch_bench.py)."""
+    from segments.batch_bench import BatchingBenchConfig, run_batching_bench
+    from segments.errors import SegmentError
+
+    _exit_cleanly_on_sigterm()
+    store_dir = _store_dir(store)
+    try:
+        counts = tuple(int(x) for x in sessions.split(",") if x.strip())
+        if not counts or min(counts) < 1 or tokens < 2 or runs < 1 or prompt_tokens < 1 or max_batch < 2:
+            raise ValueError(
+                "--sessions takes positive counts, --tokens at least 2, --runs and --prompt-tokens at "
+                "least 1, --max-batch at least 2"
+            )
+        n = _ensure_model(store_dir, model)
+        config = BatchingBenchConfig(
+            model=model, specs=_specs(model, n, segments, None), sessions=counts, tokens=tokens, runs=runs,
+            prompt_tokens=prompt_tokens, max_batch=max_batch, threads=_threads(threads),
+        )  # fmt: skip
+    except (SegmentError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    result = run_batching_bench(store_dir, config, progress=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps(result) if as_json else json.dumps(result, indent=2))
+
+
 # -------------------------------------------------------------------------------------------- gateway
 
 
@@ -558,6 +596,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     app.command("verify")(verify_cmd)
     app.command("gateway")(gateway_cmd)
     bench.command("overhead")(bench_overhead_cmd)
+    bench.command("batching")(bench_batching_cmd)
     bench.command("resplit")(bench_resplit_cmd)
     bench.command("failover")(bench_failover_cmd)
     bench.command("fuzz")(bench_fuzz_cmd)

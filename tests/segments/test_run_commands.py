@@ -33,3 +33,20 @@ def test_generate_prints_text_and_timings(wire_store: Path) -> None:
     result = json.loads(out.stdout)
     assert result["new_tokens"] == 4 and result["ttft_ms"] > 0 and result["per_token_median_ms"] > 0
     assert len(result["rss_bytes"]) == 2
+
+
+def test_bench_batching_prints_both_chains_per_concurrency(wire_store: Path) -> None:
+    out = _mecsplit("bench", "batching", "--model", "llama-tiny", "--sessions", "1,4", "--tokens", "3",
+                    "--runs", "1", "--prompt-tokens", "4", "--max-batch", "4", "--json",
+                    "--store", str(wire_store))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert set(result["by_sessions"]) == {"1", "4"}
+    for row in result["by_sessions"].values():
+        for chain in ("unbatched", "batched"):
+            assert (
+                row[chain]["tokens_per_s"] > 0 and row[chain]["tpot_p95_ms"] >= row[chain]["tpot_p50_ms"] > 0
+            )
+        assert row["batched_over_unbatched_tokens_per_s"] > 0
+    bad = _mecsplit("bench", "batching", "--sessions", "0", "--store", str(wire_store))
+    assert bad.returncode == 1 and "--sessions takes positive counts" in bad.stderr
