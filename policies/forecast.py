@@ -88,6 +88,10 @@ class Forecast:
     smoothed: tuple[Mapping[str, float], ...] = ()
     # Per snapshot: each node's background load then (empty: the loads of today persist).
     loads: tuple[Mapping[str, float], ...] = ()
+    # Per snapshot: how long each link's rate (each node's load) stayed as it was then; ``lasting_s`` is
+    # the shortest of them (``policies.replan`` follows the state of what sets two plans apart).
+    link_runs_s: tuple[Mapping[str, float], ...] = ()
+    load_runs_s: tuple[Mapping[str, float], ...] = ()
 
     def present_s(self, start_s: float, end_s: float) -> float:
         """How much of ``[start, end]`` today's rates are expected to hold."""
@@ -202,29 +206,29 @@ def forecast(
     if not covered:
         return Forecast(outlooks, tau)
     picks = [since + window_s * (i + 0.5) / snapshots for i in range(snapshots)]
+    link_runs = tuple(_runs_s(history, now_mbit, t, now_s, _same_state) for t in picks)
+    load_runs = tuple(_runs_s(load_history, now_load, t, now_s, _same_load) for t in picks)
     return Forecast(
         outlooks,
         tau,
         snapshots=tuple(_snapshot(history, now_mbit, t) for t in picks),
         lasting_s=tuple(
-            min(
-                _lasting_s(history, now_mbit, t, now_s, _same_state),
-                _lasting_s(load_history, now_load, t, now_s, _same_load),
-            )
-            for t in picks
+            min([*links.values(), *loads.values()], default=math.inf)
+            for links, loads in zip(link_runs, load_runs, strict=True)
         ),
         smoothed=tuple(_snapshot(history, now_mbit, t, request_s, now_s) for t in picks if request_s > 0),
         loads=tuple(_snapshot(load_history, now_load, t) for t in picks) if now_load else (),
+        link_runs_s=link_runs,
+        load_runs_s=load_runs,
     )
 
 
-def _lasting_s(
+def _runs_s(
     history: Series, now: Mapping[str, float], t: float, now_s: float, same: Callable[[float, float], bool]
-) -> float:
-    """How long the joint state at time ``t`` lasted: the shortest, over the series named in ``now``, of
-    the run of samples around ``t`` that stay the ``same`` as the value at ``t`` (a run still going
-    counts to ``now_s``)."""
-    shortest = math.inf
+) -> dict[str, float]:
+    """For each series named in ``now``, how long the run of samples around ``t`` that stay the ``same``
+    as the value at ``t`` lasted (a run still going counts to ``now_s``)."""
+    runs = {}
     for name, (times, rates) in history.items():
         if name not in now or not times:
             continue
@@ -235,8 +239,8 @@ def _lasting_s(
         while hi + 1 < len(rates) and same(rates[hi + 1], rates[k]):
             hi += 1
         end = now_s if hi + 1 == len(rates) else times[hi + 1]
-        shortest = min(shortest, end - times[lo])
-    return shortest
+        runs[name] = end - times[lo]
+    return runs
 
 
 def _snapshot(

@@ -59,7 +59,7 @@ from policies.analytic import Violation, node_times, predict, violations, weight
 from policies.forecast import Forecast, persistent, requests_per_s
 from policies.plan import Metrics, Plan, Stage
 from policies.problem import MAX_LOAD, Problem
-from policies.routes import Routes, all_routes, transfer_s
+from policies.routes import Routes, all_routes, links_used, transfer_s
 
 
 class MigrationCost(BaseModel):
@@ -146,8 +146,9 @@ def decide(
     # for the candidate as fast as this move serves, the candidate for the current plan as fast as the
     # move back would (its nodes start again unless warm).
     back_s = 0.0 if ready_s is None else _ready_s(candidate, current, ready_s)
-    ahead = _follow_shares(fc.lasting_s, reaction_s, cost.weight_s, len(raw_cur))
-    back = _follow_shares(fc.lasting_s, reaction_s, back_s, len(raw_cur))
+    lasting = _lasting_apart(problem, current.stages, candidate.stages, fc)
+    ahead = _follow_shares(lasting, reaction_s, cost.weight_s, len(raw_cur))
+    back = _follow_shares(lasting, reaction_s, back_s, len(raw_cur))
     past_cur, past_new = _followed(raw_cur, raw_new, ahead), _followed(raw_new, raw_cur, back)
     # Until the new stages serve (make-before-break), the current plan does, beside the starts.
     ready = min(horizon_s, cost.weight_s)
@@ -247,6 +248,29 @@ def _at_loads(problem: Problem, loads: Mapping[str, float]) -> Problem:
         for n in problem.nodes
     )
     return problem.model_copy(update={"nodes": nodes})
+
+
+def _lasting_apart(
+    problem: Problem, current: Sequence[Stage], candidate: Sequence[Stage], fc: Forecast
+) -> tuple[float, ...]:
+    """Per snapshot, how long the state that sets the two plans apart lasted: the shortest run among the
+    links one plan crosses and the other does not, and the loads of the nodes where the plans compute
+    different layers. A link both cross alike (the source's access link) changes both plans alike: its
+    swings end no state the controller would follow. On industrial the AGV's cellular link changed every
+    second or two, and a MEC load that had lasted 40 s was counted as states of 1-2 s that no
+    controller follows. Without per-series runs, or where nothing sets the plans apart: every series."""
+    if not fc.link_runs_s:
+        return fc.lasting_s
+    links = links_used(problem, [s.node for s in current]) ^ links_used(problem, [s.node for s in candidate])
+    layers = {s.node: (s.first, s.end) for s in current}
+    other = {s.node: (s.first, s.end) for s in candidate}
+    nodes = {n for n in layers.keys() | other.keys() if layers.get(n) != other.get(n)}
+    out = []
+    for joint, link_runs, load_runs in zip(fc.lasting_s, fc.link_runs_s, fc.load_runs_s, strict=True):
+        runs = [link_runs[k] for k in links if k in link_runs]
+        runs += [load_runs[n] for n in nodes if n in load_runs]
+        out.append(min(runs) if runs else joint)
+    return tuple(out)
 
 
 def _follow_shares(

@@ -49,6 +49,8 @@ def test_a_link_to_a_node_that_is_down_gathers_no_history(flows_home: Path) -> N
     assert len(controller.history.series("device-edge", 0.0)[0]) == 5
     times, _ = controller.history.series("edge-cloud", 0.0)  # the nominal 50 while cloud was down: not kept
     assert list(times) == [3.0, 4.0]
+    # Cloud came back at 3 s: the traffic is learned from again only SETTLE_S after that.
+    assert controller._alive_changed_s == 3.0
 
 
 def test_a_move_that_waited_for_the_model_to_learn_is_decided_again_once_it_has(flows_home: Path) -> None:
