@@ -221,8 +221,8 @@ class Controller:
         self._watch = _Watch()
         # Nodes up, and when that last changed: a node failing or coming back is a transient like a new
         # deployment (steps held in a dead node's buffers, recoveries), and for ``SETTLE_S`` after it the
-        # traffic teaches nothing. On industrial, steps stalled across the MEC server's 20 s failure were
-        # learned as the cloud plan's pace: 173 -> 1,830 ms a token predicted, and a move that lost 60 %.
+        # traffic teaches nothing. (It did not remove industrial's jump of the cloud plan's prediction
+        # after the MEC server came back, 167 -> 1,036 ms a token: that cause is still open.)
         self._alive: frozenset[str] | None = None
         self._alive_changed_s = 0.0
         self._base: tuple[tuple[Any, ...], Problem | None] | None = None
