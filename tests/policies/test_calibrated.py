@@ -23,7 +23,7 @@ from policies.calibration import (
 )
 from policies.contention import Quota, Station, cycle_time_s, queue_lengths
 from policies.forecast import MAX_TAU_S, MIN_TAU_S, Forecast, forecast, persistent
-from policies.plan import Stage
+from policies.plan import Plan, Stage
 from policies.replan import Decision
 from policies.routes import all_routes, links_used
 
@@ -581,18 +581,24 @@ def test_stores_that_hold_the_layers_fetch_nothing() -> None:
     assert decide(p, current, candidate, 60, holdings=only_cloud).cost.weight_bytes > 0
 
 
+def _tail_loaded() -> tuple[Problem, Plan, str, Problem, Plan]:
+    """The example with its best plan, that plan's last node (a MEC server), the example with that node
+    80 % loaded, and the best plan then (which avoids it)."""
+    p = _base().model_copy(update={"calibration": Calibration()})
+    best = solve(p, "latency_dp")
+    tail = best.stages[-1].node
+    loaded = p.model_copy(update={"nodes": tuple(
+        n.model_copy(update={"load": 0.8}) if n.name == tail else n for n in p.nodes
+    )})  # fmt: skip
+    return p, best, tail, loaded, solve(loaded, "latency_dp")
+
+
 def test_a_move_answering_a_load_seen_for_a_second_waits_and_one_for_a_load_that_stayed_is_made() -> None:
     """The plan's MEC server is loaded to 80 %. The move to the idle one is made when the load is all the
     forecast knows or has held for the last minute; when the node was at its usual 30 % until a second
     ago, the load is expected to pass and the move, ready in 20 s, is not made. On industrial, moves made
     one second into a 40 s load served 20 s later and lost 21-63 %."""
-    p = _base().model_copy(update={"calibration": Calibration()})
-    current = solve(p, "latency_dp")
-    tail = current.stages[-1].node
-    loaded = p.model_copy(update={"nodes": tuple(
-        n.model_copy(update={"load": 0.8}) if n.name == tail else n for n in p.nodes
-    )})  # fmt: skip
-    candidate = solve(loaded, "latency_dp")
+    p, current, tail, loaded, candidate = _tail_loaded()
     assert tail not in {s.node for s in candidate.stages}
     rule = {
         "ready_s": {n.name: 20.0 for n in p.nodes},
@@ -619,13 +625,7 @@ def test_following_a_change_back_takes_the_move_backs_own_start() -> None:
     the plan serving now, but only once that plan's node served again: a warm one in half a second, a
     cold one after a 20 s start, during which the candidate keeps serving at its own rate. The move
     whose way back is cold gains less."""
-    p = _base().model_copy(update={"calibration": Calibration()})
-    current = solve(p, "latency_dp")
-    tail = current.stages[-1].node
-    loaded = p.model_copy(update={"nodes": tuple(
-        n.model_copy(update={"load": 0.8}) if n.name == tail else n for n in p.nodes
-    )})  # fmt: skip
-    candidate = solve(loaded, "latency_dp")
+    p, current, tail, loaded, candidate = _tail_loaded()
     now = 100.0
     times = [now - 60 + 0.2 * i for i in range(300)]
     usual = next(n.load for n in p.nodes if n.name == tail)
@@ -647,13 +647,7 @@ def test_a_link_both_plans_cross_alike_does_not_cut_the_state_that_sets_them_apa
     controller would leave the plan that avoids the server and come back, so the move back to the server
     is valued by the load's 40 s, not by the access link's 1 s states, and is worth more (industrial's
     AGV link). Here it still does not pay: the server is only 7 % faster unloaded."""
-    p = _base().model_copy(update={"calibration": Calibration()})
-    best = solve(p, "latency_dp")
-    tail = best.stages[-1].node
-    loaded = p.model_copy(update={"nodes": tuple(
-        n.model_copy(update={"load": 0.8}) if n.name == tail else n for n in p.nodes
-    )})  # fmt: skip
-    away = solve(loaded, "latency_dp")
+    p, best, tail, _, away = _tail_loaded()
     now = 100.0
     times = [now - 60 + 0.2 * i for i in range(300)]
     usual = next(n.load for n in p.nodes if n.name == tail)
