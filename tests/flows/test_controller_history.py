@@ -150,3 +150,42 @@ def test_a_plan_that_lost_a_node_is_left_to_the_deployments_failover(flows_home:
     controller._problem = lambda *_: pytest.fail("the controller priced plans on a chain that lost a node")  # type: ignore[method-assign]
     assert controller._evaluate(state, net, "nodes up or down", {}) is None
     assert not started and not controller.evaluations
+
+
+def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_home: Path) -> None:
+    """After a change ends, the solver's best plan for today's network is not always the plan that
+    served before it: that plan is a candidate of its own, the latest served first, unless it no longer
+    fits (a node it used is gone)."""
+    from test_calibrate import _problem
+
+    from policies.forecast import persistent
+
+    settings = get_settings()
+    controller = Controller(
+        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
+        view=_Monitor(), settings=settings,
+    )  # fmt: skip
+    problem = _problem(testbed=True)
+    fc = persistent({f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links})
+    best = controller._candidates(problem, fc)
+    before = best[0].model_copy(
+        update={"stages": [Stage(node="device", first=0, end=2), Stage(node="cloud", first=2, end=8)]}
+    )
+    older = best[0].model_copy(
+        update={"stages": [Stage(node="device", first=0, end=1), Stage(node="edge", first=1, end=8)]}
+    )
+    assert all(p.layout() not in (before.layout(), older.layout()) for p in best)
+    controller._served = {older.layout(): older, before.layout(): before}
+    assert [p.layout() for p in controller._candidates(problem, fc)] == [
+        *(p.layout() for p in best),
+        before.layout(),
+        older.layout(),
+    ]
+    without_cloud = problem.model_copy(
+        update={
+            "nodes": [n for n in problem.nodes if n.name != "cloud"],
+            "links": [lk for lk in problem.links if "cloud" not in (lk.a, lk.b)],
+        }
+    )
+    layouts = [p.layout() for p in controller._candidates(without_cloud, persistent({"device-edge": 20.0}))]
+    assert before.layout() not in layouts and older.layout() in layouts
