@@ -462,11 +462,11 @@ class Controller:
             return None
         return f"unchanged for {age:.0f} s"
 
-    def _candidates(self, problem: Problem, fc: Forecast) -> list[Plan]:
+    def _candidates(self, problem: Problem, fc: Forecast, current: Plan) -> list[Plan]:
         """The best plan at today's rates and, when the links have a history, the best at their
         typical rates over it (a plan robust to a link that keeps dipping is not the best while it is
-        up), and the plans served before that still fit (``SERVED_CANDIDATES``, the latest first); the
-        rule then values each against the whole forecast.
+        up), and the plans served before ``current`` that still fit (``SERVED_CANDIDATES``, the latest
+        first); the rule then values each against the whole forecast.
 
         The solver's best plan answers today's network only. Right after a change ends (a load, a dip)
         the forecast still holds it, and the best plan for today's network alone is often not the one
@@ -489,8 +489,11 @@ class Controller:
             except InfeasibleError:
                 if rates is None:
                     plans.append(solve(_without_slo(p), self.config.policy))
-        served = [p for p in reversed(self._served.values()) if not violations(problem, p.stages)]
-        plans.extend(served[: SERVED_CANDIDATES + 1])  # the plan serving is one of them
+        served = [
+            p for p in reversed(self._served.values())
+            if p.layout() != current.layout() and not violations(problem, p.stages)
+        ]  # fmt: skip
+        plans.extend(served[:SERVED_CANDIDATES])
         unique = {plan.layout(): plan for plan in reversed(plans)}
         return list(reversed(unique.values()))
 
@@ -540,7 +543,7 @@ class Controller:
         self._served[current.layout()] = current
         bar = error_bar(self.decisions.ratios(), self.config.min_gain_ratio)
         decisions = []
-        for plan in self._candidates(problem, fc):
+        for plan in self._candidates(problem, fc, current):
             judged, judged_fc = self._judged(problem, fc, plan)
             # A plan served before is no bet on the model's record of new plans: moving back to it (off a
             # new plan that disappoints) is held only by the configured least gain.
@@ -549,8 +552,11 @@ class Controller:
                 judged, current, plan, self.config.horizon_s, forecast=judged_fc, min_gain_ratio=least, **rule
             )
             decisions.append((_held_by_memory(decided, self.scenario, state, plan), plan))
-        # The adopted candidate gaining most; none adopted: the one that came closest, for the record.
-        decision, candidate = max(decisions, key=lambda d: (d[0].adopt, d[0].gain_s))
+        # The adopted candidate gaining most; none adopted: the other plan that came closest, for the
+        # record (the plan serving only when there is no other).
+        decision, candidate = max(
+            decisions, key=lambda d: (d[0].adopt, d[1].layout() != current.layout(), d[0].gain_s)
+        )
         plans = {p.layout(): p for p in (current, candidate)}.values()
         predicted = ((p, _tpot_s(problem, p)) for p in plans)
         self._watch = _Watch(

@@ -158,6 +158,7 @@ def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_h
     fits (a node it used is gone)."""
     from test_calibrate import _problem
 
+    from policies import solve
     from policies.forecast import persistent
 
     settings = get_settings()
@@ -167,7 +168,8 @@ def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_h
     )  # fmt: skip
     problem = _problem(testbed=True)
     fc = persistent({f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links})
-    best = controller._candidates(problem, fc)
+    current = solve(problem, "latency_dp")
+    best = controller._candidates(problem, fc, current)
     before = best[0].model_copy(
         update={"stages": [Stage(node="device", first=0, end=2), Stage(node="cloud", first=2, end=8)]}
     )
@@ -175,8 +177,8 @@ def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_h
         update={"stages": [Stage(node="device", first=0, end=1), Stage(node="edge", first=1, end=8)]}
     )
     assert all(p.layout() not in (before.layout(), older.layout()) for p in best)
-    controller._served = {older.layout(): older, before.layout(): before}
-    assert [p.layout() for p in controller._candidates(problem, fc)] == [
+    controller._served = {older.layout(): older, before.layout(): before, current.layout(): current}
+    assert [p.layout() for p in controller._candidates(problem, fc, current)] == [
         *(p.layout() for p in best),
         before.layout(),
         older.layout(),
@@ -187,5 +189,7 @@ def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_h
             "links": [lk for lk in problem.links if "cloud" not in (lk.a, lk.b)],
         }
     )
-    layouts = [p.layout() for p in controller._candidates(without_cloud, persistent({"device-edge": 20.0}))]
+    layouts = [
+        p.layout() for p in controller._candidates(without_cloud, persistent({"device-edge": 20.0}), current)
+    ]
     assert before.layout() not in layouts and older.layout() in layouts
