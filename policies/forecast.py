@@ -92,6 +92,18 @@ class Forecast:
     # the shortest of them (``policies.replan`` follows the state of what sets two plans apart).
     link_runs_s: tuple[Mapping[str, float], ...] = ()
     load_runs_s: tuple[Mapping[str, float], ...] = ()
+    # Each node's load's persistence (None: too short a history); the links' are in ``links``.
+    load_taus_s: Mapping[str, float | None] = dataclasses.field(default_factory=dict)
+
+    def apart(self, links: Collection[str], nodes: Collection[str]) -> Forecast:
+        """This forecast with the present lasting as long as the series in ``links`` and the loads of
+        ``nodes`` persist (the shortest of those known), not as long as the most volatile series: a link
+        that changes every second but alike for two plans does not make the state that sets them apart
+        pass sooner (``policies.replan``). Unchanged when none of them has a known persistence."""
+        taus = [o.tau_s for k, o in self.links.items() if k in links]
+        taus += [t for n, t in self.load_taus_s.items() if n in nodes]
+        known = [t for t in taus if t is not None]
+        return dataclasses.replace(self, tau_s=min(known)) if known else self
 
     def present_s(self, start_s: float, end_s: float) -> float:
         """How much of ``[start, end]`` today's rates are expected to hold."""
@@ -196,15 +208,17 @@ def forecast(
             tau_s=tau,
         )
         taus.append(tau)
+    load_taus: dict[str, float | None] = {}
     for node, now in now_load.items():
         times, loads = load_history.get(node, ((), ()))
         series = _seconds(times, loads, since)
         covered = covered or len(series) >= MIN_SAMPLES
-        taus.append(_longest(_persistence_s(series), _mean_run_s(times, loads, since, now, _same_load)))
+        load_taus[node] = _longest(_persistence_s(series), _mean_run_s(times, loads, since, now, _same_load))
+        taus.append(load_taus[node])
     known = [t for t in taus if t is not None]
     tau = min(known) if known else DEFAULT_TAU_S
     if not covered:
-        return Forecast(outlooks, tau)
+        return Forecast(outlooks, tau, load_taus_s=load_taus)
     picks = [since + window_s * (i + 0.5) / snapshots for i in range(snapshots)]
     link_runs = tuple(_runs_s(history, now_mbit, t, now_s, _same_state) for t in picks)
     load_runs = tuple(_runs_s(load_history, now_load, t, now_s, _same_load) for t in picks)
@@ -220,6 +234,7 @@ def forecast(
         loads=tuple(_snapshot(load_history, now_load, t) for t in picks) if now_load else (),
         link_runs_s=link_runs,
         load_runs_s=load_runs,
+        load_taus_s=load_taus,
     )
 
 

@@ -13,7 +13,13 @@ The rule (docs/policies.md, "Re-planning"):
    joint snapshots of the rates, and ``P = tau (1 - exp(-H / tau))`` the share of the horizon today's
    rates are expected to hold. On a steady link that is today's value; on a link that swings every few
    seconds (``tau`` about a second) it is the plan's value over what the link has lately been doing, so a
-   plan is neither chased into a dip nor held against the link's average. The gain, in session-seconds of
+   plan is neither chased into a dip nor held against the link's average. ``tau`` is that of the state
+   that sets the two plans apart (``Forecast.apart``: the links one plan crosses and the other does
+   not, the loads of the nodes where they compute different layers), not of every series: on
+   industrial the AGV's cellular link, which both plans cross, changes every second or two, and after
+   the MEC server's 40 s load ended the unloaded present counted for 5 s of a minute's horizon, so the
+   plan through the server was valued at par with the cloud plan it measured 35 % faster than.
+   The gain, in session-seconds of
    the current plan's service, is ``(N_new - N_cur) x (H / N_cur) x sessions``.
    The controller re-plans when the network changes again, within ``reaction_s``: of a past state that
    lasted ``L`` (``Forecast.lasting_s``), the share ``1 - (reaction_s + move_s) / L`` after the reaction
@@ -138,6 +144,7 @@ def decide(
             current=None,
             candidate=cand_metrics,
         )
+    fc = fc.apart(*_apart(problem, current.stages, candidate.stages))
     cur_metrics = predict(problem, current.stages, routes)
     j_cur = weighted_objective(problem, cur_metrics)
     raw_cur = _past_costs(problem, current.stages, fc)
@@ -250,6 +257,17 @@ def _at_loads(problem: Problem, loads: Mapping[str, float]) -> Problem:
     return problem.model_copy(update={"nodes": nodes})
 
 
+def _apart(
+    problem: Problem, current: Sequence[Stage], candidate: Sequence[Stage]
+) -> tuple[set[str], set[str]]:
+    """What sets two plans apart: the links one crosses and the other does not, and the nodes where
+    they compute different layers."""
+    links = links_used(problem, [s.node for s in current]) ^ links_used(problem, [s.node for s in candidate])
+    layers = {s.node: (s.first, s.end) for s in current}
+    other = {s.node: (s.first, s.end) for s in candidate}
+    return links, {n for n in layers.keys() | other.keys() if layers.get(n) != other.get(n)}
+
+
 def _lasting_apart(
     problem: Problem, current: Sequence[Stage], candidate: Sequence[Stage], fc: Forecast
 ) -> tuple[float, ...]:
@@ -261,10 +279,7 @@ def _lasting_apart(
     controller follows. Without per-series runs, or where nothing sets the plans apart: every series."""
     if not fc.link_runs_s:
         return fc.lasting_s
-    links = links_used(problem, [s.node for s in current]) ^ links_used(problem, [s.node for s in candidate])
-    layers = {s.node: (s.first, s.end) for s in current}
-    other = {s.node: (s.first, s.end) for s in candidate}
-    nodes = {n for n in layers.keys() | other.keys() if layers.get(n) != other.get(n)}
+    links, nodes = _apart(problem, current, candidate)
     out = []
     for joint, link_runs, load_runs in zip(fc.lasting_s, fc.link_runs_s, fc.load_runs_s, strict=True):
         runs = [link_runs[k] for k in links if k in link_runs]
