@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -224,8 +224,7 @@ class Controller:
         self._watch = _Watch()
         # Nodes up, and when that last changed: a node failing or coming back is a transient like a new
         # deployment (steps held in a dead node's buffers, recoveries), and for ``SETTLE_S`` after it the
-        # traffic teaches nothing. (It did not remove industrial's jump of the cloud plan's prediction
-        # after the MEC server came back, 167 -> 1,036 ms a token: that cause is still open.)
+        # traffic teaches nothing; nor does a step that began before it (``_settled``).
         self._alive: frozenset[str] | None = None
         self._alive_changed_s = 0.0
         self._base: tuple[tuple[Any, ...], Problem | None] | None = None
@@ -408,8 +407,7 @@ class Controller:
         self._seq = snap.seq
         if self.settings.flows.keep_telemetry:
             append_jsonl(self.settings.run_dir / "telemetry.jsonl", {**data, "revision": state.revision})
-        settled = max(state.updated_at_s, self._alive_changed_s) + SETTLE_S
-        fresh = tuple(r for r in snap.records if r["at_s"] >= settled)
+        fresh = _settled(snap.records, max(state.updated_at_s, self._alive_changed_s) + SETTLE_S)
         if fresh:
             batch = [
                 s for s in (self._last_snapshot, dataclasses.replace(snap, records=fresh)) if s is not None
@@ -599,6 +597,15 @@ class Controller:
                 "event_occurred": event.get("event_occurred"), "trigger": event.get("trigger") or {},
             })  # fmt: skip
         return evaluation
+
+
+def _settled(records: Sequence[dict[str, Any]], settled_s: float) -> tuple[dict[str, Any], ...]:
+    """The traced steps that began after ``settled_s`` (a step's ``at_s`` is when its result arrived,
+    ``total_s`` after it began). A step that began before a node failed and was answered once the node
+    came back waited through the outage: on industrial the steps in flight on the cloud plan, whose route
+    crosses the MEC server, came back 16 s after the server did (TCP's retransmission backoff), were
+    learned as the plan's pace, and its prediction jumped from 167-192 to 1,036-2,039 ms a token."""
+    return tuple(r for r in records if r["at_s"] - r.get("total_s", 0.0) >= settled_s)
 
 
 def _prepare_switch(

@@ -267,6 +267,7 @@ async def _serve_with_controller(
 
     async def ticks() -> None:
         nonlocal wake
+        failure, repeated = "", 0  # the last failure, and how often it came again unprinted
         while True:
             with anyio.move_on_after(settings.flows.evaluate_every_s):
                 await wake.wait()
@@ -276,8 +277,17 @@ async def _serve_with_controller(
             except Exception as exc:  # one bad tick (a reading mid-write) must not stop the controller
                 at = traceback.extract_tb(exc.__traceback__)[-1]
                 where = f"{Path(at.filename).name}:{at.lineno} in {at.name}"
-                print(f"controller: tick failed: {type(exc).__name__}: {exc} ({where})", flush=True)
+                message = f"{type(exc).__name__}: {exc} ({where})"
+                # The same failure each tick (no plan fits while a node is down) is said once.
+                if message == failure:
+                    repeated += 1
+                    continue
+                _said_again(repeated)
+                failure, repeated = message, 0
+                print(f"controller: tick failed: {message}", flush=True)
                 continue
+            _said_again(repeated)
+            failure, repeated = "", 0
             if evaluation is not None:
                 verdict = "adopt" if evaluation.adopt else "keep"
                 d = evaluation.decision
@@ -285,6 +295,9 @@ async def _serve_with_controller(
                 if d.get("served_current") is not None:  # what the forecast valued (requests per session)
                     served = (f"; serves {d['served_candidate']:.1f} vs {d['served_current']:.1f} requests, "
                               f"present {d['lasting_s']:.0f} s of the horizon")  # fmt: skip
+                if d.get("current"):  # and what the model predicts of each now
+                    served += (f"; now {d['candidate']['tpot_s'] * 1e3:.0f} vs "
+                               f"{d['current']['tpot_s'] * 1e3:.0f} ms a token")  # fmt: skip
                 print(f"controller: {evaluation.reason}: {verdict} {evaluation.candidate} ({d.get('reason')}"
                       f"{served}; {evaluation.solve_s * 1e3:.0f} ms)", flush=True)  # fmt: skip
 
@@ -293,6 +306,11 @@ async def _serve_with_controller(
         group.start_soon(ticks)
         group.start_soon(listen_for_events, notify)
         group.start_soon(tail_testbed_events, settings.run_dir / "events.jsonl", notify)
+
+
+def _said_again(times: int) -> None:
+    if times:
+        print(f"controller: the failure above came again {times} times", flush=True)
 
 
 async def tail_testbed_events(path: Path, notify: Any, every_s: float = 0.05) -> None:

@@ -17,6 +17,7 @@ from flows.controller import (
     LoadLog,
     NetworkSample,
     _ready_s,
+    _settled,
     _starting,
     _Watch,
 )
@@ -193,3 +194,14 @@ def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_h
         p.layout() for p in controller._candidates(without_cloud, persistent({"device-edge": 20.0}), current)
     ]
     assert before.layout() not in layouts and older.layout() in layouts
+
+
+def test_a_step_that_began_before_the_network_settled_teaches_nothing() -> None:
+    """A step answered after the settling time but begun before it (it waited through a node's outage)
+    is not the plan's pace: only steps begun after it are learned."""
+    records = [
+        {"at_s": 131.0, "total_s": 36.0},  # in flight from 95 s, answered once the route came back
+        {"at_s": 131.2, "total_s": 0.2},
+        {"at_s": 124.0, "total_s": 0.1},
+    ]
+    assert _settled(records, 125.0) == (records[1],)
