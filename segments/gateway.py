@@ -10,6 +10,9 @@ latest ``segments.client.RECOVERIES_KEPT``, with the count and the longest of al
 session to a new chain between two tokens (``Gateway.switch`` from Python) and answers with the
 :class:`~segments.client.SwitchReport`. A request whose chain breaks is held until a new chain arrives
 (``recover_timeout_s``) and goes on there, so it loses no token.
+``POST /admin/limits {"max_live_sessions": N}`` sets admission control: while N sessions generate, a new
+request gets 429 in OpenAI's shape (``type`` "requests", ``code`` "rate_limit_exceeded") with a
+``Retry-After`` header (``Gateway.admit``), and the sessions admitted keep their pace.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +47,13 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]])
     return [int(i) for i in ids]
 
 
+# A request admitted whose response body never ran (its client left before the stream began) holds its
+# place this long at most.
+ADMIT_GRACE_S = 10.0
+# Weight of the newest token gap in the pace the Retry-After estimate uses.
+PACE_WEIGHT = 0.1
+
+
 class GatewayRequestError(Exception):
     """A request the gateway refuses (HTTP 400)."""
 
@@ -65,9 +76,12 @@ class Gateway:
         abandon_after_s: float = 0.1,
         vocab_size: int | None = None,
         context_tokens: int | None = None,
+        max_live_sessions: int | None = None,
     ) -> None:
         """``vocab_size``: token ids a prompt may hold (default: the tokenizer's); ``context_tokens``: the
-        most positions a session may reach, prompt plus generated (None: unchecked)."""
+        most positions a session may reach, prompt plus generated (None: unchecked);
+        ``max_live_sessions``: the most sessions generating at once, beyond which a request is refused
+        (``admit``; None: no limit here, the segment servers' ``max_sessions`` still holds)."""
         self.client = AsyncChainClient(chain, auth, recover_timeout_s=recover_timeout_s)
         self.abandon_after_s = abandon_after_s
         self.tokenizer = tokenizer
@@ -75,6 +89,11 @@ class Gateway:
         self.vocab_size = len(tokenizer) if vocab_size is None else vocab_size
         self.context_tokens = context_tokens
         self.live: dict[str, Session] = {}
+        self.max_live_sessions = max_live_sessions
+        self.refused = 0  # requests refused by admission control
+        self._admitted: dict[str, float] = {}  # admitted, not yet generating: ticket -> when (monotonic)
+        self._left: dict[str, int] = {}  # live session -> tokens it may still generate
+        self._pace_s: float | None = None  # recent time between a session's tokens
         self._drops: set[asyncio.Task[None]] = set()
         eos = tokenizer.eos_token_id
         self.stop_ids: tuple[int, ...] = () if eos is None else (int(eos),)
@@ -126,6 +145,28 @@ class Gateway:
         await self.client.prepare(self.live.values(), chain, mode, recompute_hops)
         return {"preparing": self.client.preparing(chain), "live_sessions": len(self.live)}
 
+    def admit(self) -> str | None:
+        """A ticket for one request to generate (``stream``), or None when the sessions generating and
+        those admitted before them fill ``max_live_sessions``. Admission and counting happen with no
+        await between them, so concurrent requests cannot pass the limit together."""
+        now = time.monotonic()
+        for ticket, at in list(self._admitted.items()):
+            if now - at > ADMIT_GRACE_S:
+                del self._admitted[ticket]
+        limit = self.max_live_sessions
+        if limit is not None and len(self.live) + len(self._admitted) >= limit:
+            self.refused += 1
+            return None
+        ticket = secrets.token_hex(8)
+        self._admitted[ticket] = now
+        return ticket
+
+    def retry_after_s(self) -> int:
+        """Whole seconds until a place is likely to free: the live session nearest its token limit at
+        the recent pace (at least 1; 1 before any token was timed)."""
+        left = min(self._left.values(), default=0)
+        return max(1, math.ceil(left * (self._pace_s or 0.0)))
+
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise GatewayRequestError("messages must be a non-empty list of {role, content}", "messages")
@@ -165,16 +206,29 @@ class Gateway:
         sampling: SamplingParams,
         stop: list[str],
         usage: dict[str, int],
+        ticket: str | None = None,
     ) -> AsyncIterator[tuple[str, str | None]]:
         """Yield (text delta, finish reason or None); the last item carries the finish reason. ``usage`` is
-        filled with the token counts (per call, so concurrent requests never mix them)."""
+        filled with the token counts (per call, so concurrent requests never mix them); ``ticket``: this
+        request's from ``admit``, whose place the session now takes."""
         session = Session(tokens=list(prompt_ids))
+        self._admitted.pop(ticket or "", None)
         self.live[session.id] = session
+        self._left[session.id] = max_tokens
         generated: list[int] = []
         sent = ""
         finish = "length"
+        last = None
         try:
             async for token in self.client.generate(session, max_tokens, sampling, self.stop_ids):
+                now = time.monotonic()
+                if last is not None:
+                    gap = now - last
+                    self._pace_s = (
+                        gap if self._pace_s is None else self._pace_s + PACE_WEIGHT * (gap - self._pace_s)
+                    )
+                last = now
+                self._left[session.id] -= 1
                 if token in self.stop_ids:
                     finish = "stop"
                     break
@@ -195,6 +249,7 @@ class Gateway:
             yield "", finish
         finally:
             self.live.pop(session.id, None)
+            self._left.pop(session.id, None)
             usage.update(
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=len(generated),
@@ -230,11 +285,12 @@ def _error(
     etype: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Any:
     from fastapi.responses import JSONResponse
 
     body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
-    return JSONResponse(status_code=status, content=body)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 def _sampling(body: dict[str, Any]) -> SamplingParams:
@@ -412,7 +468,21 @@ def create_app(
             "recoveries": [r.to_dict() for r in gateway.client.recoveries],
             "recovered_steps": gateway.client.recovered_steps,
             "recovery_max_s": round(gateway.client.recovery_max_s, 4),
+            "max_live_sessions": gateway.max_live_sessions,
+            "refused": gateway.refused,
         }
+
+    @app.post("/admin/limits")
+    async def set_limits(request: Request) -> Any:
+        """``{"max_live_sessions": N or null}``: the admission limit from now on (sessions already
+        generating finish either way)."""
+        body = await _json_object(request)
+        limit = body.get("max_live_sessions")
+        if "max_live_sessions" not in body or not (limit is None or (_is_int(limit) and limit > 0)):
+            return _error(400, f"max_live_sessions must be a positive integer or null, got {limit!r}",
+                          param="max_live_sessions")  # fmt: skip
+        gateway.max_live_sessions = limit
+        return {"max_live_sessions": limit}
 
     @app.get("/admin/telemetry")
     async def get_telemetry(since: int = 0) -> dict[str, Any]:
@@ -464,19 +534,30 @@ def create_app(
             stop = _stop_list(body)
         except (GatewayRequestError, SamplingError, ValueError, TypeError) as exc:
             return _error(400, str(exc), param=getattr(exc, "param", None))
+        ticket = gateway.admit()
+        if ticket is None:
+            wait_s = gateway.retry_after_s()
+            return _error(
+                429,
+                f"the gateway serves at most {gateway.max_live_sessions} sessions at once (the most its "
+                f"chain serves within the latency SLO) and all are taken; retry after {wait_s} s",
+                "requests", code="rate_limit_exceeded", headers={"Retry-After": str(wait_s)},
+            )  # fmt: skip
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                _stream(rid, created, kind, chat, prompt_ids, max_tokens, params, stop, include_usage),
+                _stream(
+                    rid, created, kind, chat, prompt_ids, max_tokens, params, stop, include_usage, ticket
+                ),
                 media_type="text/event-stream",
             )
         usage: dict[str, int] = {}
         try:
             text, finish = "", "length"
-            tokens = gateway.stream(prompt_ids, max_tokens, params, stop, usage)
+            tokens = gateway.stream(prompt_ids, max_tokens, params, stop, usage, ticket)
             async with contextlib.aclosing(tokens):
                 async for delta, reason in tokens:
                     text += delta
@@ -509,6 +590,7 @@ def create_app(
         params: SamplingParams,
         stop: list[str],
         include_usage: bool,
+        ticket: str,
     ) -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else kind
         base = {"id": rid, "object": obj, "created": created, "model": gateway.model}
@@ -529,7 +611,7 @@ def create_app(
         try:
             if chat:
                 yield _sse(chunk(None, None, role=True))
-            tokens = gateway.stream(prompt_ids, max_tokens, params, stop, usage)
+            tokens = gateway.stream(prompt_ids, max_tokens, params, stop, usage, ticket)
             async with contextlib.aclosing(tokens):
                 async for delta, reason in tokens:
                     if delta or reason:

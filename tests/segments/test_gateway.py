@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 from wire_helpers import children_alive, num_layers
 
 from segments.client import RECOVERIES_KEPT, AsyncChainClient, Chain, ChainClient, Hop, Recovery
-from segments.gateway import Gateway, create_app
+from segments.gateway import ADMIT_GRACE_S, Gateway, create_app
 from segments.launch import LocalChain
 from segments.sampling import SamplingParams
 from segments.spec import split_evenly
@@ -415,3 +416,47 @@ def test_behind_an_api_key_a_client_that_leaves_frees_its_session(
         while gateway.live:
             assert time.monotonic() < deadline, f"{len(gateway.live)} requests of clients that left live"
             time.sleep(0.05)
+
+
+def test_past_its_limit_the_gateway_answers_429_and_the_admitted_session_goes_on(base_url: str) -> None:
+    """With one place, a second request while a stream generates gets 429 in OpenAI's shape with a
+    Retry-After; the stream loses nothing, and once it ends the next request is served. A bad limit is
+    refused and changes nothing."""
+    admin = f"{base_url}/admin/limits"
+    for bad in ({"max_live_sessions": 0}, {"max_live_sessions": "2"}, {}):
+        refused = httpx.post(admin, json=bad, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_live_sessions"
+    assert httpx.get(f"{base_url}/admin/chain", timeout=30).json()["max_live_sessions"] is None
+    whole = _completion(base_url, {"prompt": "Edge nodes", "max_tokens": 40, "temperature": 0}).json()
+    assert httpx.post(admin, json={"max_live_sessions": 1}, timeout=30).json() == {"max_live_sessions": 1}
+    try:
+        body = {"prompt": "Edge nodes", "max_tokens": 40, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            streamed = [next(lines) for _ in range(3)]
+            with pytest.raises(openai.RateLimitError) as info:
+                _client(base_url).completions.create(model=MODEL, prompt="x", max_tokens=2)
+            assert info.value.code == "rate_limit_exceeded" and "retry after" in info.value.message
+            assert int(info.value.response.headers["Retry-After"]) >= 1
+            streamed += list(lines)
+        text = "".join(
+            json.loads(x[6:])["choices"][0]["text"] for x in streamed if x[6:] not in ("", "[DONE]")
+        )
+        assert text == whole["choices"][0]["text"]
+        assert _completion(base_url, {"prompt": "x", "max_tokens": 2}).status_code == 200
+        assert httpx.get(f"{base_url}/admin/chain", timeout=30).json()["refused"] >= 1
+    finally:
+        httpx.post(admin, json={"max_live_sessions": None}, timeout=30)
+
+
+def test_a_place_admitted_to_a_request_that_never_ran_is_freed_after_the_grace(
+    wire_store: Path, chains: tuple[LocalChain, LocalChain]
+) -> None:
+    """A client that leaves before its stream's body runs never takes its place: the place is given back
+    after ``ADMIT_GRACE_S`` rather than held for good."""
+    a, _ = chains
+    gateway = Gateway.from_store(a.chain, a.secret(), wire_store, MODEL, max_live_sessions=1)
+    ticket = gateway.admit()
+    assert ticket is not None and gateway.admit() is None and gateway.refused == 1
+    gateway._admitted[ticket] -= ADMIT_GRACE_S + 1
+    assert gateway.admit() is not None
