@@ -241,6 +241,7 @@ class Controller:
         # Plans this controller has deployed, the latest last: their own measure is known, unlike a new
         # plan's, and each is a way back the rule weighs (``_candidates``).
         self._served: dict[tuple[tuple[str, int, int], ...], Plan] = {}
+        self._limit: tuple[str, int] | None = None  # the admission limit the gateway has (its URL, limit)
 
     # ------------------------------------------------------------------------------------------ entry
     def notify(
@@ -309,6 +310,27 @@ class Controller:
         self._learn(state, problem, net)
         self.predictions.measure(state, self.calibration, problem, net.rates_mbit)
         self.decisions.add(self.predictions.rows.values())
+        if self.settings.flows.admission_control:
+            self._admit(state, problem.model_copy(update={"calibration": self.calibration}))
+
+    def _admit(self, state: DeploymentState, problem: Problem) -> None:
+        """Keep the gateway's admission limit at what the plan serving holds within the SLO now."""
+        from policies.capacity import sessions_within_slo
+
+        plan = Plan.model_validate(state.plan)
+        limit = sessions_within_slo(problem, plan.stages)
+        if (state.gateway_url, limit) == self._limit:
+            return
+        try:
+            url = f"{state.gateway_url}/admin/limits"
+            self._http.post(url, json={"max_live_sessions": limit}).raise_for_status()
+        except httpx.HTTPError as exc:
+            print(f"controller: the gateway did not take the admission limit {limit}: {exc}", flush=True)
+            return
+        self._limit = (state.gateway_url, limit)
+        print(
+            f"controller: admitting at most {limit} sessions at once (the plan's SLO and memory)", flush=True
+        )
 
     def _requeue(self, reasons: list[str], event: dict[str, Any]) -> None:
         with self._lock:

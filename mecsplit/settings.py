@@ -137,6 +137,12 @@ class FlowSettings(BaseModel):
     evaluate_every_s: float = Field(
         default=2.0, gt=0, description="how often `serve`'s controller learns from traffic and re-evaluates"
     )
+    admission_control: bool = Field(
+        default=False,
+        description="`serve`'s controller keeps the gateway's admission limit at the most sessions the "
+        "plan serving holds within the scenario's TTFT/TPOT SLO and memory (policies.capacity); past it "
+        "a request gets 429 with Retry-After. Off by default until the overload bench measures it",
+    )
     standby_load_s: float = Field(
         default=0.5, ge=0, description="time for a warm standby to load a new stage (priced by decisions)"
     )

@@ -3,6 +3,7 @@ both of the link's nodes are up (pure bookkeeping, a fake monitor)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -205,3 +206,38 @@ def test_a_step_that_began_before_the_network_settled_teaches_nothing() -> None:
         {"at_s": 124.0, "total_s": 0.1},
     ]
     assert _settled(records, 125.0) == (records[1],)
+
+
+def test_the_controller_keeps_the_gateways_admission_limit_at_what_the_plan_holds(flows_home: Path) -> None:
+    """The limit is the plan's sessions within the SLO (policies.capacity), sent when it changes; a
+    gateway that refuses it leaves the controller up, and the limit is sent again on the next tick."""
+    import httpx
+    from test_calibrate import _problem
+
+    from policies import solve
+    from policies.capacity import sessions_within_slo
+
+    settings = get_settings()
+    controller = Controller(
+        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
+        view=_Monitor(), settings=settings,
+    )  # fmt: skip
+    problem = _problem(testbed=True)
+    plan = solve(problem, "latency_dp")
+    slo = problem.model_copy(update={"constraints": problem.constraints.model_copy(
+        update={"max_tpot_s": 3 * plan.predicted.tpot_s})})  # fmt: skip
+    sent: list[Any] = []
+    answers = [500, 200, 200]
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(answers.pop(0), json={})
+
+    controller._http = httpx.Client(transport=httpx.MockTransport(gateway))
+    state = cast(Any, SimpleNamespace(plan=plan.model_dump(mode="json"), gateway_url="http://gw"))
+    want = sessions_within_slo(slo, plan.stages)
+    assert 1 < want < 256
+    controller._admit(state, slo)  # refused: nothing is remembered
+    controller._admit(state, slo)
+    controller._admit(state, slo)  # unchanged: not sent again
+    assert sent == [{"max_live_sessions": want}] * 2
