@@ -42,6 +42,12 @@ class SegmentSettings(BaseModel):
         description="a segment server runs the decode steps of up to this many sessions that wait together "
         "as one forward pass (1: each alone). Off by default: the cost model does not price batching yet",
     )
+    prefill_chunk_tokens: int = Field(
+        default=128,
+        ge=0,
+        description="the gateway feeds a longer prompt in steps of this many tokens, so that other sessions' "
+        "decode steps run between them instead of waiting for the whole prefill (0: one step)",
+    )
     gateway_port: int = Field(
         default=8000, ge=0, lt=65536, description="OpenAI-compatible gateway port (0: any free port)"
     )

@@ -303,6 +303,9 @@ class _Ahead:
     task: asyncio.Task[None] | None = None
 
 
+GREEDY = SamplingParams()
+
+
 class AsyncChainClient:
     def __init__(
         self,
@@ -313,8 +316,12 @@ class AsyncChainClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         wire_dtype: str = "f32",
         recover_timeout_s: float = 0.0,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
+        """``prefill_chunk_tokens``: a prompt longer than this is fed in steps of at most this many
+        tokens (0: in one step), see ``generate``."""
         self.chain = chain
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.credentials = Credentials.of(auth)
         self.max_frame_bytes = max_frame_bytes
         self.timeout_s = timeout_s
@@ -548,10 +555,22 @@ class AsyncChainClient:
         sampling: SamplingParams | None = None,
         stop_ids: Sequence[int] = (),
     ) -> AsyncIterator[int]:
-        """Stream new tokens of ``session`` (whose ``tokens`` hold the prompt or the history so far)."""
+        """Stream new tokens of ``session`` (whose ``tokens`` hold the prompt or the history so far).
+
+        A prompt longer than ``prefill_chunk_tokens`` is fed in chunks of that many tokens first, each its
+        own step: a segment server runs steps in turn, so other sessions' decode steps run between two
+        chunks instead of waiting for a whole long prefill. The chunks' own choices are greedy and
+        dropped (the random stream is per position, so the token finally sampled is the same)."""
         import torch
 
         params = sampling or SamplingParams()
+        chunk = self.prefill_chunk_tokens
+        while max_new_tokens > 0 and chunk > 0 and len(session.pending) > chunk:
+            part = session.pending[:chunk]
+            idle_s = self.telemetry.step_started(session.id)
+            result = await self._step_recovering(session, torch.tensor([part], dtype=torch.int64), GREEDY)
+            self.telemetry.record(session.id, self.generation, idle_s, result.trace)
+            session.kv_length += len(part)
         for _ in range(max_new_tokens):
             pending = session.pending
             if not pending:

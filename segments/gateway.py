@@ -77,12 +77,16 @@ class Gateway:
         vocab_size: int | None = None,
         context_tokens: int | None = None,
         max_live_sessions: int | None = None,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         """``vocab_size``: token ids a prompt may hold (default: the tokenizer's); ``context_tokens``: the
         most positions a session may reach, prompt plus generated (None: unchecked);
         ``max_live_sessions``: the most sessions generating at once, beyond which a request is refused
-        (``admit``; None: no limit here, the segment servers' ``max_sessions`` still holds)."""
-        self.client = AsyncChainClient(chain, auth, recover_timeout_s=recover_timeout_s)
+        (``admit``; None: no limit here, the segment servers' ``max_sessions`` still holds);
+        ``prefill_chunk_tokens``: a longer prompt is prefilled in chunks (``AsyncChainClient.generate``)."""
+        self.client = AsyncChainClient(
+            chain, auth, recover_timeout_s=recover_timeout_s, prefill_chunk_tokens=prefill_chunk_tokens
+        )
         self.abandon_after_s = abandon_after_s
         self.tokenizer = tokenizer
         self.model = model

@@ -85,6 +85,7 @@ async def _serve(args: argparse.Namespace) -> int:
         args.model,
         recover_timeout_s=seg.recover_timeout_s,
         abandon_after_s=seg.abandon_after_s,
+        prefill_chunk_tokens=seg.prefill_chunk_tokens,
     )
     admin_token = args.admin_token_file.read_text().strip() if args.admin_token_file else None
     app = create_app(gateway, api_key=seg.api_key, admin_token=admin_token, admin_host=args.admin_host)

@@ -1,8 +1,9 @@
 """Token choice from logits: greedy, or temperature / top-k / top-p sampling with a per-request seed.
 
 The last segment samples, so only token ids cross the (slow) return link. The random stream depends only
-on (seed, position, row), never on which process samples: a session moved to another chain, or replayed,
-draws the same tokens from the same logits.
+on (seed, position, row), the position being that of the token whose logits are sampled, never on which
+process samples or how the prompt was split into steps: a session moved to another chain, replayed, or
+prefilled in chunks draws the same tokens from the same logits.
 """
 
 from __future__ import annotations

@@ -577,7 +577,9 @@ class SegmentServer:
             tensors["hidden"] = out
             return result, tensors
         if req.sampling is not None:
-            result["tokens"] = sample_tokens(out[:, -1, :], req.sampling, req.position)
+            # The position of the token whose logits are sampled, not the step's first: a prompt fed in
+            # chunks (``AsyncChainClient.generate``) draws what it draws fed at once.
+            result["tokens"] = sample_tokens(out[:, -1, :], req.sampling, req.position + out.shape[1] - 1)
         if req.logits == "last":
             tensors["logits"] = out[:, -1:, :]
         elif req.logits == "all":

@@ -172,3 +172,40 @@ async def _largest_batch(lc: LocalChain, port: int) -> int:
 async def _tokens(client: AsyncChainClient, session: Session, count: int) -> None:
     async for _ in client.generate(session, count):
         pass
+
+
+@pytest.mark.exactness
+def test_a_prompt_fed_in_chunks_gets_the_tokens_of_one_prefill(wire_store: Path) -> None:
+    """With ``prefill_chunk_tokens`` a long prompt is fed in steps of that many tokens (each traced as its
+    own step); its greedy tokens, and its seeded sampled ones, are those of the prompt fed at once."""
+    from segments.sampling import SamplingParams
+
+    model = "llama-tiny"
+    n = num_layers(wire_store, model)
+    ids = _ids(wire_store, model, " ".join(TEXTS))[0].tolist()
+    assert len(ids) > 40
+    seeded = SamplingParams(temperature=0.9, seed=7)
+
+    async def run(lc: LocalChain, chunk: int, sampling: SamplingParams | None) -> tuple[list[int], list[int]]:
+        client = await AsyncChainClient(
+            lc.chain, lc.secret(), timeout_s=60, prefill_chunk_tokens=chunk
+        ).connect()
+        session = Session(tokens=list(ids))
+        try:
+            async for _ in client.generate(session, STEPS, sampling):
+                pass
+            positions = [r["positions"] for r in client.telemetry.snapshot(0)["records"]]
+            return session.tokens[len(ids) :], positions
+        finally:
+            await client.close()
+
+    with LocalChain.even(wire_store, model, n, 2) as lc:
+        whole, whole_steps = asyncio.run(run(lc, 0, None))
+        chunked, chunked_steps = asyncio.run(run(lc, 16, None))
+        assert asyncio.run(run(lc, 16, seeded))[0] == asyncio.run(run(lc, 0, seeded))[0]
+    assert chunked == whole
+    assert whole_steps[0] == len(ids) and max(chunked_steps) == 16
+    assert (
+        sum(chunked_steps) == sum(whole_steps)
+        and len(chunked_steps) == len(whole_steps) + (len(ids) - 1) // 16
+    )
