@@ -35,6 +35,15 @@ class _Monitor:
         return self.samples.pop(0)
 
 
+def _controller() -> Controller:
+    """A controller of the tiny scenario whose runs start nothing, over a monitor that reports nothing."""
+    settings = get_settings()
+    return Controller(
+        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
+        view=_Monitor(), settings=settings,
+    )  # fmt: skip
+
+
 def test_a_link_to_a_node_that_is_down_gathers_no_history(flows_home: Path) -> None:
     monitor = _Monitor()
     settings = get_settings()
@@ -56,11 +65,7 @@ def test_a_link_to_a_node_that_is_down_gathers_no_history(flows_home: Path) -> N
 
 
 def test_a_move_that_waited_for_the_model_to_learn_is_decided_again_once_it_has(flows_home: Path) -> None:
-    settings = get_settings()
-    controller = Controller(
-        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
-        view=_Monitor(), settings=settings,
-    )  # fmt: skip
+    controller = _controller()
     rates = {"device-edge": 20.0, "edge-cloud": 50.0}
     everyone = frozenset({"device", "edge", "cloud"})
     net = NetworkSample(at_s=0.0, rates_mbit=rates, loads={}, alive=everyone)
@@ -83,11 +88,7 @@ def test_a_refused_move_is_weighed_again_each_time_the_network_it_answered_doubl
     """The forecast values a state by how long it has lasted: a move refused one second into a load is
     decided again as the load stays (at 4, 8, 16 ... s of it, up to twice the forecast's window), and
     not at all when the last evaluation kept the best plan there is."""
-    settings = get_settings()
-    controller = Controller(
-        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
-        view=_Monitor(), settings=settings,
-    )  # fmt: skip
+    controller = _controller()
     everyone = frozenset({"device", "edge", "cloud"})
 
     def aged(at_s: float) -> str | None:
@@ -163,11 +164,7 @@ def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_h
     from policies import solve
     from policies.forecast import persistent
 
-    settings = get_settings()
-    controller = Controller(
-        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
-        view=_Monitor(), settings=settings,
-    )  # fmt: skip
+    controller = _controller()
     problem = _problem(testbed=True)
     fc = persistent({f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links})
     current = solve(problem, "latency_dp")
@@ -217,11 +214,7 @@ def test_the_controller_keeps_the_gateways_admission_limit_at_what_the_plan_hold
     from policies import solve
     from policies.capacity import sessions_within_slo
 
-    settings = get_settings()
-    controller = Controller(
-        TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
-        view=_Monitor(), settings=settings,
-    )  # fmt: skip
+    controller = _controller()
     problem = _problem(testbed=True)
     plan = solve(problem, "latency_dp")
     slo = problem.model_copy(update={"constraints": problem.constraints.model_copy(
