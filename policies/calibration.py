@@ -164,12 +164,18 @@ def observe_decode(
     cpu_s: float,
     utilisation: float,
     capacity: float | None,
+    loaded: bool = False,
 ) -> Calibration:
     """One decode step's compute on ``node``: ``expected_s`` is the profile's full-speed time for the
     stage, ``wall_s`` / ``cpu_s`` what the hop measured, ``utilisation`` the share of the node's CPU
     quota (``capacity`` cores, None: none) in use over the last while: the wait is learned only where
     the quota cannot be what slowed the step (well inside it, or a quota of a core or more, which one
-    compute thread cannot exceed); at the quota, how much slower than the quota alone allows."""
+    compute thread cannot exceed); at the quota, how much slower than the quota alone allows.
+
+    ``loaded``: the node carries a background load. The contention model prices a load from its share
+    and ``quota_stretch``, so such a step teaches the stretch alone: learned into the unloaded
+    coefficients, a load's pace stays with the node after the load ends, and a plan that left the node
+    never serves there again to unlearn it."""
     if expected_s <= 0 or cpu_s <= 0 or wall_s <= 0:
         return cal
     ratio = _clamp_ratio(max(0.0, cpu_s - STEP_CPU_S) / expected_s)
@@ -177,26 +183,23 @@ def observe_decode(
         return cal
     old = cal.nodes.get(node) or cal.node(node)  # a node's first samples start from the others' worst
     alpha = max(NODE_ALPHA, 1.0 / (old.samples + 1))  # the first samples weigh in fully
-    # A stage of a few milliseconds says little about the node's speed per layer (its fixed cost and the
-    # host's noise are as large as its layers): its samples teach the wait, not the scale.
-    scale = old.cpu_scale if expected_s < SCALE_MIN_EXPECTED_S else _ewma(old.cpu_scale, ratio, alpha)
-    wait, quota_stretch = old.wait_s, old.quota_stretch
-    if utilisation <= STRETCH_MAX_UTILISATION or capacity is None or capacity >= 1.0:
-        wait = max(0.0, _ewma(old.wait_s, max(0.0, wall_s - cpu_s), alpha))
-    else:
+    cores = math.inf if capacity is None else capacity
+    at_quota = utilisation > STRETCH_MAX_UTILISATION and cores < 1.0
+    if loaded and not at_quota:
+        return cal
+    update: dict[str, float | int] = {"samples": old.samples + 1}
+    if at_quota:
         # The mean of the paces themselves: a mean of paces each clipped at 1 reads a node whose steps
         # alternate between bursts and throttled waits as slower than its share (on the demo's device,
         # whole-model plans were predicted 1.2x what they measured).
-        quota_stretch = _ewma(old.quota_stretch, wall_s / cpu_s * capacity, alpha)
-    new = old.model_copy(
-        update={
-            "cpu_scale": scale,
-            "wait_s": wait,
-            "quota_stretch": quota_stretch,
-            "samples": old.samples + 1,
-        }
-    )
-    return _with_node(cal, node, new)
+        update["quota_stretch"] = _ewma(old.quota_stretch, wall_s / cpu_s * cores, alpha)
+    else:
+        update["wait_s"] = max(0.0, _ewma(old.wait_s, max(0.0, wall_s - cpu_s), alpha))
+    # A stage of a few milliseconds says little about the node's speed per layer (its fixed cost and the
+    # host's noise are as large as its layers): its samples teach the wait, not the scale.
+    if not loaded and expected_s >= SCALE_MIN_EXPECTED_S:
+        update["cpu_scale"] = _ewma(old.cpu_scale, ratio, alpha)
+    return _with_node(cal, node, old.model_copy(update=update))
 
 
 def observe_prefill(cal: Calibration, node: str, *, expected_s: float, wall_s: float) -> Calibration:

@@ -24,7 +24,7 @@ PROFILE = {
 }  # fmt: skip
 
 
-def _problem(testbed: bool = False) -> Any:
+def _problem(testbed: bool = False, loads: dict[str, float] | None = None) -> Any:
     """The tiny scenario's problem; on the testbed its nodes have CPU quotas (``cpu_share``)."""
     scenario = load_scenario(TINY_SCENARIO)
     facts = pipeline.ModelFacts(
@@ -34,7 +34,7 @@ def _problem(testbed: bool = False) -> Any:
     profiles = {n.name: dict(PROFILE) for n in scenario.nodes}
     probes = [LinkProbe(lk.a, lk.b, lk.bw_mbit, 2 * lk.delay_ms, True) for lk in scenario.links]
     return pipeline.build_problem(
-        scenario, facts, profiles, probes, testbed=testbed, calibration=Calibration()
+        scenario, facts, profiles, probes, testbed=testbed, loads=loads, calibration=Calibration()
     )
 
 
@@ -106,6 +106,24 @@ def test_steps_beside_a_start_teach_the_node_nothing() -> None:
         Calibration(), problem, hop_nodes, [batch(1, 1000.0)], node_busy={"edge": steps_share + 0.05}
     )
     assert alone.node("edge").cpu_scale == pytest.approx(2.0, rel=0.05)
+
+
+def test_a_loaded_node_teaches_its_pace_under_the_load_and_nothing_it_keeps_after() -> None:
+    """Under a background load the edge's steps run slow and its transfers wait on it; learned into the
+    unloaded coefficients, that would price the edge so after the load ended. Only the stretch of its
+    pace at its quota (which only a load's pricing uses) is learned; the device is learned as always."""
+    hop_nodes = {"dev:1": "device", "edge:1": "edge"}
+    records = [_record(1000.0 + 0.1 * i, edge_cpu=2.0, edge_wait=0.05, overhead=0.02) for i in range(12)]
+    snap = Snapshot(seq=1, at_s=1001.2, process_cpu_s=0.0, tokens=12, records=tuple(records))
+    unloaded = learn(Calibration(), _problem(testbed=True), hop_nodes, [snap])
+    loaded = learn(Calibration(), _problem(testbed=True, loads={"edge": 0.6}), hop_nodes, [snap])
+    assert unloaded.node("edge").cpu_scale == pytest.approx(2.0, rel=0.05)
+    assert "device>edge" in unloaded.hops
+    edge = loaded.nodes["edge"]
+    assert (edge.cpu_scale, edge.wait_s, edge.prefill_scale) == (1.0, 0.0, 1.0)
+    assert edge.quota_stretch != 1.0  # the edge's steps use its whole share: the pace under the load
+    assert not {"device>edge", "edge>device"} & set(loaded.hops)
+    assert loaded.nodes["device"] == unloaded.nodes["device"]
 
 
 def test_steps_of_servers_not_in_the_plan_are_not_learned() -> None:
