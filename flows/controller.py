@@ -482,11 +482,12 @@ class Controller:
             return None
         return f"unchanged for {age:.0f} s"
 
-    def _candidates(self, problem: Problem, fc: Forecast, current: Plan) -> list[Plan]:
+    def _candidates(self, problem: Problem, fc: Forecast, current: Plan, cold: set[str]) -> list[Plan]:
         """The best plan at today's rates and, when the links have a history, the best at their
         typical rates over it (a plan robust to a link that keeps dipping is not the best while it is
-        up), and the plans served before ``current`` that still fit (``SERVED_CANDIDATES``, the latest
-        first); the rule then values each against the whole forecast.
+        up), each also keeping the layers of the ``cold`` nodes it would start a process on
+        (``policies.replan.keeping``), and the plans served before ``current`` that still fit
+        (``SERVED_CANDIDATES``, the latest first); the rule then values each against the whole forecast.
 
         The solver's best plan answers today's network only. Right after a change ends (a load, a dip)
         the forecast still holds it, and the best plan for today's network alone is often not the one
@@ -496,6 +497,7 @@ class Controller:
         and still warm, was never weighed."""
         from policies import InfeasibleError, solve
         from policies.analytic import violations
+        from policies.replan import keeping
 
         typical = fc.typical_mbit()
         now = {f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links}
@@ -509,6 +511,8 @@ class Controller:
             except InfeasibleError:
                 if rates is None:
                     plans.append(solve(_without_slo(p), self.config.policy))
+        kept = (keeping(problem, plan, current, cold) for plan in plans)
+        plans.extend(plan for plan in kept if plan is not None)
         served = [
             p for p in reversed(self._served.values())
             if p.layout() != current.layout() and not violations(problem, p.stages)
@@ -563,7 +567,7 @@ class Controller:
         self._served[current.layout()] = current
         bar = error_bar(self.decisions.ratios(), self.config.min_gain_ratio)
         decisions = []
-        for plan in self._candidates(problem, fc, current):
+        for plan in self._candidates(problem, fc, current, _starting(state, net)):
             judged, judged_fc = self._judged(problem, fc, plan)
             # A plan served before is no bet on the model's record of new plans: moving back to it (off a
             # new plan that disappoints) is held only by the configured least gain.

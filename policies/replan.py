@@ -354,6 +354,43 @@ def _changed_nodes(current: Plan, candidate: Plan) -> set[str]:
     return {s.node for s in candidate.stages if (s.node, s.first, s.end) not in kept}
 
 
+def keeping(problem: Problem, candidate: Plan, current: Plan, cold: Collection[str]) -> Plan | None:
+    """``candidate`` with each stage it gives a ``cold`` node (one where a new stage starts a process)
+    set to the layers that node serves now, its neighbours taking up the difference; None where that
+    breaks a constraint or changes nothing. A move's value counts the time until its new stages serve,
+    and a start is seconds where a warm standby loads a stage in under one: on industrial the solver's
+    plans for the MEC server's load moved the cell's boundary by two layers, so each move started a
+    server on the loaded host (14-17 s) for the cloud's standby to take over the rest, and it served
+    when the load had ended. The same plan keeping the cell's layers served in 2.4 s."""
+    serving: dict[str, list[tuple[int, int]]] = {}
+    for s in current.stages:
+        serving.setdefault(s.node, []).append((s.first, s.end))
+    nodes = [s.node for s in candidate.stages]
+    cuts = [s.first for s in candidate.stages] + [problem.num_layers]
+    pinned: list[tuple[int, int, int]] = []
+    for i, node in enumerate(nodes):
+        held = serving.get(node, [])
+        if node not in cold or len(held) != 1 or held[0] == (cuts[i], cuts[i + 1]):
+            continue
+        first, end = held[0]
+        if (i == 0 and first > 0) or (i == len(nodes) - 1 and end < problem.num_layers):
+            return None  # no neighbour there to take up the layers it leaves
+        cuts = [min(c, first) if j <= i else max(c, end) if j > i + 1 else c for j, c in enumerate(cuts)]
+        cuts[i], cuts[i + 1] = first, end
+        pinned.append((i, first, end))
+    if not pinned or any((cuts[i], cuts[i + 1]) != (a, b) for i, a, b in pinned):
+        return None  # nothing to keep, or two kept stages overlap
+    stages = [Stage(node=n, first=a, end=b) for n, a, b in zip(nodes, cuts, cuts[1:], strict=False) if b > a]
+    routes = all_routes(problem)
+    if violations(problem, stages, routes):
+        return None
+    metrics = predict(problem, stages, routes)
+    return Plan(
+        stages=tuple(stages), policy=f"{candidate.policy}+kept", predicted=metrics,
+        objective_value=weighted_objective(problem, metrics),
+    )  # fmt: skip
+
+
 # The share of a node's CPU a starting server takes from its serving stages: CFS splits one quota evenly
 # between two runnable groups, and a start (imports, mapping weights) is runnable throughout.
 START_CPU_SHARE = 0.5

@@ -168,7 +168,7 @@ def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_h
     problem = _problem(testbed=True)
     fc = persistent({f"{lk.a}-{lk.b}": lk.bw_mbit for lk in problem.links})
     current = solve(problem, "latency_dp")
-    best = controller._candidates(problem, fc, current)
+    best = controller._candidates(problem, fc, current, set())
     before = best[0].model_copy(
         update={"stages": [Stage(node="device", first=0, end=2), Stage(node="cloud", first=2, end=8)]}
     )
@@ -177,7 +177,7 @@ def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_h
     )
     assert all(p.layout() not in (before.layout(), older.layout()) for p in best)
     controller._served = {older.layout(): older, before.layout(): before, current.layout(): current}
-    assert [p.layout() for p in controller._candidates(problem, fc, current)] == [
+    assert [p.layout() for p in controller._candidates(problem, fc, current, set())] == [
         *(p.layout() for p in best),
         before.layout(),
         older.layout(),
@@ -189,7 +189,8 @@ def test_the_plans_served_before_are_weighed_as_ways_back_while_they_fit(flows_h
         }
     )
     layouts = [
-        p.layout() for p in controller._candidates(without_cloud, persistent({"device-edge": 20.0}), current)
+        p.layout()
+        for p in controller._candidates(without_cloud, persistent({"device-edge": 20.0}), current, set())
     ]
     assert before.layout() not in layouts and older.layout() in layouts
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from policies import Problem, decide, solve
+from policies.plan import Stage
 from policies.replan import error_bar
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "smollm2_mec.json"
@@ -129,3 +130,31 @@ def test_a_move_must_promise_more_than_its_predictions_were_lately_off_by() -> N
     # The same move after moves whose plans measured slower than predicted by more than it promises.
     held = decide(p2, current, candidate, horizon_s=600, min_gain_ratio=error_bar([1.0 + share * 1.1], 0.05))
     assert not held.adopt and "threshold" in held.reason
+
+
+def test_a_candidate_keeps_the_layers_of_nodes_where_it_would_start_a_process() -> None:
+    """The solver moves the edge's boundary by a few layers as it moves the rest off a loaded server;
+    the variant that keeps the edge's layers needs no start there and serves as soon as the standby on
+    the other server has loaded its stage, so it gains more over the horizon."""
+    from policies.replan import keeping
+    from policies.solvers import plan_from_stages
+
+    p = _with_node(_base(), "mec-1", load=0.95)
+    current = plan_from_stages(
+        p, [Stage(node="edge-ap", first=0, end=2), Stage(node="mec-1", first=2, end=30)], "x"
+    )
+    moved = plan_from_stages(
+        p, [Stage(node="edge-ap", first=0, end=5), Stage(node="mec-2", first=5, end=30)], "x"
+    )
+    kept = keeping(p, moved, current, cold={"edge-ap", "phone"})
+    assert kept is not None and kept.layout() == (("edge-ap", 0, 2), ("mec-2", 2, 30))
+    assert keeping(p, moved, current, cold={"phone"}) is None  # the edge has a standby: nothing to keep
+    assert keeping(p, kept, current, cold={"edge-ap"}) is None  # kept already
+    # The edge would keep its first two layers last in the chain: no stage is left for the rest.
+    backwards = kept.model_copy(
+        update={"stages": (Stage(node="mec-2", first=0, end=10), Stage(node="edge-ap", first=10, end=30))}
+    )
+    assert keeping(p, backwards, current, cold={"edge-ap"}) is None
+    ready = {"edge-ap": 15.0, "mec-2": 0.5, "mec-1": 0.5, "phone": 15.0, "cloud": 0.5}
+    rule = {"ready_s": ready, "starting": {"edge-ap", "phone"}}
+    assert decide(p, current, kept, 60, **rule).gain_s > decide(p, current, moved, 60, **rule).gain_s  # type: ignore[arg-type]
