@@ -83,10 +83,29 @@ SLO_FIELDS = ("max_ttft_s", "max_tpot_s", "min_throughput_tok_s")
 def optimise_task(problem: Problem, policy: str) -> Plan:
     """The policy's plan; where no plan meets the service-level objectives, the best plan without them
     (serving slower beats not serving), said loudly. Memory and trust stay hard constraints."""
+    plan = _solve_relaxing_slo(problem, policy)
+    _log(f"{policy}: {plan.layout()} predicted tpot {plan.predicted.tpot_s * 1e3:.1f} ms")
+    return plan
+
+
+@task(name="optimise", timeout_seconds=120)
+def replan_task(problem: Problem, policy: str) -> Plan | str:
+    """``optimise_task`` on the nodes up now, or why no plan fits them (memory or trust binds: a node
+    the model needs is down), which is no failure of the run: the deployment waits for a node to come
+    back, whose event re-plans."""
+    from policies import InfeasibleError
+
+    try:
+        return optimise_task.fn(problem, policy)
+    except InfeasibleError as exc:
+        return str(exc)
+
+
+def _solve_relaxing_slo(problem: Problem, policy: str) -> Plan:
     from policies import InfeasibleError, solve
 
     try:
-        plan = solve(problem, policy)
+        return solve(problem, policy)
     except InfeasibleError as exc:
         constraints = problem.constraints
         if all(getattr(constraints, f) is None for f in SLO_FIELDS):
@@ -96,8 +115,7 @@ def optimise_task(problem: Problem, policy: str) -> Plan:
         )
         plan = solve(relaxed, policy)  # still infeasible here: memory or trust binds, and that is raised
         get_run_logger().warning(f"SLO cannot be met ({exc}); serving the best plan without it")
-    _log(f"{policy}: {plan.layout()} predicted tpot {plan.predicted.tpot_s * 1e3:.1f} ms")
-    return plan
+        return plan
 
 
 @task(name="decide", timeout_seconds=60)
@@ -348,12 +366,7 @@ def reconfigure(
         )
     if failover_only and check_chain_task(current.gateway_url)[0]:
         _log(f"reconfigure (failover only): {reason} {resource or ''}: the chain is healthy, plan kept")
-        kept = Plan.model_validate(current.plan)
-        layout = [list(x) for x in kept.layout()]
-        return {"reason": reason, "resource": resource, "adopted": False,
-                "decision": {"adopt": False, "reason": "failover only and the deployed chain is healthy"},
-                "before": layout, "after": layout, "predicted_tpot_s": kept.predicted.tpot_s,
-                "measured": None, "deploy": None, "wall_s": time.monotonic() - started}  # fmt: skip
+        return _kept(current, reason, resource, "failover only and the deployed chain is healthy", started)
     sc = load_scenario(Path(scenario))
     _log(f"reconfigure: {reason} {resource or ''} {'' if bw_mbit is None else f'bw={bw_mbit} Mbit/s'}")
     # A node event invalidates that node's compute profile; a link event leaves compute profiles valid.
@@ -370,7 +383,11 @@ def reconfigure(
         sc, pipeline.model_facts(get_settings(), current.model, profiles), profiles, probes,
         testbed=current.backend == "testbed", calibration=load_calibration() or Calibration(),
     )  # fmt: skip
-    candidate = optimise_task(problem, policy)
+    candidate = replan_task(problem, policy)
+    if isinstance(candidate, str):
+        why = f"no plan fits the nodes up now ({candidate}): the deployment is kept until one comes back"
+        get_run_logger().warning(why)
+        return _kept(current, reason, resource, why, started)
     before = _plan_of(current)
     deployed: dict[str, Any] | None = None
     planned = None if failover_only else decide_task(problem, before, candidate, horizon_s)
@@ -435,6 +452,18 @@ def reconfigure(
         "reaction": reaction,
         "wall_s": time.monotonic() - started,
     }
+
+
+def _kept(
+    current: DeploymentState, reason: str, resource: str | None, why: str, started: float
+) -> dict[str, Any]:
+    """The result of a run that leaves the deployment as it is, saying ``why``."""
+    kept = Plan.model_validate(current.plan)
+    layout = [list(x) for x in kept.layout()]
+    return {"reason": reason, "resource": resource, "adopted": False,
+            "decision": {"adopt": False, "reason": why}, "before": layout, "after": layout,
+            "predicted_tpot_s": kept.predicted.tpot_s, "measured": None, "deploy": None,
+            "wall_s": time.monotonic() - started}  # fmt: skip
 
 
 def switch_budget_s(decision: dict[str, Any]) -> float | None:
