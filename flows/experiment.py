@@ -59,13 +59,15 @@ from flows.prefect_server import ensure_server
 from flows.runtime import RuntimeFailure
 from flows.state import load_state
 from flows.workload import (
-    ChatSession,
+    Client,
+    OpenLoopClients,
     RequestRecord,
     choose_backend,
     prepare_model,
     serve_process,
     stop_process,
     teardown,
+    users,
 )
 from mecsplit.files import write_json
 from mecsplit.settings import Settings, get_settings
@@ -128,6 +130,7 @@ def policy_stats(
     return {
         "requests": len(records),
         "failed_requests": sum(1 for r in records if r.error is not None),
+        "refused_requests": sum(1 for r in records if r.refused),
         "tokens": sum(r.received for r in records),
         "tokens_asked": sum(r.asked for r in records),
         "tokens_lost": sum(r.lost for r in records),
@@ -572,7 +575,7 @@ def run_policy(
     scenario = load_scenario(scenario_path)
     server = ensure_server(settings)
     serve = None
-    sessions: list[ChatSession] = []
+    sessions: list[Client] = []
     watcher: PlanWatcher | None = None
     failover_only = policy != ADAPTIVE
     try:
@@ -601,10 +604,8 @@ def run_policy(
                 client.replay_start()
         t0 = time.time()
         watcher = PlanWatcher(t0).start()
-        w = scenario.workload
-        sessions = [
-            ChatSession(first["gateway_url"], w.max_new_tokens, first_prompt=i) for i in range(w.sessions)
-        ]
+        # One seed per repeat: every policy of a repeat meets the same users (arrivals, lengths).
+        sessions = users(first["gateway_url"], scenario.workload, seed=repeat)
         for s in sessions:
             s.start()
         time.sleep(duration_s)
@@ -624,6 +625,7 @@ def run_policy(
             deployed_policy=_deploy_policy(policy),
             failover_only=failover_only,
             window_s=round(window_s, 2),
+            not_sent=sum(s.not_sent for s in sessions if isinstance(s, OpenLoopClients)),
             initial_plan=first["plan"],
             final_plan=None
             if state is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -16,19 +17,14 @@ from pathlib import Path
 
 import httpx
 
+from flows.arrivals import Request, lengths, poisson_arrivals, prompt_text, think_s
 from flows.measure import StreamSample, gateway_headers, sse_chunks
 from flows.prefect_server import PrefectServer
 from flows.runtime import backend_for, clear_local_links, stop_local_processes
 from flows.state import BackendName, clear_state, load_state
 from mecsplit.process import stop_pid
 from mecsplit.settings import Settings, get_settings
-from testbed.scenario import Scenario
-
-PROMPTS = (
-    "Explain in two sentences why edge computing lowers latency.",
-    "Write a short haiku about a city at night.",
-    "List three uses of a bandwidth trace.",
-)
+from testbed.scenario import Scenario, Workload
 
 
 def say(message: str) -> None:
@@ -72,6 +68,7 @@ class RequestRecord:
     finish: str | None  # "length" or "stop" (end of sequence) when the stream ended normally
     error: str | None = None
     failed_after_s: float | None = None  # request start -> the failure, for a failed request
+    refused: bool = False  # the gateway's admission control answered 429: not served, nothing lost
 
     @property
     def waited_before_failure_s(self) -> float:
@@ -83,8 +80,9 @@ class RequestRecord:
 
     @property
     def lost(self) -> int:
-        """Tokens asked for and never delivered: none when the model ended the answer itself (``stop``)."""
-        if self.error is None and self.finish == "stop":
+        """Tokens asked for and never delivered: none when the model ended the answer itself (``stop``)
+        or admission control refused the request (it was never taken on)."""
+        if self.refused or (self.error is None and self.finish == "stop"):
             return 0
         return max(0, self.asked - self.received)
 
@@ -98,10 +96,16 @@ class RequestRecord:
 
 
 def stream_request(
-    gateway_url: str, prompt: str, max_tokens: int, *, timeout_s: float = 300.0
+    gateway_url: str,
+    prompt: str,
+    max_tokens: int,
+    *,
+    timeout_s: float = 300.0,
+    client: httpx.Client | None = None,
 ) -> RequestRecord:
     """One greedy streamed chat completion, recorded whatever happens (never raises): a request that fails
-    midway keeps the tokens it got, so the tokens it lost can be counted."""
+    midway keeps the tokens it got, so the tokens it lost can be counted. ``client``: one shared by many
+    requests (a client of its own per request costs milliseconds of CPU: its TLS context)."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     started_wall = time.time()
@@ -111,9 +115,11 @@ def stream_request(
     usage: int | None = None
     error: str | None = None
     failed_after_s: float | None = None
+    refused = False
     try:
         url = f"{gateway_url}/v1/chat/completions"
-        with httpx.stream("POST", url, json=body, timeout=timeout_s, headers=gateway_headers()) as resp:
+        stream = httpx.stream if client is None else client.stream
+        with stream("POST", url, json=body, timeout=timeout_s, headers=gateway_headers()) as resp:
             for chunk in sse_chunks(resp, gateway_url):
                 if chunk.get("usage"):
                     usage = int(chunk["usage"]["completion_tokens"])
@@ -123,6 +129,10 @@ def stream_request(
                     finish = choice.get("finish_reason") or finish
         if finish is None:
             raise RuntimeError("the stream ended without a finish reason")
+    except httpx.HTTPStatusError as exc:
+        refused = exc.response.status_code == 429
+        error = None if refused else f"{started_wall:.3f} {type(exc).__name__}: {exc}"
+        failed_after_s = None if refused else time.perf_counter() - started
     except Exception as exc:  # recorded and reported: a failed request is a finding
         error = f"{started_wall:.3f} {type(exc).__name__}: {exc}"
         failed_after_s = time.perf_counter() - started
@@ -131,7 +141,7 @@ def stream_request(
         started_at_s=started_wall, asked=max_tokens, ttft_s=stamps[0] - started if stamps else None,
         token_gaps_s=tuple(b - a for a, b in itertools.pairwise(stamps)),
         received=len(stamps) if usage is None or error is not None else usage, finish=finish, error=error,
-        failed_after_s=failed_after_s,
+        failed_after_s=failed_after_s, refused=refused,
     )  # fmt: skip
 
 
@@ -144,6 +154,7 @@ class ChatSession:
     gateway_url: str
     max_tokens: int
     first_prompt: int = 0
+    workload: Workload | None = None  # its think time and lengths (None: back to back, PROMPTS in turn)
     records: list[RequestRecord] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -162,17 +173,93 @@ class ChatSession:
 
     def _run(self) -> None:
         i = self.first_prompt
+        rng = random.Random(self.first_prompt)
         while not self._stop.is_set():
-            record = stream_request(self.gateway_url, PROMPTS[i % len(PROMPTS)], self.max_tokens)
+            words, tokens = (0, self.max_tokens) if self.workload is None else lengths(self.workload, rng)
+            record = stream_request(self.gateway_url, prompt_text(words, i), tokens)
             self.records.append(record)
-            if record.error is not None:
-                time.sleep(0.5)
+            pause = think_s(self.workload, rng) if self.workload is not None else 0.0
+            self._stop.wait(max(pause, 0.5 if record.error is not None or record.refused else 0.0))
             i += 1
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=300)
+
+
+@dataclass
+class OpenLoopClients:
+    """Requests sent as they arrive (``flows.arrivals.poisson_arrivals``), whatever the service: each
+    in a thread of its own, at most ``in_flight`` at once; an arrival that finds that many in flight is
+    counted in ``not_sent``. ``stop`` stops the arrivals and lets the requests in flight finish."""
+
+    gateway_url: str
+    workload: Workload
+    seed: int = 0
+    records: list[RequestRecord] = field(default_factory=list)
+    not_sent: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _flying: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _http: httpx.Client = field(
+        default_factory=lambda: httpx.Client(limits=httpx.Limits(max_connections=None))
+    )
+
+    @property
+    def samples(self) -> list[StreamSample]:
+        return [s for r in self.records if (s := r.sample()) is not None]
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.error for r in self.records if r.error is not None]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._arrive, name="mecsplit-arrivals", daemon=True)
+        self._thread.start()
+
+    def _arrive(self) -> None:
+        t0 = time.monotonic()
+        for i, request in enumerate(poisson_arrivals(self.workload, self.seed)):
+            if self._stop.wait(max(0.0, t0 + request.at_s - time.monotonic())):
+                return
+            self._flying = [t for t in self._flying if t.is_alive()]
+            if len(self._flying) >= self.workload.sessions:
+                self.not_sent += 1
+                continue
+            thread = threading.Thread(
+                target=self._send, args=(request, i), name="mecsplit-request", daemon=True
+            )
+            self._flying.append(thread)
+            thread.start()
+
+    def _send(self, request: Request, index: int) -> None:
+        prompt = prompt_text(request.prompt_words, index)
+        record = stream_request(self.gateway_url, prompt, request.max_tokens, client=self._http)
+        with self._lock:
+            self.records.append(record)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        for thread in self._flying:
+            thread.join(timeout=300)
+        self._http.close()
+
+
+Client = ChatSession | OpenLoopClients
+
+
+def users(gateway_url: str, workload: Workload, seed: int = 0) -> list[Client]:
+    """The clients of ``workload``: its ``sessions`` closed-loop users, or one open-loop arrival process."""
+    if workload.arrivals == "poisson":
+        return [OpenLoopClients(gateway_url, workload, seed=seed)]
+    return [
+        ChatSession(gateway_url, workload.max_new_tokens, first_prompt=seed + i, workload=workload)
+        for i in range(workload.sessions)
+    ]
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,23 @@ class Workload(_Frozen):
     prompt_tokens: int = Field(default=32, ge=1, le=32_768)
     max_new_tokens: int = Field(default=16, ge=1, le=32_768)
     request_rate_per_s: float = Field(default=0.5, gt=0, le=10_000, description="new requests per second")
+    arrivals: Literal["closed", "poisson"] = Field(
+        default="closed",
+        description="closed: each session sends its next request when the last ended (after a think "
+        "time); poisson: requests arrive at request_rate_per_s whatever the service (open loop), at "
+        "most `sessions` in flight",
+    )
+    think_time_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=3600,
+        description="closed: mean pause between a session's requests (exponential)",
+    )
+    lengths: Literal["prompts", "lognormal"] = Field(
+        default="prompts",
+        description="prompts: the bundled short chat prompts, max_new_tokens each; lognormal: each "
+        "request's prompt and answer lengths drawn around prompt_tokens and max_new_tokens",
+    )
 
 
 class Constraints(_Frozen):
