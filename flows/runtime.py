@@ -174,6 +174,8 @@ def _server_command(
         sys.executable, "-m", "segments.server", "--store", str(settings.store_dir), "--model", req.model,
         "--first", str(req.first), "--end", str(req.end), "--host", host, "--port", str(port),
         "--threads", str(settings.segments.threads), "--tls-dir", str(tls_dir),
+        # A container's environment is only what it is given: the setting travels as a flag.
+        "--max-batch", str(settings.segments.max_batch),
     ]  # fmt: skip
     # A standby hashes the whole model before it is ready, so the range it is later given loads
     # without reading the store again (the hashing is most of a load's time); it boots at the lowest

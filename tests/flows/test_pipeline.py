@@ -112,3 +112,13 @@ def test_deploy_switch_and_teardown_keep_generation_exact(backend: LocalBackend)
     for endpoint in state.segments:
         with pytest.raises(ProcessLookupError):
             os.kill(int(endpoint.handle.removeprefix("pid:")), 0)
+
+
+def test_a_segment_server_gets_the_batching_setting_as_a_flag() -> None:
+    """A testbed container's environment is only what it is given: batching travels on the command line."""
+    from flows.runtime import SegmentRequest, _server_command
+    from mecsplit.settings import SegmentSettings, Settings
+
+    settings = Settings(segments=SegmentSettings(max_batch=8))
+    command = _server_command(settings, SegmentRequest("edge", "llama-tiny", 0, 2, 1), "0.0.0.0", 1, "/tls")
+    assert command[command.index("--max-batch") + 1] == "8"
