@@ -1,6 +1,7 @@
 """``mecsplit bench reaction`` (a bandwidth drop to the new plan serving, per step), ``bench controller``
-(what the serve controller costs with the network unchanged) and ``bench model`` (how well the calibrated
-cost model predicts plans before they serve), as JSON."""
+(what the serve controller costs with the network unchanged), ``bench model`` (how well the calibrated
+cost model predicts plans before they serve) and ``bench throughput`` (one chain's servers batching or
+not, under many sessions), as JSON."""
 
 from __future__ import annotations
 
@@ -84,8 +85,38 @@ def bench_model_cmd(
     typer.echo(json.dumps(summary, indent=None if as_json else 2))
 
 
+def bench_throughput_cmd(
+    scenario: Path = typer.Option(Path("scenarios/default.yaml"), "--scenario", "-s", help="scenario YAML"),
+    sessions: str = typer.Option("1,4,16,32", help="concurrent sessions, comma-separated"),
+    seconds: float = typer.Option(20.0, min=5.0, help="length of one measured window"),
+    runs: int = typer.Option(3, min=1, help="measured windows per concurrency and mode (median)"),
+    max_batch: int = typer.Option(16, min=2, help="decode steps a batching server runs at once"),
+    backend: str = typer.Option("auto", help="auto, testbed or local"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON (progress goes to stderr)"),
+) -> None:
+    """Deploy the scenario's plan with batching segment servers, then the same plan with servers that
+    run each step alone, and print per concurrency each one's aggregate tokens/s, TTFT and TPOT p50/p95
+    and the ratio of the two, measured in the same run."""
+    from flows.prefect_server import ensure_server
+    from flows.throughput_bench import run_throughput_bench
+
+    try:
+        counts = [int(x) for x in sessions.split(",") if x.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--sessions takes integers: {exc}") from None
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter("--sessions needs at least one count of 1 or more")
+    ensure_server()
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run_throughput_bench(
+            scenario, counts, seconds=seconds, runs=runs, max_batch=max_batch, backend=backend
+        )
+    typer.echo(json.dumps(summary, indent=None if as_json else 2))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     del app
     bench.command("reaction")(bench_reaction_cmd)
     bench.command("controller")(bench_controller_cmd)
     bench.command("model")(bench_model_cmd)
+    bench.command("throughput")(bench_throughput_cmd)
