@@ -516,6 +516,12 @@ def wait_ready(endpoint: Endpoint, secret: str, timeout_s: float = STANDBY_READY
     )
 
 
+def _claim(backend: Backend, standby: Endpoint, request: SegmentRequest, secret: str) -> Endpoint:
+    """A standby loads the request's range at a serving stage's CPU weight (it booted at a lower one)."""
+    backend.promote(standby)
+    return claim_standby(standby, request, secret)
+
+
 def claim_standby(standby: Endpoint, request: SegmentRequest, secret: str) -> Endpoint:
     """Load the request's range into a started standby server: no process start, no imports; the store
     is per layer, so the server reads only the tensors of its range."""
@@ -567,7 +573,7 @@ def _bring_up(
     loads = _loads(backend)
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = [
-            pool.submit(_timed, partial(claim_standby, standby, request, secret), loads.get(request.node))
+            pool.submit(_timed, partial(_claim, backend, standby, request, secret), loads.get(request.node))
             if standby is not None
             else pool.submit(_timed, partial(backend.start_segment, request, secret), loads.get(request.node))
             for request, standby in jobs
@@ -785,12 +791,17 @@ def deploy(
     spare.update(retained)
     standbys = list(spare.values())
     if settings.flows.warm_standby:
+        serving = {node for node, _, _ in layout}
         for node in standby_nodes(backend.scenario, alive, layout, manifest):
             if node not in spare:
                 span = standby_span(backend.scenario, node, layout, manifest)
+                # Beside a stage that serves sessions already, it boots capped (``promote`` lifts it).
+                background = current is not None and node in serving
                 progress(f"starting a standby server on {node} holding [{span[0]}, {span[1]})")
                 standbys.append(
-                    backend.start_standby(node, model, manifest["num_layers"], revision, secret, span)
+                    backend.start_standby(
+                        node, model, manifest["num_layers"], revision, secret, span, background=background
+                    )
                 )
     state = DeploymentState(
         scenario=str(Path(scenario_path).resolve()), model=model, backend=backend.name, revision=revision,

@@ -32,7 +32,7 @@ from mecsplit.files import write_json
 from mecsplit.process import stop_pid
 from mecsplit.settings import Settings, get_settings
 from segments.pki import GATEWAY, segment_identity
-from testbed.node import FILES_MOUNT
+from testbed.node import BACKGROUND_CPUS, FILES_MOUNT
 from testbed.scenario import Scenario
 
 if TYPE_CHECKING:
@@ -103,9 +103,15 @@ class Backend(Protocol):
         revision: int,
         secret: str,
         span: tuple[int, int] | None = None,
+        background: bool = False,
     ) -> Endpoint:
         """Start a server of ``span`` (default ``standby_range``) on ``node`` and return at once (not yet
-        ready)."""
+        ready); ``background``: it boots beside a serving stage, taking little of the node's CPU until
+        ``promote``."""
+        ...
+
+    def promote(self, standby: Endpoint) -> None:
+        """``standby`` is about to serve: it runs with its node's whole CPU, as a stage does."""
         ...
 
     def stop_segment(self, endpoint: Endpoint) -> None: ...
@@ -298,7 +304,9 @@ class LocalBackend:
         revision: int,
         secret: str,
         span: tuple[int, int] | None = None,
+        background: bool = False,
     ) -> Endpoint:
+        del background  # it boots niced (``--background``), as every local standby does
         first, end = span or standby_range(num_layers)
         request = SegmentRequest(node, model, first, end, revision)
         # The port must be known before the process is ready (nobody waits for it): take a free one now.
@@ -311,6 +319,9 @@ class LocalBackend:
         return Endpoint(
             node=node, first=first, end=end, host="127.0.0.1", port=port, handle=f"pid:{proc.pid}"
         )
+
+    def promote(self, standby: Endpoint) -> None:
+        del standby  # processes on one host, at one priority: nothing to change
 
     def stop_segment(self, endpoint: Endpoint) -> None:
         stop_pid(int(endpoint.handle.removeprefix("pid:")))
@@ -445,6 +456,7 @@ class TestbedBackend:
         revision: int,
         secret: str,
         span: tuple[int, int] | None = None,
+        background: bool = False,
     ) -> Endpoint:
         first, end = span or standby_range(num_layers)
         name, port = standby_name(revision), standby_port(revision)
@@ -452,11 +464,15 @@ class TestbedBackend:
         answer = self.client.deploy_segment(
             node, name, _server_command(self.settings, request, "0.0.0.0", port, FILES_MOUNT, standby=True),
             port=port, files=credential_files(secret, segment_identity(node)),
+            cpus=BACKGROUND_CPUS if background else None,
         )  # fmt: skip
         return Endpoint(
             node=node, first=first, end=end, host=answer["address"], port=port, handle=f"segment:{name}",
             control_host=answer["mgmt_address"],
         )  # fmt: skip
+
+    def promote(self, standby: Endpoint) -> None:
+        self.client.uncap_segment(standby.node, standby.handle.removeprefix("segment:"))
 
     def stop_segment(self, endpoint: Endpoint) -> None:
         self.client.stop_segment(endpoint.node, endpoint.handle.removeprefix("segment:"))

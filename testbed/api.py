@@ -140,9 +140,11 @@ class TestbedClient:
         port: int | None = None,
         mem_bytes: int | None = None,
         files: dict[str, str] | None = None,
+        cpus: float | None = None,
     ) -> dict[str, Any]:
         """Start a container on ``node`` running ``command`` (argv; it shares the node's netns, CPU and
-        memory); ``files`` (name -> text) are readable in it at ``FILES_MOUNT``, read-only. Returns
+        memory; ``cpus``: a cap of its own inside the node's quota); ``files`` (name -> text) are
+        readable in it at ``FILES_MOUNT``, read-only. Returns
         ``container``, ``container_id``, ``address`` (data plane, reachable from other
         nodes), ``mgmt_address`` (reachable from the host) and ``port`` (echoed)."""
         return self._call(
@@ -156,8 +158,13 @@ class TestbedClient:
                 "port": port,
                 "mem_bytes": mem_bytes,
                 "files": files or {},
+                "cpus": cpus,
             },
         )
+
+    def uncap_segment(self, node: str, name: str) -> dict[str, Any]:
+        """Lift a segment container's own CPU cap (it runs within its node's quota only)."""
+        return self._call("POST", "/segments/uncap", {"node": node, "name": name})
 
     def stop_segment(self, node: str, name: str, timeout_s: float = 10.0) -> dict[str, Any]:
         return self._call("POST", "/segments/stop", {"node": node, "name": name, "timeout_s": timeout_s})

@@ -67,12 +67,18 @@ class Deploy(BaseModel):
     port: int | None = None
     mem_bytes: int | None = Field(default=None, gt=0)
     files: dict[str, str] = {}  # name -> text, mounted read-only in the container (credentials)
+    cpus: float | None = Field(default=None, ge=0.01, le=64)  # a cap of its own inside the node's quota
 
 
 class StopSegment(BaseModel):
     node: str
     name: str
     timeout_s: float = 10.0
+
+
+class SegmentRef(BaseModel):
+    node: str
+    name: str
 
 
 class Exec(BaseModel):
@@ -143,8 +149,12 @@ def build_app(testbed: Any, token: str, shutdown: threading.Event) -> Any:
     def deploy(req: Deploy) -> dict[str, Any]:
         return call(
             testbed.deploy_segment,
-            req.node, req.name, req.command, req.env, req.port, req.mem_bytes, req.files,
+            req.node, req.name, req.command, req.env, req.port, req.mem_bytes, req.files, req.cpus,
         )  # fmt: skip
+
+    @app.post("/segments/uncap")
+    def uncap(req: SegmentRef) -> dict[str, Any]:
+        return call(testbed.uncap_segment, req.node, req.name)
 
     @app.post("/segments/stop")
     def stop_segment(req: StopSegment) -> dict[str, Any]:

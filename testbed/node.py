@@ -345,6 +345,16 @@ def start_node(
     return NodeContainer(node=node, name=name, container_id=cid, pid=pid, cgroup=cgroup)
 
 
+# A standby started while a chain serves boots (imports, hashing the store) under a CPU cap of its own,
+# this share of one core, inside its node's quota; it is lifted when the standby is given a stage. The
+# standby cannot lower its own priority (no CAP_SYS_NICE, below), and a low cpu.shares orders nothing
+# when the node's containers run on different cores (docs/flows.md). Uncapped, a standby booting on the
+# cloud after a move on industrial slowed the cloud's stage for about 10 s (376 ms a token against 217
+# once it had booted).
+BACKGROUND_CPUS = 0.1
+_CFS_PERIOD_US = 100_000
+
+
 def start_segment(
     prefix: str,
     node: NodeContainer,
@@ -355,10 +365,14 @@ def start_segment(
     env: dict[str, str] | None = None,
     mem_bytes: int | None = None,
     files_dir: Path | None = None,
+    cpus: float | None = None,
 ) -> str:
     """Start a segment container on a node: the node's netns and cgroup budget; returns its id.
-    ``files_dir`` (its own credentials, owned by SEGMENT_UID) is mounted read-only at FILES_MOUNT."""
+    ``files_dir`` (its own credentials, owned by SEGMENT_UID) is mounted read-only at FILES_MOUNT;
+    ``cpus``: a cap of its own inside the node's quota (``uncap`` lifts it)."""
     args = _common_run_args(prefix, node.node, "segment", node.cgroup, mounts, SEGMENT_PIDS_LIMIT)
+    if cpus is not None:
+        args += ["--cpu-period", str(_CFS_PERIOD_US), "--cpu-quota", str(round(cpus * _CFS_PERIOD_US))]
     if files_dir is not None:
         args += ["-v", f"{files_dir}:{FILES_MOUNT}:ro"]
     for key, value in sorted((env or {}).items()):
@@ -375,6 +389,11 @@ def start_segment(
         "run", "-d", "--name", name, "--network", f"container:{node.name}", "--stop-timeout", "10",
         *args, image, *command,
     ).strip()  # fmt: skip
+
+
+def uncap(prefix: str, node: str, segment: str) -> None:
+    """Lift a segment container's own CPU cap: it runs within its node's quota only."""
+    docker("update", "--cpu-quota", "-1", container_name(prefix, node, segment))
 
 
 def list_containers(prefix: str, node: str | None = None, role: str | None = None) -> list[str]:

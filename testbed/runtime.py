@@ -262,6 +262,7 @@ class Testbed:
         port: int | None,
         mem_bytes: int | None,
         files: dict[str, str] | None = None,
+        cpus: float | None = None,
     ) -> dict[str, Any]:
         """``files`` (name -> text, e.g. TLS credentials) reach the container only, read-only at
         ``nodes.FILES_MOUNT``: never through the environment, which ``docker inspect`` shows."""
@@ -275,7 +276,7 @@ class Testbed:
             try:
                 cid = nodes.start_segment(
                     self.prefix, container, name, command, self.image, self.mounts, env=env,
-                    mem_bytes=mem_bytes, files_dir=files_dir,
+                    mem_bytes=mem_bytes, files_dir=files_dir, cpus=cpus,
                 )  # fmt: skip
             except Exception:
                 self._remove_files(cname)
@@ -291,6 +292,14 @@ class Testbed:
                 "mgmt_address": np.mgmt_addr.split("/")[0],
                 "port": port,
             }
+
+    def uncap_segment(self, node: str, name: str) -> dict[str, Any]:
+        with self.lock:
+            self._node(node)
+            if name not in self.segments.get(node, {}):
+                raise TestbedError(f"no segment {name!r} on {node!r}")
+            nodes.uncap(self.prefix, node, name)
+            return {"node": node, "name": name}
 
     def stop_segment(self, node: str, name: str, timeout_s: float = 10.0) -> dict[str, Any]:
         with self.lock:

@@ -173,6 +173,50 @@ def test_half_cpu_share_doubles_per_layer_compute(client: TestbedClient) -> None
     assert 1.6 <= ratio <= 2.8, (full, half)
 
 
+SPIN = """
+import json, sys, time
+start, seconds = float(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+cpu0, end = time.process_time(), time.time() + seconds
+while time.time() < end:
+    pass
+print(json.dumps({"share": (time.process_time() - cpu0) / seconds}), flush=True)
+time.sleep(60)
+"""
+
+
+def _spin_pair(
+    client: TestbedClient, cap: float | None, uncap: bool, seconds: float = 3.0
+) -> dict[str, float]:
+    """A stage and a standby of n2 (one core) spinning over the same seconds, the standby under its own
+    ``cap``, lifted before they spin when ``uncap``: each one's share of a core."""
+    python = client.status()["container_python"]
+    start = time.time() + 8.0  # both started and idle by then
+    for name, cpus in (("stage", None), ("standby", cap)):
+        client.deploy_segment("n2", name, [python, "-c", SPIN, str(start), str(seconds)], cpus=cpus)
+    if uncap:
+        client.uncap_segment("n2", "standby")
+    try:
+        time.sleep(max(0.0, start + seconds - time.time()) + 1.0)
+        return {name: json.loads(client.segment_logs("n2", name).strip().splitlines()[-1])["share"]
+                for name in ("stage", "standby")}  # fmt: skip
+    finally:
+        for name in ("stage", "standby"):
+            client.stop_segment("n2", name, timeout_s=1)
+
+
+def test_a_standby_booting_beside_a_stage_takes_only_its_cap_of_the_node(client: TestbedClient) -> None:
+    """A standby started under its own cap takes at most that share of a core while the node's stage
+    keeps the rest of the node's quota; once the cap is lifted (it is given a stage) the two share the
+    node's quota alike."""
+    from testbed.node import BACKGROUND_CPUS
+
+    capped = _spin_pair(client, BACKGROUND_CPUS, uncap=False)
+    assert capped["standby"] <= BACKGROUND_CPUS + 0.03 and capped["stage"] >= 0.8, capped
+    lifted = _spin_pair(client, BACKGROUND_CPUS, uncap=True)
+    assert abs(lifted["stage"] - lifted["standby"]) <= 0.2 and lifted["standby"] >= 0.35, lifted
+
+
 def _docker_state(name: str) -> str:
     import subprocess
 
