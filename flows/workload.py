@@ -145,8 +145,22 @@ def stream_request(
     )  # fmt: skip
 
 
+class _Recorded:
+    """What every client kept of its requests."""
+
+    records: list[RequestRecord]
+
+    @property
+    def samples(self) -> list[StreamSample]:
+        return [s for r in self.records if (s := r.sample()) is not None]
+
+    @property
+    def errors(self) -> list[str]:
+        return [r.error for r in self.records if r.error is not None]
+
+
 @dataclass
-class ChatSession:
+class ChatSession(_Recorded):
     """One user: streams chat completions one after another through the gateway, recording every
     token's latency; a request that fails is recorded, never retried silently. ``stop`` lets the request
     in flight finish, so the last one is complete and none is cut short by the experiment itself."""
@@ -158,14 +172,6 @@ class ChatSession:
     records: list[RequestRecord] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-
-    @property
-    def samples(self) -> list[StreamSample]:
-        return [s for r in self.records if (s := r.sample()) is not None]
-
-    @property
-    def errors(self) -> list[str]:
-        return [r.error for r in self.records if r.error is not None]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="mecsplit-chat", daemon=True)
@@ -189,7 +195,7 @@ class ChatSession:
 
 
 @dataclass
-class OpenLoopClients:
+class OpenLoopClients(_Recorded):
     """Requests sent as they arrive (``flows.arrivals.poisson_arrivals``), whatever the service: each
     in a thread of its own, at most ``in_flight`` at once; an arrival that finds that many in flight is
     counted in ``not_sent``. ``stop`` stops the arrivals and lets the requests in flight finish."""
@@ -206,14 +212,6 @@ class OpenLoopClients:
     _http: httpx.Client = field(
         default_factory=lambda: httpx.Client(limits=httpx.Limits(max_connections=None))
     )
-
-    @property
-    def samples(self) -> list[StreamSample]:
-        return [s for r in self.records if (s := r.sample()) is not None]
-
-    @property
-    def errors(self) -> list[str]:
-        return [r.error for r in self.records if r.error is not None]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._arrive, name="mecsplit-arrivals", daemon=True)

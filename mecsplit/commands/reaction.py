@@ -74,11 +74,9 @@ def bench_model_cmd(
 
     try:
         layouts = json.loads(plans) if plans else None
-        counts = [int(x) for x in sessions.split(",") if x.strip()]
     except ValueError as exc:
-        raise typer.BadParameter(f"--plans must be JSON and --sessions integers: {exc}") from None
-    if not counts or min(counts) < 1:
-        raise typer.BadParameter("--sessions needs at least one count of 1 or more")
+        raise typer.BadParameter(f"--plans must be JSON: {exc}") from None
+    counts = _session_counts(sessions)
     ensure_server()
     with contextlib.redirect_stdout(sys.stderr):
         summary = run_model_bench(scenario, layouts, sessions=counts, seconds=seconds, backend=backend)
@@ -100,18 +98,24 @@ def bench_throughput_cmd(
     from flows.prefect_server import ensure_server
     from flows.throughput_bench import run_throughput_bench
 
-    try:
-        counts = [int(x) for x in sessions.split(",") if x.strip()]
-    except ValueError as exc:
-        raise typer.BadParameter(f"--sessions takes integers: {exc}") from None
-    if not counts or min(counts) < 1:
-        raise typer.BadParameter("--sessions needs at least one count of 1 or more")
+    counts = _session_counts(sessions)
     ensure_server()
     with contextlib.redirect_stdout(sys.stderr):
         summary = run_throughput_bench(
             scenario, counts, seconds=seconds, runs=runs, max_batch=max_batch, backend=backend
         )
     typer.echo(json.dumps(summary, indent=None if as_json else 2))
+
+
+def _session_counts(sessions: str) -> list[int]:
+    """``--sessions`` as counts: comma-separated integers, each at least 1."""
+    try:
+        counts = [int(x) for x in sessions.split(",") if x.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--sessions takes integers: {exc}") from None
+    if not counts or min(counts) < 1:
+        raise typer.BadParameter("--sessions needs at least one count of 1 or more")
+    return counts
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
