@@ -197,8 +197,8 @@ class ChatSession(_Recorded):
 @dataclass
 class OpenLoopClients(_Recorded):
     """Requests sent as they arrive (``flows.arrivals.poisson_arrivals``), whatever the service: each
-    in a thread of its own, at most ``in_flight`` at once; an arrival that finds that many in flight is
-    counted in ``not_sent``. ``stop`` stops the arrivals and lets the requests in flight finish."""
+    in a thread of its own, at most the workload's ``sessions`` at once; an arrival that finds that many
+    in flight is counted in ``not_sent``. ``stop`` stops the arrivals and lets those in flight finish."""
 
     gateway_url: str
     workload: Workload
