@@ -517,7 +517,8 @@ def wait_ready(endpoint: Endpoint, secret: str, timeout_s: float = STANDBY_READY
 
 
 def _claim(backend: Backend, standby: Endpoint, request: SegmentRequest, secret: str) -> Endpoint:
-    """A standby loads the request's range at a serving stage's CPU weight (it booted at a lower one)."""
+    """A standby loads the request's range with its node's whole CPU (beside a serving stage it boots
+    under a cap of its own, which ``promote`` lifts)."""
     backend.promote(standby)
     return claim_standby(standby, request, secret)
 
