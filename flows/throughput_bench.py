@@ -24,9 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.predictions import clear_run_learning
-from flows.runtime import backend_for
-from flows.state import clear_state, load_state
-from flows.workload import ChatSession, RequestRecord, start_bench, teardown, testbed_up
+from flows.workload import ChatSession, RequestRecord, start_bench, stop_deployment, teardown, testbed_up
 from mecsplit.settings import get_settings
 
 # Before a concurrency's windows: the sessions' first prompts and the servers' batches settle.
@@ -129,7 +127,7 @@ def run_throughput_bench(
                 row = _measure(first["gateway_url"], scenario.workload.max_new_tokens, k, seconds, runs)
                 _say(f"  {k} sessions: {row['tokens_per_s']} tokens/s, TPOT p95 {row['tpot_p95_ms']} ms")
                 modes[mode].append(row)
-            _stop_deployment(chosen, scenario)
+            stop_deployment(scenario)
     finally:
         if saved is None:
             os.environ.pop(BATCH_ENV, None)
@@ -138,17 +136,6 @@ def run_throughput_bench(
         get_settings.cache_clear()
         teardown(chosen, scenario)
     return _report(scenario, chosen, plans, modes, seconds, runs, max_batch)
-
-
-def _stop_deployment(backend: str, scenario: Any) -> None:
-    from flows import pipeline
-
-    state = load_state()
-    if state is not None:
-        try:
-            pipeline.teardown(backend_for(state.backend, scenario), state)
-        finally:
-            clear_state()
 
 
 def _report(

@@ -322,8 +322,8 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
         stop_pid(proc.pid, group=True)  # with the flow runs it started
 
 
-def teardown(backend: BackendName, scenario: Scenario) -> None:
-    """Stop the deployment (segments, gateway) and, on the testbed, the emulated network."""
+def stop_deployment(scenario: Scenario) -> None:
+    """Stop the deployment's segments and gateway, if one runs, and forget it."""
     from flows import pipeline
 
     state = load_state()
@@ -333,6 +333,11 @@ def teardown(backend: BackendName, scenario: Scenario) -> None:
             pipeline.teardown(backend_for(state.backend, scenario), state)
         finally:
             clear_state()
+
+
+def teardown(backend: BackendName, scenario: Scenario) -> None:
+    """Stop the deployment (segments, gateway) and, on the testbed, the emulated network."""
+    stop_deployment(scenario)
     if backend == "testbed":
         from testbed.api import TestbedClient
         from testbed.errors import TestbedNotRunningError
