@@ -71,7 +71,7 @@ from flows.workload import (
 )
 from mecsplit.files import write_json
 from mecsplit.settings import Settings, get_settings
-from testbed.scenario import load_scenario
+from testbed.scenario import Constraints, load_scenario
 
 ADAPTIVE = "adaptive"
 STATIC = "static"
@@ -95,7 +95,11 @@ def _ms(value_s: float | None) -> float | None:
 
 
 def policy_stats(
-    records: Sequence[RequestRecord], window_s: float, *, stall_factor: float = STALL_FACTOR
+    records: Sequence[RequestRecord],
+    window_s: float,
+    *,
+    stall_factor: float = STALL_FACTOR,
+    slo: Constraints | None = None,
 ) -> dict[str, Any]:
     """The figures of one policy's run (docs/experiments.md defines each).
 
@@ -147,6 +151,16 @@ def policy_stats(
         "first_token_stall_s": round(sum(first_stalls), 3),
         "failed_wait_s": round(sum(failed_waits), 3),
         "longest_gap_ms": _ms(gaps[-1]) if gaps else None,
+        **(_slo_figures(records, window_s, slo) if slo is not None else {}),
+    }
+
+
+def _slo_figures(records: Sequence[RequestRecord], window_s: float, slo: Constraints) -> dict[str, Any]:
+    """Requests served within the scenario's TTFT and TPOT bounds, and their rate (goodput)."""
+    good = sum(1 for r in records if r.within_slo(slo.slo_ttft_s, slo.slo_tpot_s))
+    return {
+        "within_slo_requests": good,
+        "goodput_requests_per_s": round(good / window_s, 3) if window_s > 0 else None,
     }
 
 
@@ -155,6 +169,7 @@ def policy_stats(
 AGGREGATED_FIGURES = (
     "mean_tpot_ms", "median_tpot_ms", "p95_tpot_ms", "mean_ttft_ms", "p95_ttft_ms",
     "mean_latency_per_token_ms", "throughput_tok_s", "total_stall_s", "reconfigurations", "tokens_lost",
+    "goodput_requests_per_s",
 )  # fmt: skip
 T_QUANTILE = 0.975  # two-sided 95 % Student-t interval
 ONE_RUN = results.ONE_RUN
@@ -617,7 +632,7 @@ def run_policy(
             log.warning(f"{policy}: reconfigure runs still running after the drain: {still_running}")
         watcher.stop()
         records = [r for s in sessions for r in s.records]
-        stats = policy_stats(records, window_s)
+        stats = policy_stats(records, window_s, slo=scenario.constraints)
         state = load_state()
         stats.update(
             policy=policy,

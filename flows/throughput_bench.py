@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,24 @@ BATCH_ENV = "MECSPLIT_SEGMENTS__MAX_BATCH"
 
 def _say(message: str) -> None:
     print(f"[bench throughput {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def batching(max_batch: int | None) -> Iterator[None]:
+    """Within it, a deploy starts every segment server batching up to ``max_batch`` decode steps (passed
+    to each as ``--max-batch``); None: the setting as it is."""
+    saved = os.environ.get(BATCH_ENV)
+    if max_batch is not None:
+        os.environ[BATCH_ENV] = str(max_batch)
+        get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(BATCH_ENV, None)
+        else:
+            os.environ[BATCH_ENV] = saved
+        get_settings.cache_clear()
 
 
 def token_times(record: RequestRecord) -> Iterator[float]:
@@ -106,7 +125,6 @@ def run_throughput_bench(
     start = start_bench(scenario_path, backend)
     settings, scenario, chosen = start.settings, start.scenario, start.backend
     clear_run_learning(settings)
-    saved = os.environ.get(BATCH_ENV)
     modes: dict[str, list[dict[str, Any]]] = {}
     plans = []
     try:
@@ -114,13 +132,12 @@ def run_throughput_bench(
         from flows.reconfigure import deploy_flow
 
         for mode, batch in (("batched", max_batch), ("unbatched", 1)):
-            os.environ[BATCH_ENV] = str(batch)  # the deploy passes it to every server (--max-batch)
-            get_settings.cache_clear()
             _say(f"{mode}: deploying (servers' max batch {batch})")
-            first = deploy_flow(
-                scenario=str(scenario_path), backend=chosen, model=scenario.model, measure_tokens=0,
-                refresh_profiles=not plans,  # the second deploy prices the same profiles: the same plan
-            )  # fmt: skip
+            with batching(batch):
+                first = deploy_flow(
+                    scenario=str(scenario_path), backend=chosen, model=scenario.model, measure_tokens=0,
+                    refresh_profiles=not plans,  # the second deploy prices the same profiles: the same plan
+                )  # fmt: skip
             plans.append(first["plan"])
             modes[mode] = []
             for k in sessions:
@@ -129,11 +146,6 @@ def run_throughput_bench(
                 modes[mode].append(row)
             stop_deployment(scenario)
     finally:
-        if saved is None:
-            os.environ.pop(BATCH_ENV, None)
-        else:
-            os.environ[BATCH_ENV] = saved
-        get_settings.cache_clear()
         teardown(chosen, scenario)
     return _report(scenario, chosen, plans, modes, seconds, runs, max_batch)
 

@@ -69,6 +69,14 @@ class RequestRecord:
     error: str | None = None
     failed_after_s: float | None = None  # request start -> the failure, for a failed request
     refused: bool = False  # the gateway's admission control answered 429: not served, nothing lost
+    retry_after_s: float | None = None  # a refusal's Retry-After: when the gateway expects a free place
+
+    @property
+    def duration_s(self) -> float:
+        """From sending the request to its failure, or to its last token."""
+        if self.failed_after_s is not None:
+            return self.failed_after_s
+        return (self.ttft_s or 0.0) + sum(self.token_gaps_s)
 
     @property
     def waited_before_failure_s(self) -> float:
@@ -85,6 +93,15 @@ class RequestRecord:
         if self.refused or (self.error is None and self.finish == "stop"):
             return 0
         return max(0, self.asked - self.received)
+
+    def within_slo(self, slo_ttft_s: float | None, slo_tpot_s: float | None) -> bool:
+        """Served (admitted, ended normally) inside the TTFT bound and, on average, the TPOT bound."""
+        if self.error is not None or self.refused or self.ttft_s is None:
+            return False
+        if slo_ttft_s is not None and self.ttft_s > slo_ttft_s:
+            return False
+        gaps = self.token_gaps_s
+        return slo_tpot_s is None or not gaps or sum(gaps) / len(gaps) <= slo_tpot_s
 
     def sample(self) -> StreamSample | None:
         if self.ttft_s is None:
@@ -116,6 +133,7 @@ def stream_request(
     error: str | None = None
     failed_after_s: float | None = None
     refused = False
+    retry_after_s: float | None = None
     try:
         url = f"{gateway_url}/v1/chat/completions"
         stream = httpx.stream if client is None else client.stream
@@ -131,6 +149,7 @@ def stream_request(
             raise RuntimeError("the stream ended without a finish reason")
     except httpx.HTTPStatusError as exc:
         refused = exc.response.status_code == 429
+        retry_after_s = _seconds(exc.response.headers.get("Retry-After")) if refused else None
         error = None if refused else f"{started_wall:.3f} {type(exc).__name__}: {exc}"
         failed_after_s = None if refused else time.perf_counter() - started
     except Exception as exc:  # recorded and reported: a failed request is a finding
@@ -141,8 +160,16 @@ def stream_request(
         started_at_s=started_wall, asked=max_tokens, ttft_s=stamps[0] - started if stamps else None,
         token_gaps_s=tuple(b - a for a, b in itertools.pairwise(stamps)),
         received=len(stamps) if usage is None or error is not None else usage, finish=finish, error=error,
-        failed_after_s=failed_after_s, refused=refused,
+        failed_after_s=failed_after_s, refused=refused, retry_after_s=retry_after_s,
     )  # fmt: skip
+
+
+def _seconds(header: str | None) -> float | None:
+    """A Retry-After given in seconds (the gateway's form; an HTTP date is not waited on)."""
+    try:
+        return max(0.0, float(header)) if header is not None else None
+    except ValueError:
+        return None
 
 
 class _Recorded:
@@ -184,14 +211,27 @@ class ChatSession(_Recorded):
             words, tokens = (0, self.max_tokens) if self.workload is None else lengths(self.workload, rng)
             record = stream_request(self.gateway_url, prompt_text(words, i), tokens)
             self.records.append(record)
-            pause = think_s(self.workload, rng) if self.workload is not None else 0.0
-            self._stop.wait(max(pause, 0.5 if record.error is not None or record.refused else 0.0))
+            self._stop.wait(self._pause_s(record, rng))
             i += 1
 
-    def stop(self) -> None:
+    def _pause_s(self, record: RequestRecord, rng: random.Random) -> float:
+        """Before the next request: the user's think time; after a refusal at least the gateway's
+        Retry-After (a user who comes straight back only adds to the overload), after a failure 0.5 s."""
+        pause = think_s(self.workload, rng) if self.workload is not None else 0.0
+        if record.refused:
+            return max(pause, record.retry_after_s if record.retry_after_s is not None else 0.5)
+        return max(pause, 0.5 if record.error is not None else 0.0)
+
+    def halt(self) -> None:
+        """Send no further request (the one in flight goes on); ``stop`` waits for it."""
         self._stop.set()
+
+    def stop(self, timeout_s: float = 300.0) -> bool:
+        """Stop after the request in flight; False when it has not ended within ``timeout_s``."""
+        self.halt()
         if self._thread is not None:
-            self._thread.join(timeout=300)
+            self._thread.join(timeout=timeout_s)
+        return self._thread is None or not self._thread.is_alive()
 
 
 @dataclass

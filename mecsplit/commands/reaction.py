@@ -1,7 +1,7 @@
 """``mecsplit bench reaction`` (a bandwidth drop to the new plan serving, per step), ``bench controller``
 (what the serve controller costs with the network unchanged), ``bench model`` (how well the calibrated
-cost model predicts plans before they serve) and ``bench throughput`` (one chain's servers batching or
-not, under many sessions), as JSON."""
+cost model predicts plans before they serve), ``bench throughput`` (one chain's servers batching or
+not, under many sessions) and ``bench overload`` (admission control at several times capacity), as JSON."""
 
 from __future__ import annotations
 
@@ -107,6 +107,37 @@ def bench_throughput_cmd(
     typer.echo(json.dumps(summary, indent=None if as_json else 2))
 
 
+def bench_overload_cmd(
+    scenario: Path = typer.Option(Path("scenarios/default.yaml"), "--scenario", "-s", help="scenario YAML"),
+    factor: float = typer.Option(4.0, min=1.0, help="users per place the admission limit allows"),
+    seconds: float = typer.Option(20.0, min=5.0, help="length of one measured window"),
+    runs: int = typer.Option(3, min=1, help="measured windows per phase"),
+    warmup_s: float = typer.Option(
+        30.0, "--warmup", min=10.0, help="seconds of two sessions generating before the limit is read"
+    ),
+    most_users: int = typer.Option(128, min=1, help="the most users started, whatever the limit"),
+    max_batch: int = typer.Option(
+        0, min=0, help="decode steps a server runs at once (0: the setting, MECSPLIT_SEGMENTS__MAX_BATCH)"
+    ),
+    backend: str = typer.Option("auto", help="auto, testbed or local"),
+    as_json: bool = typer.Option(False, "--json", help="print only the JSON (progress goes to stderr)"),
+) -> None:
+    """Deploy the scenario's plan, let the serve controller learn it and set the gateway's admission
+    limit (the most sessions within the SLO), then run FACTOR times that many users with the limit and
+    again without it. Prints per phase the requests admitted, refused and failed, tokens/s, TTFT and TPOT
+    p50/p95, the share within the SLO, goodput, hung users and each node's peak RSS."""
+    from flows.overload_bench import run_overload_bench
+    from flows.prefect_server import ensure_server
+
+    ensure_server()
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run_overload_bench(
+            scenario, factor=factor, seconds=seconds, runs=runs, warmup_s=warmup_s, most_users=most_users,
+            max_batch=max_batch or None, backend=backend,
+        )  # fmt: skip
+    typer.echo(json.dumps(summary, indent=None if as_json else 2))
+
+
 def _session_counts(sessions: str) -> list[int]:
     """``--sessions`` as counts: comma-separated integers, each at least 1."""
     try:
@@ -124,3 +155,4 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     bench.command("controller")(bench_controller_cmd)
     bench.command("model")(bench_model_cmd)
     bench.command("throughput")(bench_throughput_cmd)
+    bench.command("overload")(bench_overload_cmd)

@@ -15,7 +15,7 @@ from typing import ClassVar
 import pytest
 
 from flows.arrivals import CORPUS, LENGTH_CAP, lengths, poisson_arrivals, prompt_text
-from flows.workload import OpenLoopClients, users
+from flows.workload import ChatSession, OpenLoopClients, users
 from testbed.scenario import Workload
 
 
@@ -118,3 +118,13 @@ def test_arrivals_beyond_the_clients_cap_are_counted_not_sent(gateway) -> None: 
     clients.stop()
     assert isinstance(clients, OpenLoopClients)
     assert 1 <= len(clients.records) <= 3 and clients.not_sent >= 10
+
+
+def test_a_refused_user_comes_back_after_the_gateways_retry_after(gateway) -> None:  # type: ignore[no-untyped-def]
+    gateway.refuse = True  # Retry-After: 1
+    chat = ChatSession(gateway.url, max_tokens=2)
+    chat.start()
+    time.sleep(2.5)
+    assert chat.stop(timeout_s=5.0)
+    assert 2 <= len(chat.records) <= 3  # at 0, 1 and maybe 2 s; without the header's wait, one per 0.5 s
+    assert all(r.refused and r.retry_after_s == 1.0 and r.lost == 0 for r in chat.records)

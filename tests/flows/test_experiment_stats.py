@@ -27,6 +27,7 @@ from flows.experiment import (
     window_dir,
 )
 from flows.workload import RequestRecord
+from testbed.scenario import Constraints
 
 
 def _request(gaps: list[float], *, ttft: float = 0.5, asked: int | None = None, finish: str | None = "length",
@@ -63,6 +64,11 @@ def test_policy_stats_exact_figures() -> None:
     assert stats["total_stall_s"] == pytest.approx((1.0 - 0.1) + (0.25 - 0.1))
     assert stats["first_token_stall_s"] == 0.0  # TTFTs 0.4-0.8 s: none beyond 2 x the median 0.6 s
     assert stats["longest_gap_ms"] == 1000.0
+    assert "within_slo_requests" not in stats  # no SLO given: no verdict
+    # Against a 0.7 s TTFT and a 0.2 s TPOT bound: the first request only (the second's mean gap is
+    # 0.325 s, the third's first token came at 0.8 s).
+    slo = policy_stats(records, window_s=10.0, slo=Constraints(slo_ttft_s=0.7, slo_tpot_s=0.2))
+    assert slo["within_slo_requests"] == 1 and slo["goodput_requests_per_s"] == 0.1
 
 
 def test_a_held_first_token_is_a_stall() -> None:
