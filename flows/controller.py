@@ -50,6 +50,7 @@ from flows.state import DeploymentState, load_state
 from mecsplit.files import append_jsonl
 from mecsplit.settings import Settings, get_settings
 from policies.calibration import Calibration, observe_switch
+from policies.capacity import Served
 from policies.forecast import WINDOW_S, Forecast, forecast
 from policies.plan import Plan
 from policies.problem import MAX_LOAD, Problem
@@ -242,6 +243,12 @@ class Controller:
         # plan's, and each is a way back the rule weighs (``_candidates``).
         self._served: dict[tuple[tuple[str, int, int], ...], Plan] = {}
         self._limit: tuple[str, int] | None = None  # the admission limit the gateway has (its URL, limit)
+        # Requests the gateway served since the last measured limit, and that limit (for the revision it
+        # was measured on): ``policies.capacity.measured_limit``.
+        self._recent: list[Served] = []
+        self._recent_seq = 0
+        self._recent_revision = -1
+        self._measured: tuple[int, int] | None = None  # (revision, limit)
 
     # ------------------------------------------------------------------------------------------ entry
     def notify(
@@ -314,11 +321,19 @@ class Controller:
             self._admit(state, problem.model_copy(update={"calibration": self.calibration}))
 
     def _admit(self, state: DeploymentState, problem: Problem) -> None:
-        """Keep the gateway's admission limit at what the plan serving holds within the SLO now."""
-        from policies.capacity import sessions_within_slo
+        """Keep the gateway's admission limit at what the plan serving holds within the SLO now: the
+        model's limit, or less where the requests served show a p95 beyond a bound (``measured_limit``:
+        measured again after every ``MIN_SERVED`` requests, and afresh on each new plan)."""
+        from policies.capacity import measured_limit, sessions_within_slo
 
         plan = Plan.model_validate(state.plan)
         limit = sessions_within_slo(problem, plan.stages)
+        bounds = problem.constraints
+        measured = measured_limit(self._recent, bounds.max_ttft_s, bounds.max_tpot_s)
+        if measured is not None:
+            self._measured, self._recent = (state.revision, measured), []
+        if self._measured is not None and self._measured[0] == state.revision:
+            limit = min(limit, self._measured[1])
         if (state.gateway_url, limit) == self._limit:
             return
         try:
@@ -328,9 +343,8 @@ class Controller:
             print(f"controller: the gateway did not take the admission limit {limit}: {exc}", flush=True)
             return
         self._limit = (state.gateway_url, limit)
-        print(
-            f"controller: admitting at most {limit} sessions at once (the plan's SLO and memory)", flush=True
-        )
+        how = "measured p95" if measured is not None and limit == measured else "the plan's SLO and memory"
+        print(f"controller: admitting at most {limit} sessions at once ({how})", flush=True)
 
     def _requeue(self, reasons: list[str], event: dict[str, Any]) -> None:
         with self._lock:
@@ -421,12 +435,15 @@ class Controller:
     def _learn(self, state: DeploymentState, problem: Problem, net: NetworkSample) -> None:
         if self._gateway != state.gateway_url:
             self._gateway, self._seq, self._last_snapshot = state.gateway_url, 0, None
+            self._recent_seq = 0
         try:
-            data = self._http.get(f"{state.gateway_url}/admin/telemetry", params={"since": self._seq}).json()
+            params = {"since": self._seq, "served_since": self._recent_seq}
+            data = self._http.get(f"{state.gateway_url}/admin/telemetry", params=params).json()
         except (httpx.HTTPError, ValueError):
             return
         snap = Snapshot.from_json(data)
         self._seq = snap.seq
+        self._keep_recent(state.revision, data.get("served") or [])
         if self.settings.flows.keep_telemetry:
             append_jsonl(self.settings.run_dir / "telemetry.jsonl", {**data, "revision": state.revision})
         fresh = _settled(snap.records, max(state.updated_at_s, self._alive_changed_s) + SETTLE_S)
@@ -440,6 +457,15 @@ class Controller:
             save_calibration(self.calibration, self.settings)
             self.predictions.add_records(state, fresh)
         self._last_snapshot = dataclasses.replace(snap, records=())  # its counters, for the next batch
+
+    def _keep_recent(self, revision: int, served: list[dict[str, Any]]) -> None:
+        """Keep the requests served on the plan serving, for the admission limit (only when it is kept)."""
+        self._recent_seq = max([self._recent_seq, *(int(r["n"]) for r in served)])
+        if not self.settings.flows.admission_control:
+            return
+        if revision != self._recent_revision:
+            self._recent, self._recent_revision = [], revision
+        self._recent += [Served.from_json(r) for r in served]
 
     def _rate_at(self, a: str, b: str, t_s: float) -> float | None:
         return self.history.rate_at(f"{a}-{b}", t_s) or self.history.rate_at(f"{b}-{a}", t_s)

@@ -23,6 +23,7 @@ import json
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,8 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]])
 ADMIT_GRACE_S = 10.0
 # Weight of the newest token gap in the pace the Retry-After estimate uses.
 PACE_WEIGHT = 0.1
+# Finished requests kept for the admission limit's measure: a few windows of them at the rates served.
+SERVED_KEPT = 512
 
 
 class GatewayRequestError(Exception):
@@ -98,6 +101,10 @@ class Gateway:
         self._admitted: dict[str, float] = {}  # admitted, not yet generating: ticket -> when (monotonic)
         self._left: dict[str, int] = {}  # live session -> tokens it may still generate
         self._pace_s: float | None = None  # recent time between a session's tokens
+        # The requests served lately, as their users saw them (``served_since``): what the admission
+        # limit is measured against (``policies.capacity.measured_limit``).
+        self._served: deque[dict[str, float | int | None]] = deque(maxlen=SERVED_KEPT)
+        self._served_count = 0
         self._drops: set[asyncio.Task[None]] = set()
         eos = tokenizer.eos_token_id
         self.stop_ids: tuple[int, ...] = () if eos is None else (int(eos),)
@@ -165,6 +172,20 @@ class Gateway:
         self._admitted[ticket] = now
         return ticket
 
+    def _serve_ended(self, started: float, first: float, last: float, tokens: int, met: int) -> None:
+        """Keep what a request that ended normally got: its time to first token (from when it began to
+        generate), its mean token gap and the live sessions it met on average."""
+        self._served_count += 1
+        self._served.append({
+            "n": self._served_count, "ended_at_s": round(time.time(), 3), "ttft_s": round(first - started, 4),
+            "tpot_s": round((last - first) / (tokens - 1), 4) if tokens > 1 else None,
+            "live": round(met / tokens, 2),
+        })  # fmt: skip
+
+    def served_since(self, n: int) -> list[dict[str, float | int | None]]:
+        """The requests served after the ``n``-th (at most the last ``SERVED_KEPT``)."""
+        return [r for r in self._served if int(r["n"] or 0) > n]
+
     def retry_after_s(self) -> int:
         """Whole seconds until a place is likely to free: the live session nearest its token limit at
         the recent pace (at least 1; 1 before any token was timed)."""
@@ -222,15 +243,19 @@ class Gateway:
         generated: list[int] = []
         sent = ""
         finish = "length"
-        last = None
+        started = time.monotonic()
+        first = last = None
+        timed = met = 0  # tokens that came, and the live sessions each of them met (summed)
         try:
             async for token in self.client.generate(session, max_tokens, sampling, self.stop_ids):
                 now = time.monotonic()
+                timed, met = timed + 1, met + len(self.live)
                 if last is not None:
                     gap = now - last
                     self._pace_s = (
                         gap if self._pace_s is None else self._pace_s + PACE_WEIGHT * (gap - self._pace_s)
                     )
+                first = now if first is None else first
                 last = now
                 self._left[session.id] -= 1
                 if token in self.stop_ids:
@@ -250,6 +275,8 @@ class Gateway:
                     sent = text
                 if hit is not None:
                     break
+            if first is not None and last is not None:
+                self._serve_ended(started, first, last, timed, met)
             yield "", finish
         finally:
             self.live.pop(session.id, None)
@@ -489,10 +516,12 @@ def create_app(
         return {"max_live_sessions": limit}
 
     @app.get("/admin/telemetry")
-    async def get_telemetry(since: int = 0) -> dict[str, Any]:
-        """Traced steps after ``since`` (segments.telemetry), the gateway's CPU time and token count."""
+    async def get_telemetry(since: int = 0, served_since: int = 0) -> dict[str, Any]:
+        """Traced steps after ``since`` (segments.telemetry), the gateway's CPU time and token count, and
+        the requests served after the ``served_since``-th (``Gateway.served_since``)."""
         return {
             **gateway.client.telemetry.snapshot(since),
+            "served": gateway.served_since(served_since),
             "chain": gateway.client.chain.to_dict(),
             "generation": gateway.client.generation,
             "live_sessions": len(gateway.live),

@@ -35,9 +35,12 @@ class _Monitor:
         return self.samples.pop(0)
 
 
-def _controller() -> Controller:
+def _controller(*, admission_control: bool = False) -> Controller:
     """A controller of the tiny scenario whose runs start nothing, over a monitor that reports nothing."""
     settings = get_settings()
+    if admission_control:
+        flows = settings.flows.model_copy(update={"admission_control": True})
+        settings = settings.model_copy(update={"flows": flows})
     return Controller(
         TINY_SCENARIO, ControllerConfig.from_settings(settings, "latency_dp"), lambda _: "run", lambda: False,
         view=_Monitor(), settings=settings,
@@ -235,3 +238,41 @@ def test_the_controller_keeps_the_gateways_admission_limit_at_what_the_plan_hold
     controller._admit(state, slo)
     controller._admit(state, slo)  # unchanged: not sent again
     assert sent == [{"max_live_sessions": want}] * 2
+
+
+def test_the_admission_limit_comes_down_to_what_the_served_requests_measured(flows_home: Path) -> None:
+    """Requests whose p95 gap passed the TPOT bound bring the limit below the model's, for the plan they
+    were measured on; a new plan starts from the model's limit again."""
+    import httpx
+    from test_calibrate import _problem
+
+    from policies import solve
+    from policies.capacity import MIN_SERVED, sessions_within_slo
+
+    controller = _controller(admission_control=True)
+    problem = _problem(testbed=True)
+    plan = solve(problem, "latency_dp")
+    bound_s = 3 * plan.predicted.tpot_s
+    slo = problem.model_copy(update={"constraints": problem.constraints.model_copy(
+        update={"max_tpot_s": bound_s})})  # fmt: skip
+    sent: list[Any] = []
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content)["max_live_sessions"])
+        return httpx.Response(200, json={})
+
+    controller._http = httpx.Client(transport=httpx.MockTransport(gateway))
+    model = sessions_within_slo(slo, plan.stages)
+    live = float(model)
+    served = [
+        {"n": i + 1, "ended_at_s": 0.0, "ttft_s": 0.1, "tpot_s": 2 * bound_s, "live": live}
+        for i in range(MIN_SERVED)
+    ]
+    state = cast(Any, SimpleNamespace(plan=plan.model_dump(mode="json"), gateway_url="http://gw", revision=1))
+    controller._admit(state, slo)
+    controller._keep_recent(1, served)
+    controller._admit(state, slo)
+    controller._admit(state, slo)  # measured once: the next measure needs as many requests again
+    moved = cast(Any, SimpleNamespace(**{**vars(state), "revision": 2}))
+    controller._admit(moved, slo)
+    assert sent == [model, max(1, int(live / 2)), model]

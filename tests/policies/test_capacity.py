@@ -6,7 +6,15 @@ from pathlib import Path
 
 from policies import Problem, predict, solve
 from policies.calibration import Calibration
-from policies.capacity import MOST_SESSIONS, at_concurrency, sessions_within_slo, within_slo
+from policies.capacity import (
+    MIN_SERVED,
+    MOST_SESSIONS,
+    Served,
+    at_concurrency,
+    measured_limit,
+    sessions_within_slo,
+    within_slo,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "examples" / "smollm2_mec.json"
 
@@ -42,3 +50,20 @@ def test_memory_bounds_the_sessions_without_an_slo_and_one_is_always_served() ->
     assert 1 < limit < 100_000 and not within_slo(free, plan.stages, limit + 1)
     tight = _problem(max_tpot_s=1e-6, max_ttft_s=None)
     assert sessions_within_slo(tight, plan.stages) == 1
+
+
+def _served(n: int, live: float, ttft_s: float, tpot_s: float | None) -> list[Served]:
+    return [Served(ended_at_s=float(i), ttft_s=ttft_s, tpot_s=tpot_s, live=live) for i in range(n)]
+
+
+def test_the_measured_limit_scales_the_sessions_met_to_the_bound_their_p95_reached() -> None:
+    """At capacity a session's gap grows with the sessions sharing the chain: 10 sessions whose p95 gap
+    was 0.6 s against a 0.5 s bound keep it at 8; the tighter of the TTFT and TPOT bounds decides."""
+    slow = _served(MIN_SERVED - 1, live=10.0, ttft_s=1.0, tpot_s=0.4) + _served(2, 10.0, 1.0, 0.6)
+    assert measured_limit(slow, slo_ttft_s=4.0, slo_tpot_s=0.5) == 8  # p95: the largest but one, 0.6
+    assert measured_limit(slow, slo_ttft_s=0.5, slo_tpot_s=0.5) == 5  # the TTFT bound, twice exceeded
+    fast = _served(MIN_SERVED, live=2.0, ttft_s=0.5, tpot_s=0.1)
+    assert measured_limit(fast, slo_ttft_s=4.0, slo_tpot_s=0.5) == 10  # more than met, re-measured there
+    assert measured_limit(fast[:-1], slo_ttft_s=4.0, slo_tpot_s=0.5) is None  # too few to tell
+    assert measured_limit(fast, slo_ttft_s=None, slo_tpot_s=None) is None
+    assert measured_limit(_served(MIN_SERVED, 1.0, 9.0, 9.0), 4.0, 0.5) == 1  # never below one

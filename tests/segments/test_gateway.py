@@ -445,6 +445,14 @@ def test_past_its_limit_the_gateway_answers_429_and_the_admitted_session_goes_on
         assert text == whole["choices"][0]["text"]
         assert _completion(base_url, {"prompt": "x", "max_tokens": 2}).status_code == 200
         assert httpx.get(f"{base_url}/admin/chain", timeout=30).json()["refused"] >= 1
+        # What each served request got, for the admission limit's measure; the refused one is not there.
+        served = httpx.get(f"{base_url}/admin/telemetry", timeout=30).json()["served"]
+        last_two = served[-2:]
+        assert [r["live"] for r in last_two] == [1.0, 1.0] and all(r["ttft_s"] > 0 for r in last_two)
+        assert last_two[0]["tpot_s"] > 0 and last_two[1]["n"] == last_two[0]["n"] + 1
+        since = {"served_since": last_two[0]["n"]}
+        later = httpx.get(f"{base_url}/admin/telemetry", params=since, timeout=30).json()["served"]
+        assert later == last_two[1:]
     finally:
         httpx.post(admin, json={"max_live_sessions": None}, timeout=30)
 
